@@ -1,0 +1,246 @@
+"""The adversarial-training step as a pure function (Alg. 1).
+
+``train_step(state, batch, *, ...) -> (state, metrics)`` perturbs the batch
+with the configured attack on the model in eval mode (frozen BatchNorm; MC
+dropout only through explicit keys), then takes one optimiser step on the
+cross-entropy of the perturbed batch. With ``axis_name`` set it averages
+gradients, BatchNorm statistics and metrics over that axis with
+``lax.pmean`` and draws a different key per device; it never calls pmap
+(``parallel`` does).
+
+Randomness: the key of step s on device d is
+``fold_in(fold_in(state.key, s), d)``, split for the attack, the MC-dropout
+samples and training dropout, so a resumed run repeats the same draws.
+
+An ensemble (``uncertainty='ensemble'``) keeps M members' variables stacked
+on a leading axis; its logits are the log of the mean softmax and its
+training loss the mean of the members' losses.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from uta_jax import attacks
+from uta_jax import configs
+from uta_jax import models
+from uta_jax import uncertainty
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # scalar int32: also the position in the data
+  params: Any
+  batch_stats: Any  # {} for models without BatchNorm
+  opt_state: Any
+  key: jax.Array  # the run's base PRNG key
+
+
+def create_model(config: configs.Config) -> nn.Module:
+  kwargs = {}
+  if config.model != 'resnet18' or config.dropout_rate:
+    kwargs['dropout_rate'] = config.dropout_rate
+  return models.create_model(config.model, **kwargs)
+
+
+def is_ensemble(config: configs.Config) -> bool:
+  return config.attack.uncertainty == 'ensemble'
+
+
+def make_optimizer(config: configs.OptimizerConfig,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam or SGD-Nesterov with the configured learning-rate schedule."""
+  lr = config.learning_rate
+  if config.lr_schedule == 'piecewise':
+    lr = optax.piecewise_constant_schedule(lr, {
+        b * steps_per_epoch: config.lr_decay_factor
+        for b in config.lr_boundaries_epochs
+    })
+  if config.name == 'adam':
+    tx = optax.adam(lr)
+  else:
+    tx = optax.sgd(lr, momentum=config.momentum, nesterov=True)
+  if config.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  return tx
+
+
+def create_train_state(config: configs.Config, model: nn.Module,
+                       tx: optax.GradientTransformation,
+                       input_shape: Tuple[int, ...]) -> TrainState:
+  """Fresh state from ``config.seed`` (M stacked members for an ensemble)."""
+  key = jax.random.PRNGKey(config.seed)
+  init_key, run_key = jax.random.split(key)
+  init = functools.partial(models.init_variables, model,
+                           input_shape=input_shape)
+  if is_ensemble(config):
+    keys = jax.random.split(init_key, config.attack.num_samples)
+    variables = jax.vmap(init)(keys)
+  else:
+    variables = init(init_key)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params), key=run_key)
+
+
+def variables_of(state: TrainState) -> dict:
+  if state.batch_stats:
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+  return {'params': state.params}
+
+
+def member_logits(model: nn.Module, variables: dict, x: jax.Array, *,
+                  ensemble: bool, **kwargs) -> jax.Array:
+  """Eval-mode logits per member: [M, B, C] (M = 1 for a single model)."""
+  apply = functools.partial(model.apply, **kwargs)
+  if ensemble:
+    return uncertainty.ensemble_sampler(apply, variables)(x)
+  return apply(variables, x)[None]
+
+
+def predict_logits(model: nn.Module, variables: dict, x: jax.Array, *,
+                   ensemble: bool, **kwargs) -> jax.Array:
+  """Eval-mode logits [B, C]; for an ensemble, log of the mean softmax."""
+  if ensemble:
+    return uncertainty.predictive_log_probs(
+        member_logits(model, variables, x, ensemble=True, **kwargs))
+  return model.apply(variables, x, **kwargs)
+
+
+def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
+            x: jax.Array, labels: jax.Array, key: jax.Array, *,
+            ensemble: bool, bounds: Optional[Tuple[float, float]]
+           ) -> jax.Array:
+  """The attack's point: x_adv [B, ...], or z_adv [B, l] in latent space.
+
+  Runs the model in eval mode; only UTA's MC-dropout samples use dropout,
+  with M explicit keys. UTA never sees ``labels``.
+  """
+  method = {}
+  start = x
+  if attack.space == 'latent':
+    start = model.apply(variables, x, method=model.encode)
+    method = {'method': model.classify}
+    bounds = None
+  if attack.name == 'none':
+    return start
+  attack_key, sample_key = jax.random.split(key)
+  logits_fn = functools.partial(predict_logits, model, variables,
+                                ensemble=ensemble, **method)
+  if attack.step_schedule == 'triangular':
+    step_size = attacks.triangular_schedule(num_steps=attack.num_steps,
+                                            eps=attack.eps)
+  else:
+    step_size = attack.step_size
+  common = dict(eps=attack.eps, bounds=bounds)
+  if attack.name == 'fgsm':
+    return attacks.fgsm(logits_fn, start, labels, **common)
+  if attack.name == 'rfgsm':
+    return attacks.rfgsm(logits_fn, start, labels, key=attack_key,
+                         step_size=attack.step_size, **common)
+  if attack.name == 'pgd':
+    return attacks.pgd(logits_fn, start, labels, num_steps=attack.num_steps,
+                       step_size=step_size, **common)
+  if attack.uncertainty == 'mc_dropout':
+    keys = jax.random.split(sample_key, attack.num_samples)
+    sample_fn = uncertainty.mc_dropout_sampler(
+        functools.partial(model.apply, **method), variables, keys)
+  else:
+    sample_fn = functools.partial(member_logits, model, variables,
+                                  ensemble=ensemble, **method)
+  return attacks.uta(sample_fn, start, num_steps=attack.num_steps,
+                     step_size=step_size, measure=attack.measure, **common)
+
+
+def _train_forward(model, variables, x, key, delta=None):
+  """Training-mode logits [B, C] and new BatchNorm statistics of one model.
+
+  With ``delta`` (latent space), the logits are classify(encode(x) + delta),
+  so gradients reach both the encoder and the classifier.
+  """
+  mutable = ['batch_stats'] if 'batch_stats' in variables else False
+  encode_key, classify_key = jax.random.split(key)
+
+  def apply(inputs, rng, **kwargs):
+    out = model.apply(variables, inputs, train=True, rngs={'dropout': rng},
+                      mutable=mutable, **kwargs)
+    return out if mutable else (out, {})
+
+  if delta is None:
+    logits, updates = apply(x, encode_key)
+  else:
+    z, updates = apply(x, encode_key, method=model.encode)
+    logits, _ = apply(z + delta, classify_key, method=model.classify)
+  return logits, updates.get('batch_stats', {})
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation,
+               attack: configs.AttackConfig, ensemble: bool,
+               bounds: Optional[Tuple[float, float]],
+               axis_name: Optional[str] = None) -> Tuple[TrainState, dict]:
+  """One step of Alg. 1 on ``batch`` = {'image': [B, ...], 'label': [B]}."""
+  key = jax.random.fold_in(state.key, state.step)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  attack_key, dropout_key = jax.random.split(key)
+  x, labels = batch['image'], batch['label']
+  variables = variables_of(state)
+  point = jax.lax.stop_gradient(perturb(attack, model, variables, x, labels,
+                                        attack_key, ensemble=ensemble,
+                                        bounds=bounds))
+  if attack.space == 'latent':
+    z = model.apply(variables, x, method=model.encode)
+    inputs, delta = x, point - z
+  else:
+    inputs, delta = point, None
+
+  def loss_fn(params):
+    def one(member_vars, k):
+      logits, stats = _train_forward(model, member_vars, inputs, k, delta)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return loss.mean(), (logits, stats)
+    v = dict(variables, params=params)
+    if ensemble:
+      num = jax.tree_util.tree_leaves(params)[0].shape[0]
+      losses, (logits, stats) = jax.vmap(one)(v, jax.random.split(
+          dropout_key, num))
+      return losses.mean(), (uncertainty.predictive_log_probs(logits), stats)
+    return one(v, dropout_key)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+  }
+  if axis_name is not None:
+    grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics),
+                                                axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def make_train_step(config: configs.Config, model: nn.Module,
+                    tx: optax.GradientTransformation, *,
+                    axis_name: Optional[str]) -> Callable[..., Any]:
+  """``train_step`` with the run's static settings bound."""
+  return functools.partial(
+      train_step, model=model, tx=tx, attack=config.attack,
+      ensemble=is_ensemble(config), bounds=input_bounds(config),
+      axis_name=axis_name)
+
+
+def input_bounds(config: configs.Config) -> Optional[Tuple[float, float]]:
+  """Pixel box for images; none for the toy 2D points."""
+  return None if config.dataset == 'toy2d' else attacks.PIXEL_BOUNDS
