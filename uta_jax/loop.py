@@ -1,0 +1,213 @@
+"""``train_and_evaluate(config, workdir)``: the main job.
+
+Loads the data, restores the newest valid checkpoint in ``workdir`` (or
+starts fresh), trains with the pmapped step over every local device, logs
+progress, checkpoints every ``checkpoint_every`` steps, at the end and when
+``stop_requested()`` turns true (preemption), then evaluates and writes
+``results.json``, ``metrics.jsonl`` and ``training_curves.png``.
+
+Step s always sees global batch s of the (seed, epoch) order, and every
+random draw is ``fold_in(key, s)``: a killed and resumed run ends with the
+same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Dict
+
+import jax
+
+from uta_jax import checkpointing
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import evaluation
+from uta_jax import parallel
+from uta_jax import reporting
+from uta_jax import steps
+
+log = logging.getLogger('uta_jax')
+
+CONFIG = 'config.json'
+CHECKPOINTS = 'checkpoints'
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (non-finite loss, incompatible workdir)."""
+
+
+def prepare_workdir(config: configs.Config, workdir: str) -> None:
+  """Creates ``workdir`` and saves the config, or checks it matches."""
+  path = os.path.join(workdir, CONFIG)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise TrainingError(f'cannot create workdir {workdir!r} ({e.strerror}): '
+                        'pass a writable --workdir') from e
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = configs.from_json(f.read())
+    except (OSError, configs.ConfigError) as e:
+      raise TrainingError(f'{path} is unreadable ({e}); delete it or use a new '
+                          '--workdir') from e
+    diff = configs.incompatibilities(saved, config)
+    if diff:
+      raise TrainingError(
+          f'workdir {workdir!r} holds a run with other settings ({", ".join(diff)}'
+          '): rerun with the same flags to resume, or use a new --workdir')
+  if jax.process_index() == 0:
+    reporting.write_json(path, _json_config(config))
+
+
+def _json_config(config: configs.Config) -> Any:
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(configs.to_json(config))
+
+
+def _global_batch(split: data.Split, step: int, config: configs.Config):
+  idx = data.host_batch_indices(
+      seed=config.seed, step=step, num_examples=len(split),
+      global_batch=config.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  return data.get_batch(split, idx)
+
+
+def train_and_evaluate(config: configs.Config, workdir: str, *,
+                       stop_requested: Callable[[], bool] = lambda: False
+                      ) -> Dict[str, Any]:
+  """Trains, checkpoints and evaluates; returns the results dict.
+
+  If ``stop_requested()`` becomes true the state is checkpointed and
+  ``{'status': 'preempted', 'step': s}`` is returned; rerun to resume.
+  """
+  configs.validate(config)
+  parallel.check_global_batch(config.batch_size)
+  prepare_workdir(config, workdir)
+  dataset = data.load_dataset(
+      config.dataset, data_dir=config.data_dir,
+      max_train_examples=config.max_train_examples,
+      max_eval_examples=config.max_eval_examples, seed=config.seed)
+  steps_per_epoch = len(dataset.train) // config.batch_size
+  if steps_per_epoch < 1:
+    raise data.DataError(f'batch size {config.batch_size} exceeds the '
+                         f'{len(dataset.train)} training examples: lower '
+                         '--batch_size')
+  total_steps = config.epochs * steps_per_epoch
+  log.info('%s (%s): %d train / %d test, input %s, %d devices, %d steps',
+               dataset.name, dataset.source, len(dataset.train),
+               len(dataset.test), dataset.input_shape, jax.device_count(),
+               total_steps)
+
+  model = steps.create_model(config)
+  tx = steps.make_optimizer(config.optimizer, steps_per_epoch)
+  state = jax.device_get(steps.create_train_state(config, model, tx,
+                                                  dataset.input_shape))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS))
+  restored, restored_step = checkpointer.restore_latest(state)
+  if restored is not None:
+    state = restored
+    log.info('resumed from step %d of %d', restored_step, total_steps)
+  metrics_path = os.path.join(workdir, reporting.METRICS)
+  p_step = parallel.pmap_train_step(
+      steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
+  p_state = parallel.replicate(state)
+
+  def save(step):
+    checkpointer.save(step, parallel.unreplicate(p_state))
+
+  step = int(state.step)
+  start_step, t0 = step, time.time()
+  window_start, window_images = time.time(), 0
+  try:
+    while step < total_steps:
+      batch = parallel.shard(_global_batch(dataset.train, step, config))
+      p_state, metrics = p_step(p_state, batch)
+      metrics = jax.tree_util.tree_map(lambda m: float(m[0]),
+                                       jax.device_get(metrics))
+      if not math.isfinite(metrics['loss']):
+        raise TrainingError(
+            f'non-finite loss at step {step}; stopped, last good checkpoint '
+            f'kept (step {checkpointer.steps()[-1] if checkpointer.steps() else "none"}). '
+            'Lower --learning_rate or --eps_train')
+      step += 1
+      window_images += config.batch_size
+      if step % config.log_every == 0 or step == total_steps:
+        elapsed = time.time() - window_start
+        rate = window_images / max(elapsed, 1e-9)
+        eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
+        record = dict(kind='train', step=step, epoch=step / steps_per_epoch,
+                      images_per_sec=rate, **metrics)
+        if jax.process_index() == 0:
+          reporting.append_metrics(metrics_path, record)
+        log.info('epoch %.2f step %d/%d loss %.4f train acc %.2f%% '
+                     '%.0f img/s ETA %.0fs', record['epoch'], step,
+                     total_steps, metrics['loss'], 100 * metrics['accuracy'],
+                     rate, eta)
+        window_start, window_images = time.time(), 0
+      if step % config.checkpoint_every == 0:
+        save(step)
+      if (config.eval_every and step % (config.eval_every * steps_per_epoch)
+          == 0 and step < total_steps):
+        _eval_during_training(config, model, p_state, dataset, step,
+                              metrics_path)
+      if stop_requested():
+        save(step)
+        log.info('stop requested: checkpointed step %d, exiting', step)
+        return {'status': 'preempted', 'step': step}
+    if step not in checkpointer.steps():
+      save(step)
+  finally:
+    checkpointer.close()
+  train_seconds = time.time() - t0
+
+  t1 = time.time()
+  final_state = parallel.unreplicate(p_state)
+  results_eval = evaluation.evaluate(
+      model, steps.variables_of(final_state), dataset.test, config=config,
+      key=jax.random.PRNGKey(config.seed + 1))
+  results = {
+      'status': 'finished',
+      'config': _json_config(config),
+      'dataset_source': dataset.source,
+      'steps': step,
+      'evaluation': results_eval,
+      'clean_accuracy': results_eval['clean_accuracy'],
+      'robust_accuracy': results_eval['robust_accuracy'],
+      'tradeoff': {a: evaluation.tradeoff(results_eval, a)
+                   for a in ('pgd', 'uta')},
+      'timings': {
+          'train_seconds_this_run': train_seconds,
+          'steps_this_run': step - start_step,
+          'eval_seconds': time.time() - t1,
+          'devices': jax.device_count(),
+      },
+  }
+  if jax.process_index() == 0:
+    reporting.append_metrics(metrics_path, {
+        'kind': 'eval', 'step': step,
+        'clean_accuracy': results_eval['clean_accuracy'],
+        'pgd_accuracy': list(
+            results_eval['robust_accuracy']['pgd'].values())[0]})
+    reporting.write_json(os.path.join(workdir, reporting.RESULTS), results)
+    reporting.plot_training_curves(metrics_path,
+                                   os.path.join(workdir, reporting.CURVES))
+  return results
+
+
+def _eval_during_training(config, model, p_state, dataset, step,
+                          metrics_path) -> None:
+  state = parallel.unreplicate(p_state)
+  ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
+                           config=config, key=jax.random.PRNGKey(step))
+  pgd = list(ev['robust_accuracy']['pgd'].values())[0]
+  log.info('eval at step %d: clean %.2f%%, PGD (eps=%s) %.2f%%', step,
+               ev['clean_accuracy'], config.eval.eps[0], pgd)
+  if jax.process_index() == 0:
+    reporting.append_metrics(metrics_path, {
+        'kind': 'eval', 'step': step, 'clean_accuracy': ev['clean_accuracy'],
+        'pgd_accuracy': pgd})
+

@@ -1,0 +1,88 @@
+"""Run outputs: metrics JSONL, results JSON, report lines and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, List
+
+METRICS = 'metrics.jsonl'
+RESULTS = 'results.json'
+CURVES = 'training_curves.png'
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temporary file, then rename)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def append_metrics(path: str, record: Dict[str, Any]) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record, sort_keys=True) + '\n')
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+  """Records of ``metrics.jsonl``; for a step logged twice (a resumed run
+  replays steps after its last checkpoint) the later record wins."""
+  by_step: Dict[Any, Dict[str, Any]] = {}
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        record = json.loads(line)
+        by_step[(record.get('kind'), record.get('step'))] = record
+  return sorted(by_step.values(), key=lambda r: r.get('step', 0))
+
+
+def format_eps(eps: float) -> str:
+  """eps as a fraction of 1 and of 255, e.g. '0.0314 (8.0/255)'."""
+  return f'{eps:.4g} ({eps * 255:.1f}/255)'
+
+
+def summary_lines(results: Dict[str, Any]) -> Iterable[str]:
+  """Human-readable lines of a results dict, in AutoAttack-like wording."""
+  ev = results['evaluation']
+  n = ev['num_examples']
+  yield f"clean accuracy: {ev['clean_accuracy']:.2f}% on {n} test points"
+  for attack in ('pgd', 'uta'):
+    for eps, acc in ev['robust_accuracy'][attack].items():
+      yield (f'robust accuracy ({attack.upper()}, eps={format_eps(float(eps))}'
+             f'): {acc:.2f}%   tradeoff: '
+             f"{results['tradeoff'][attack][eps]:.2f}")
+
+
+def plot_training_curves(metrics_path: str, png_path: str) -> None:
+  """Loss and train accuracy against step, plus eval accuracies if any."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  records = read_metrics(metrics_path)
+  train = [r for r in records if r.get('kind') == 'train']
+  evals = [r for r in records if r.get('kind') == 'eval']
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  if train:
+    steps = [r['step'] for r in train]
+    axes[0].plot(steps, [r['loss'] for r in train])
+    axes[1].plot(steps, [100 * r['accuracy'] for r in train],
+                 label='train (perturbed)')
+  for key, label in (('clean_accuracy', 'test clean'),
+                     ('pgd_accuracy', 'test PGD')):
+    points = [(r['step'], r[key]) for r in evals if key in r]
+    if points:
+      axes[1].plot(*zip(*points), marker='o', label=label)
+  axes[0].set(xlabel='step', ylabel='training loss')
+  axes[1].set(xlabel='step', ylabel='accuracy (%)')
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
