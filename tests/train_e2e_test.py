@@ -1,0 +1,247 @@
+"""End-to-end tests of experiments/train.py as users run it (subprocesses).
+
+Every run here uses the 4 fake CPU devices that conftest sets in XLA_FLAGS
+(inherited by the subprocesses), real embedded MNIST digits and small
+settings.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import numpy as np
+
+from uta_jax import checkpointing
+from uta_jax import configs
+from uta_jax import loop
+from uta_jax import steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'experiments', 'train.py')
+QUICK = ['--max_train_examples=512', '--max_eval_examples=64',
+         '--batch_size=32', '--eval_pgd_restarts=2', '--eval_pgd_steps=5',
+         '--eval_eps=0.1,0.2', '--eps_train=0.1', '--log_every=4']
+
+
+def train_command(workdir, *args):
+  return [sys.executable, TRAIN, f'--workdir={workdir}', *QUICK, *args]
+
+
+def run_train(workdir, *args, env=None, timeout=300):
+  return subprocess.run(train_command(workdir, *args), capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+def final_state(workdir, **overrides):
+  """The newest valid checkpoint of a quick MNIST-MLP run in ``workdir``."""
+  config = configs.get_config('mnist_embedded', **overrides)
+  model = steps.create_model(config)
+  tx = steps.make_optimizer(config.optimizer, 1)
+  target = jax.device_get(steps.create_train_state(config, model, tx,
+                                                   (28, 28, 1)))
+  ck = checkpointing.Checkpointer(os.path.join(workdir, loop.CHECKPOINTS))
+  state, step = ck.restore_latest(target)
+  ck.close()
+  return state, step
+
+
+def wait_for_checkpoint(workdir, proc, min_step=1, timeout=120):
+  """Polls checksums.json until a step >= ``min_step`` is recorded."""
+  path = os.path.join(workdir, loop.CHECKPOINTS, checkpointing.CHECKSUMS)
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      with open(path) as f:
+        if any(int(s) >= min_step for s in json.load(f)):
+          return
+    except (OSError, ValueError):
+      pass
+    time.sleep(0.005)
+  raise AssertionError(f'no checkpoint >= {min_step} before the run ended')
+
+
+class MainJobTest(absltest.TestCase):
+
+  def test_main_job_writes_config_metrics_results_and_plot(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_train(workdir, '--epochs=2')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn('clean accuracy:', proc.stdout)
+    self.assertIn('robust accuracy (PGD, eps=0.1 (25.5/255))', proc.stdout)
+    self.assertRegex(proc.stderr, r'epoch [\d.]+ step \d+/32 loss [\d.]+ '
+                     r'train acc [\d.]+% \d+ img/s ETA \d+s')
+    with open(os.path.join(workdir, 'results.json')) as f:
+      results = json.load(f)
+    self.assertEqual(results['status'], 'finished')
+    self.assertEqual(results['evaluation']['num_examples'], 64)
+    for attack in ('pgd', 'uta'):
+      self.assertEqual(sorted(results['robust_accuracy'][attack]),
+                       ['0.1', '0.2'])
+      for eps, robust in results['robust_accuracy'][attack].items():
+        self.assertLessEqual(robust, results['clean_accuracy'])
+        self.assertAlmostEqual(results['tradeoff'][attack][eps],
+                               (robust + results['clean_accuracy']) / 2)
+    self.assertGreater(results['clean_accuracy'], 50)  # it learned
+    self.assertEqual(results['timings']['devices'], 4)
+    saved = configs.from_json(
+        open(os.path.join(workdir, 'config.json')).read())
+    self.assertEqual(saved.attack.eps, 0.1)
+    lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
+    self.assertGreaterEqual(len(lines), 8)
+    self.assertGreater(os.path.getsize(
+        os.path.join(workdir, 'training_curves.png')), 1000)
+
+  def test_svhn_command_on_tfds_mock_data(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    config = configs.get_config(
+        'svhn', attack='uta', epochs=1, batch_size=16, eval_pgd_restarts=1,
+        eval_pgd_steps=2, eval_eps=[0.01])
+    self.assertEqual(config.model, 'svhn_lenet')
+    workdir = self.create_tempdir().full_path
+    with tfds.testing.mock_data(num_examples=32), mock.patch.object(
+        tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+      results = loop.train_and_evaluate(config, workdir)
+    self.assertEqual(results['status'], 'finished')
+    self.assertEqual(results['dataset_source'], 'tfds svhn_cropped')
+    self.assertEqual(results['steps'], 2)
+
+
+class FaultToleranceTest(absltest.TestCase):
+
+  def test_kill_9_and_rerun_gives_bitwise_the_uninterrupted_result(self):
+    args = ('--epochs=4', '--checkpoint_every=4')  # 64 steps
+    reference = self.create_tempdir().full_path
+    self.assertEqual(run_train(reference, *args).returncode, 0)
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(train_command(workdir, *args),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(workdir, proc, min_step=8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    self.assertEqual(proc.returncode, -signal.SIGKILL)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'results.json')))
+    resumed = run_train(workdir, *args)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+    self.assertIn('resumed from step', resumed.stderr)
+    a, step_a = final_state(reference)
+    b, step_b = final_state(workdir)
+    self.assertEqual(step_a, step_b)
+    chex.assert_trees_all_equal(a.params, b.params)
+    chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+
+  def test_sigterm_checkpoints_exits_cleanly_and_resumes(self):
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+        train_command(workdir, '--epochs=4', '--checkpoint_every=4'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(workdir, proc, min_step=4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    self.assertEqual(proc.returncode, 0, err[-2000:])
+    if 'preempted' in out:  # the usual case: the signal landed mid-run
+      self.assertIn('rerun the same command', out)
+      _, step = final_state(workdir)
+      self.assertLess(step, 64)
+      resumed = run_train(workdir, '--epochs=4', '--checkpoint_every=4')
+      self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+      self.assertIn('resumed from step', resumed.stderr)
+    self.assertTrue(os.path.exists(os.path.join(workdir, 'results.json')))
+
+  def test_non_finite_loss_stops_and_keeps_a_finite_checkpoint(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_train(workdir, '--epochs=1', '--optimizer=sgd_nesterov',
+                     '--learning_rate=1e30', '--checkpoint_every=1',
+                     '--attack=none')
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn('non-finite loss', proc.stderr)
+    self.assertNotIn('Traceback', proc.stderr)
+    state, _ = final_state(workdir, optimizer='sgd_nesterov')
+    self.assertTrue(all(np.all(np.isfinite(p))
+                        for p in jax.tree_util.tree_leaves(state.params)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class MultiProcessTest(absltest.TestCase):
+
+  def test_two_processes_agree_with_one(self):
+    # No attack: its sign() would turn 1e-7 reduction-order differences into
+    # discrete flips; the point here is the cross-process gradient mean.
+    args = ('--epochs=1', '--checkpoint_every=8', '--attack=none')
+    single = self.create_tempdir().full_path
+    self.assertEqual(run_train(single, *args).returncode, 0)
+    workdir = self.create_tempdir().full_path
+    env = dict(os.environ,
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    port = _free_port()
+    procs = [subprocess.Popen(
+        train_command(workdir, *args, f'--coordinator_address=127.0.0.1:'
+                      f'{port}', '--num_processes=2', f'--process_id={i}'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      self.assertEqual(p.returncode, 0, err[-2000:])
+    with open(os.path.join(workdir, 'results.json')) as f:
+      self.assertEqual(json.load(f)['timings']['devices'], 4)
+    a, step_a = final_state(single)
+    b, step_b = final_state(workdir)
+    self.assertEqual(step_a, step_b)
+    chex.assert_trees_all_close(a.params, b.params, atol=1e-5)
+
+
+class BadInputTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('dataset', ['--dataset=imagenet'], 'unknown dataset'),
+      ('attack', ['--attack=cw'], 'unknown attack'),
+      ('negative_eps', ['--eps_train=-0.1'], 'eps_train must be a positive number'),
+      ('zero_steps', ['--num_steps=0'], 'num_steps must be an integer >= 1'),
+      ('batch', ['--batch_size=6'], 'multiple of 4'),
+      ('data_dir', ['--dataset=mnist', '--data_dir=/nonexistent'],
+       'not a readable folder'),
+      ('eval_eps', ['--eval_eps=abc'], 'eval_eps must be numbers'),
+      ('eval_eps_range', ['--eval_eps=8'], r'outside \(0, 1\]'),
+      ('offline_tfds', ['--dataset=svhn', '--data_dir=/tmp'],
+       'TFDS_DATA_DIR'),
+  )
+  def test_one_line_and_exit_code_2(self, args, message):
+    workdir = self.create_tempdir().full_path
+    proc = run_train(workdir, *args)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertNotIn('Traceback', proc.stderr)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+    self.assertLen(errors, 1)
+    self.assertRegex(errors[0], message)
+
+  def test_incompatible_or_corrupt_workdir(self):
+    workdir = self.create_tempdir().full_path
+    self.assertEqual(run_train(workdir, '--epochs=1').returncode, 0)
+    proc = run_train(workdir, '--epochs=1', '--model=lenet')
+    self.assertEqual(proc.returncode, 2)
+    self.assertRegex(proc.stderr, r'error: .*other settings \(model\).*new '
+                     '--workdir')
+    with open(os.path.join(workdir, loop.CONFIG), 'w') as f:
+      f.write('{garbage')
+    proc = run_train(workdir, '--epochs=1')
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn('unreadable', proc.stderr)
+    self.assertNotIn('Traceback', proc.stderr)
+
+
+if __name__ == '__main__':
+  absltest.main()
