@@ -61,6 +61,9 @@ flags.DEFINE_integer('max_eval_examples', None, 'use the first N test examples')
 flags.DEFINE_integer('checkpoint_every', None, 'steps between checkpoints')
 flags.DEFINE_integer('eval_every', None, 'epochs between evaluations (0: end)')
 flags.DEFINE_integer('log_every', None, 'steps between progress lines')
+flags.DEFINE_bool('autoattack', False, 'after training, evaluate with the '
+                  'standard AutoAttack (experiments/evaluate.py)')
+flags.DEFINE_integer('autoattack_examples', 1000, 'test points for AutoAttack')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
                     '(multi-host)')
 flags.DEFINE_integer('num_processes', 1, 'processes in a multi-host run')
@@ -91,15 +94,16 @@ def default_workdir(config: configs.Config) -> str:
 
 
 def setup_logging() -> None:
-  """Our progress lines at INFO; libraries (orbax, absl) at WARNING."""
+  """Our progress and AutoAttack's lines; libraries (orbax, absl) at WARNING."""
   logging.set_verbosity(logging.WARNING)
-  handler = std_logging.StreamHandler(sys.stderr)
-  handler.setFormatter(std_logging.Formatter('%(asctime)s %(message)s',
-                                             '%H:%M:%S'))
-  logger = std_logging.getLogger('uta_jax')
-  logger.setLevel(std_logging.INFO)
-  logger.addHandler(handler)
-  logger.propagate = False
+  for name, fmt in (('uta_jax', '%(asctime)s %(message)s'),
+                    ('auto-attack', '%(message)s')):
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter(fmt, '%H:%M:%S'))
+    logger = std_logging.getLogger(name)
+    logger.setLevel(std_logging.DEBUG)
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def main(argv):
@@ -116,8 +120,12 @@ def main(argv):
                   lambda *_: stop.__setitem__('requested', True))
     results = loop.train_and_evaluate(config, workdir,
                                       stop_requested=lambda: stop['requested'])
+    autoattack = None
+    if FLAGS.autoattack and results['status'] == 'finished':
+      autoattack = loop.evaluate_workdir(
+          workdir, num_examples=FLAGS.autoattack_examples, jax_pgd=False)
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
-          loop.TrainingError) as e:
+          loop.TrainingError, ImportError) as e:
     fail(str(e))
   if results['status'] == 'preempted':
     print(f'preempted at step {results["step"]}: checkpoint saved in '
@@ -125,6 +133,9 @@ def main(argv):
     return
   for line in reporting.summary_lines(results):
     print(line)
+  if autoattack:
+    for line in reporting.autoattack_lines(autoattack):
+      print(line)
   print(f'results: {os.path.join(workdir, reporting.RESULTS)}')
 
 

@@ -41,8 +41,16 @@ TFDS_NAMES = {
 TOY_TRAIN_SIZE = TOY_TEST_SIZE = 512
 TFDS_LOAD_BATCH = 8192
 EMBEDDED_SHUFFLE_SEED = 0
-DATASETS = ('mnist_embedded', 'mnist', 'fashion_mnist', 'svhn', 'cifar10',
-            'toy2d')
+# Input shape [H, W, C] (or [2] for the toy points) of each dataset.
+INPUT_SHAPES = {
+    'mnist_embedded': (28, 28, 1),
+    'mnist': (28, 28, 1),
+    'fashion_mnist': (28, 28, 1),
+    'svhn': (32, 32, 3),
+    'cifar10': (32, 32, 3),
+    'toy2d': (2,),
+}
+DATASETS = tuple(INPUT_SHAPES)
 IDX_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),

@@ -1,4 +1,4 @@
-"""JAX-native evaluation: clean, PGD-k-with-restarts and UTA accuracy.
+"""Evaluation: JAX-native clean / PGD-with-restarts / UTA, and AutoAttack.
 
 As the paper tests (§5): PGD-20 with step 0.01 and 10 random restarts; a test
 point counts as robust only if it is classified correctly clean and after
@@ -6,11 +6,17 @@ every restart. A UTA attack of the same budget gives the accuracy on
 uncertainty-maximising points, and the mean predictive entropy is reported on
 clean and attacked points. Batches are padded to one size and eps is a traced
 argument, so the evaluation compiles once for all eps values.
+
+``autoattack`` runs the reference AutoAttack (``pyautoattack``, PyTorch) on
+the JAX model through ``torch_bridge``; torch is imported only there.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import re
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -119,3 +125,93 @@ def tradeoff(results: Dict[str, Any], attack: str = 'pgd') -> Dict[str, float]:
   clean = results['clean_accuracy']
   return {eps: (clean + robust) / 2
           for eps, robust in results['robust_accuracy'][attack].items()}
+
+
+# ------------------------------------------------------------- AutoAttack
+
+AUTOATTACK_LOGGER = 'auto-attack'
+_AFTER = re.compile(r'robust accuracy after (\S+): ([\d.]+)%')
+
+
+class _Recorder(logging.Handler):
+  """Collects AutoAttack's 'robust accuracy after ATTACK: X%' lines."""
+
+  def __init__(self):
+    super().__init__(level=logging.DEBUG)
+    self.per_attack: Dict[str, float] = {}
+
+  def emit(self, record):
+    match = _AFTER.search(record.getMessage())
+    if match:
+      self.per_attack[match.group(1).lower()] = float(match.group(2))
+
+
+def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
+               eps: float, ensemble: bool = False, version: str = 'standard',
+               batch_size: int = 500, seed: int = 0) -> Dict[str, Any]:
+  """Runs the standard AutoAttack (``pyautoattack``) on the JAX model.
+
+  The model goes through ``torch_bridge``. With ``version='rand'`` a model
+  with dropout is evaluated as the stochastic MC-dropout model (a new key
+  per call, AutoAttack's EoT); otherwise dropout is off and the model is
+  deterministic. AutoAttack's own checks and log lines are left as they are
+  (logger ``'auto-attack'``).
+
+  Returns clean and robust accuracy (%), the accuracy after each attack as
+  AutoAttack reports it, the number of points and the wall time.
+  """
+  from uta_jax import torch_bridge  # pylint: disable=g-import-not-at-top
+  torch = torch_bridge.require_torch()
+  try:
+    from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("AutoAttack needs pyautoattack: pip install "
+                      "'uta-jax[torch]'") from e
+  if not 0 < eps <= 1:
+    raise ValueError(f'eps {eps} is outside (0, 1]: images are in [0, 1]')
+  stochastic = version == 'rand'
+  if stochastic:
+    def apply(v, x, key):
+      return steps.predict_logits(model, v, x, ensemble=ensemble,
+                                  mc_dropout=True, rngs={'dropout': key})
+  else:
+    def apply(v, x):
+      return steps.predict_logits(model, v, x, ensemble=ensemble)
+  module = torch_bridge.bridge_module(apply, variables, stochastic=stochastic,
+                                      seed=seed)
+  x = torch.from_numpy(np.ascontiguousarray(
+      data.to_float(split.images).transpose(0, 3, 1, 2)))
+  y = torch.from_numpy(split.labels.astype(np.int64))
+  recorder = _Recorder()
+  logger = logging.getLogger(AUTOATTACK_LOGGER)
+  logger.addHandler(recorder)
+  start = time.time()
+  try:
+    adversary = AutoAttack(module, eps=eps, seed=seed, version=version)
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+  finally:
+    logger.removeHandler(recorder)
+  seconds = time.time() - start
+  with torch.no_grad():
+    clean = _torch_accuracy(module, x, y, batch_size)
+    robust = _torch_accuracy(module, x_adv, y, batch_size)
+  return {
+      'eps': eps,
+      'version': version,
+      'model_randomness': ('MC dropout, a new key per call (EoT)' if
+                           stochastic else 'deterministic (dropout off)'),
+      'num_examples': len(split),
+      'clean_accuracy': clean,
+      'robust_accuracy': robust,
+      'per_attack': recorder.per_attack,
+      'max_perturbation': float((x_adv - x).abs().max()),
+      'seconds': seconds,
+  }
+
+
+def _torch_accuracy(module, x, y, batch_size: int) -> float:
+  correct = 0
+  for start in range(0, len(y), batch_size):
+    logits = module(x[start:start + batch_size])
+    correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
+  return 100.0 * correct / len(y)

@@ -13,11 +13,12 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 
@@ -211,3 +212,76 @@ def _eval_during_training(config, model, p_state, dataset, step,
         'kind': 'eval', 'step': step, 'clean_accuracy': ev['clean_accuracy'],
         'pgd_accuracy': pgd})
 
+
+def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
+  """(config, model, variables, step) of the newest valid checkpoint.
+
+  Raises ``TrainingError`` naming the fix when ``workdir`` holds no run.
+  """
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    raise TrainingError(f'no run in {workdir!r} (no {CONFIG}): train first '
+                        f'with experiments/train.py --workdir={workdir}')
+  try:
+    with open(path) as f:
+      config = configs.from_json(f.read())
+  except (OSError, configs.ConfigError) as e:
+    raise TrainingError(f'{path} is unreadable ({e})') from e
+  model = steps.create_model(config)
+  tx = steps.make_optimizer(config.optimizer, 1)
+  target = jax.device_get(steps.create_train_state(
+      config, model, tx, data.INPUT_SHAPES[config.dataset]))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS))
+  try:
+    state, step = checkpointer.restore_latest(target)
+  finally:
+    checkpointer.close()
+  if state is None:
+    raise TrainingError(f'no valid checkpoint in {workdir!r}: train first '
+                        f'with experiments/train.py --workdir={workdir}')
+  return config, model, steps.variables_of(state), step
+
+
+def evaluate_workdir(workdir: str, *, version: str = 'standard',
+                     eps: Optional[Sequence[float]] = None,
+                     num_examples: int = 1000, batch_size: int = 500,
+                     seed: int = 0, jax_pgd: bool = True) -> Dict[str, Any]:
+  """AutoAttack (and JAX-native PGD / UTA) on a trained workdir.
+
+  Evaluates the first ``num_examples`` test points at each ``eps`` (default:
+  the run's eval eps), adds the report as ``'autoattack'`` to the workdir's
+  ``results.json`` and returns it.
+  """
+  config, model, variables, step = load_run(workdir)
+  if config.dataset == 'toy2d':
+    raise TrainingError('AutoAttack evaluates image models; toy2d points have '
+                        'no pixel box')
+  eps = tuple(config.eval.eps if eps is None else eps)
+  dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
+                              max_eval_examples=num_examples,
+                              seed=config.seed)
+  ensemble = steps.is_ensemble(config)
+  report = {'checkpoint_step': step, 'num_examples': len(dataset.test),
+            'seed': seed, 'version': version, 'eps': {}}
+  for e in eps:
+    log.info('AutoAttack (%s) at eps=%s on %d test points', version,
+             reporting.format_eps(e), len(dataset.test))
+    result = evaluation.autoattack(model, variables, dataset.test, eps=e,
+                                   ensemble=ensemble, version=version,
+                                   batch_size=batch_size, seed=seed)
+    report['model_randomness'] = result.pop('model_randomness')
+    report['eps'][str(e)] = result
+  if jax_pgd:
+    start = time.time()
+    eval_config = dataclasses.replace(
+        config, eval=dataclasses.replace(config.eval, eps=eps))
+    report['jax'] = evaluation.evaluate(model, variables, dataset.test,
+                                        config=eval_config,
+                                        key=jax.random.PRNGKey(seed))
+    report['jax']['seconds'] = time.time() - start
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, reporting.RESULTS)
+    results = reporting.read_json(path) if os.path.exists(path) else {}
+    results['autoattack'] = report
+    reporting.write_json(path, results)
+  return report

@@ -61,6 +61,21 @@ def summary_lines(results: Dict[str, Any]) -> Iterable[str]:
              f"{results['tradeoff'][attack][eps]:.2f}")
 
 
+def autoattack_lines(report: Dict[str, Any]) -> Iterable[str]:
+  """Summary lines of ``loop.evaluate_workdir``'s report."""
+  n = report['num_examples']
+  yield (f"AutoAttack {report['version']}, model "
+         f"{report.get('model_randomness', '')}, {n} test points")
+  for eps, r in report['eps'].items():
+    yield (f"eps={format_eps(float(eps))}: clean accuracy "
+           f"{r['clean_accuracy']:.2f}%, robust accuracy "
+           f"{r['robust_accuracy']:.2f}% ({r['seconds']:.1f} s)")
+  jax_eval = report.get('jax')
+  if jax_eval:
+    for eps, acc in jax_eval['robust_accuracy']['pgd'].items():
+      yield f'eps={format_eps(float(eps))}: JAX PGD robust accuracy {acc:.2f}%'
+
+
 def plot_training_curves(metrics_path: str, png_path: str) -> None:
   """Loss and train accuracy against step, plus eval accuracies if any."""
   import matplotlib  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,97 @@
+r"""Evaluate a trained workdir with the standard AutoAttack and JAX-native PGD.
+
+  python experiments/evaluate.py --workdir=runs/mnist_embedded_uta_eps0.2
+  python experiments/evaluate.py --workdir=DIR --eps=0.1,0.3 --num_examples=1000
+  python experiments/evaluate.py --workdir=DIR --version=rand   # MC dropout, EoT
+
+Restores the newest valid checkpoint, runs AutoAttack (APGD-CE, APGD-T,
+FAB-T, Square; through uta_jax.torch_bridge) and PGD with restarts at every
+eps on the first --num_examples test points, prints AutoAttack's own log
+lines, and adds an 'autoattack' section to DIR/results.json.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from uta_jax import data  # pylint: disable=g-import-not-at-top
+from uta_jax import evaluation
+from uta_jax import loop
+from uta_jax import reporting
+from uta_jax import torch_bridge
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
+flags.DEFINE_enum('version', 'standard', ['standard', 'rand', 'plus'],
+                  "AutoAttack version; 'rand' evaluates MC dropout with EoT")
+flags.DEFINE_list('eps', None, 'L-inf radii in (0, 1]; default: the run\'s '
+                  'eval_eps')
+flags.DEFINE_integer('num_examples', 1000, 'first N test points')
+flags.DEFINE_integer('batch_size', 500, 'AutoAttack batch size')
+flags.DEFINE_integer('seed', 0, 'AutoAttack seed')
+flags.DEFINE_bool('jax_pgd', True, 'also run the JAX-native PGD / UTA '
+                  'evaluation on the same points')
+flags.DEFINE_integer('torch_threads', 1, 'torch intra-op threads; 1 keeps '
+                     "torch's OpenMP pool from competing with XLA's")
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_eps(values):
+  """--eps as floats in (0, 1], or None for the run's own eval eps."""
+  if values is None:
+    return None
+  try:
+    eps = [float(v) for v in values]
+  except ValueError:
+    fail(f'--eps must be numbers, got {",".join(values)}')
+  for e in eps:
+    if not 0 < e <= 1:
+      fail(f'--eps {e} is outside (0, 1]: images are in [0, 1], write 8/255 '
+           'as 0.0314')
+  return eps
+
+
+def show_logs() -> None:
+  """AutoAttack's own lines, as it words them, and our progress lines."""
+  logging.set_verbosity(logging.WARNING)
+  for name in (evaluation.AUTOATTACK_LOGGER, 'uta_jax'):
+    handler = std_logging.StreamHandler(sys.stdout)
+    handler.setFormatter(std_logging.Formatter('%(message)s'))
+    logger = std_logging.getLogger(name)
+    logger.setLevel(std_logging.DEBUG)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def main(argv):
+  del argv
+  show_logs()
+  if not FLAGS.workdir:
+    fail('--workdir is required: a folder written by experiments/train.py')
+  eps = parse_eps(FLAGS.eps)
+  try:
+    torch = torch_bridge.require_torch()
+    torch.set_num_threads(FLAGS.torch_threads)
+    report = loop.evaluate_workdir(
+        FLAGS.workdir, version=FLAGS.version, eps=eps,
+        num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd)
+  except (ImportError, loop.TrainingError, data.DataError, ValueError) as e:
+    fail(str(e))
+  for line in reporting.autoattack_lines(report):
+    print(line)
+  print(f'results: {os.path.join(FLAGS.workdir, reporting.RESULTS)}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,100 @@
+"""End-to-end tests of experiments/evaluate.py and train.py --autoattack."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from train_e2e_test import ROOT, run_train  # pylint: disable=g-bad-import-order
+
+EVALUATE = os.path.join(ROOT, 'experiments', 'evaluate.py')
+
+
+def run_evaluate(*args):
+  return subprocess.run([sys.executable, EVALUATE, *args], capture_output=True,
+                        text=True, timeout=600)
+
+
+class EvaluateTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = tempfile.mkdtemp(prefix='uta_eval_')
+    proc = run_train(cls.workdir, '--epochs=2', '--dropout_rate=0.3',
+                     '--autoattack', '--autoattack_examples=24')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cls.train_output = proc.stdout + proc.stderr
+    with open(os.path.join(cls.workdir, 'results.json')) as f:
+      cls.train_results = json.load(f)  # before other tests rewrite it
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.workdir, ignore_errors=True)
+    super().tearDownClass()
+
+  def results(self):
+    with open(os.path.join(self.workdir, 'results.json')) as f:
+      return json.load(f)
+
+  def test_train_with_autoattack_reports_autoattack_lines_and_json(self):
+    self.assertIn('robust accuracy after APGD-CE', self.train_output)
+    self.assertIn('using standard version including apgd-ce, apgd-t, fab-t, '
+                  'square', self.train_output)
+    report = self.train_results['autoattack']
+    self.assertEqual(report['num_examples'], 24)
+    self.assertEqual(report['model_randomness'], 'deterministic (dropout off)')
+    for eps in ('0.1', '0.2'):
+      r = report['eps'][eps]
+      self.assertEqual(sorted(r['per_attack']),
+                       ['apgd-ce', 'apgd-t', 'fab-t', 'square'])
+      self.assertLessEqual(r['robust_accuracy'], r['clean_accuracy'])
+      # AutoAttack logs percentages with two decimals.
+      self.assertAlmostEqual(r['robust_accuracy'], r['per_attack']['square'],
+                             delta=0.005 + 1e-9)
+      self.assertLessEqual(r['max_perturbation'], float(eps) + 1e-6)
+    self.assertIn('clean_accuracy', self.train_results)  # training's kept
+
+  def test_evaluate_rand_version_on_the_mc_dropout_model(self):
+    proc = run_evaluate(f'--workdir={self.workdir}', '--version=rand',
+                        '--eps=0.1', '--num_examples=12', '--nojax_pgd')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('using rand version including apgd-ce, apgd-dlr',
+                  proc.stdout)
+    report = self.results()['autoattack']
+    self.assertEqual(report['version'], 'rand')
+    self.assertIn('MC dropout', report['model_randomness'])
+    self.assertEqual(sorted(report['eps']), ['0.1'])
+
+  def test_evaluate_standard_with_jax_pgd_beside(self):
+    proc = run_evaluate(f'--workdir={self.workdir}', '--eps=0.15',
+                        '--num_examples=16')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    report = self.results()['autoattack']
+    self.assertEqual(report['num_examples'], 16)
+    jax_robust = report['jax']['robust_accuracy']['pgd']['0.15']
+    self.assertLessEqual(jax_robust, report['jax']['clean_accuracy'])
+    self.assertIn('JAX PGD robust accuracy', proc.stdout)
+
+  def test_bad_input_is_one_line_with_exit_code_2(self):
+    empty = self.create_tempdir().full_path
+    for args, message in (
+        ([f'--workdir={empty}'], 'no run in'),
+        ([f'--workdir={self.workdir}', '--eps=1.5'], r'outside \(0, 1\]'),
+        ([f'--workdir={self.workdir}', '--eps=0'], r'outside \(0, 1\]'),
+        ([], '--workdir is required'),
+    ):
+      with self.subTest(args=args):
+        proc = run_evaluate(*args)
+        self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+        self.assertNotIn('Traceback', proc.stderr)
+        self.assertRegex(proc.stderr.strip().splitlines()[-1],
+                         f'^error: .*{message}')
+
+
+if __name__ == '__main__':
+  absltest.main()
