@@ -166,9 +166,10 @@ def _conv(torch, conv: dict, padding: int):
   return layer
 
 
-def native_torch_model(name: str, params: Any):
+def native_torch_model(name: str, params: Any, *, dropout_rate: float = 0.0):
   """The paper's MLP or LeNet written in PyTorch with the same weights.
 
+  Dropout (active in ``train()`` mode) sits where the Flax models put it.
   Flax flattens NHWC feature maps as (h, w, c) and PyTorch NCHW ones as
   (c, h, w), so LeNet's fc1 rows are permuted accordingly.
   """
@@ -176,9 +177,10 @@ def native_torch_model(name: str, params: Any):
   nn = torch.nn
   p = jax.tree_util.tree_map(np.asarray, params)
   dense = lambda layer: p[layer]['Dense_0']
+  drop = lambda: nn.Dropout(dropout_rate)
   if name == 'mlp':
     return nn.Sequential(nn.Flatten(), _linear(torch, dense('fc1')), nn.ReLU(),
-                         _linear(torch, dense('fc2'))).eval()
+                         drop(), _linear(torch, dense('fc2'))).eval()
   if name in ('lenet', 'svhn_lenet'):
     conv2 = p['conv2']['Conv_0']['kernel']
     fc1 = dict(dense('fc1'))
@@ -188,8 +190,8 @@ def native_torch_model(name: str, params: Any):
     return nn.Sequential(
         _conv(torch, p['conv1']['Conv_0'], 2), nn.ReLU(), nn.MaxPool2d(2),
         _conv(torch, p['conv2']['Conv_0'], 0), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), _linear(torch, fc1), nn.ReLU(),
-        _linear(torch, dense('fc2')), nn.ReLU(),
+        nn.Flatten(), _linear(torch, fc1), nn.ReLU(), drop(),
+        _linear(torch, dense('fc2')), nn.ReLU(), drop(),
         _linear(torch, dense('fc3'))).eval()
   raise ValueError(f'no native PyTorch version of {name!r}; choose mlp, '
                    'lenet or svhn_lenet')

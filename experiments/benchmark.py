@@ -1,0 +1,348 @@
+r"""JAX vs PyTorch eager, side by side in one process.
+
+  python experiments/benchmark.py                       # attacks + AT step
+  python experiments/benchmark.py --sections=autoattack # bridge vs native
+  python experiments/benchmark.py --sections=attacks --models=lenet --reps=9
+
+Section ``attacks``: for the MLP, LeNet and SVHN LeNet, PGD-10, UTA-10
+(M = 1), UTA-10 with 5 MC-dropout samples (batch --batch_size) and one full
+UTA-10 adversarial-training step (attack + Adam, batch --train_batch_size),
+each as uta_jax runs it and as a typical PyTorch research codebase writes it
+(a Python loop with ``torch.autograd.grad``), with the same weights.
+
+Section ``autoattack``: the standard AutoAttack's wall time on a trained MLP
+and LeNet through ``uta_jax.torch_bridge`` and on the native PyTorch network,
+for torch thread counts 1 and the machine's default.
+
+Repetitions are interleaved (JAX, torch, JAX, torch, ...) after one warm-up
+call each; the table gives medians, the spread (min-max) and the ratio of
+medians (JAX throughput / torch throughput, or torch time / bridge time).
+GFLOP/s use XLA's cost analysis of the JAX program for both frameworks and
+are compared with a float32 1024x1024 matmul measured in the same run.
+"""
+
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uta_jax import attacks  # pylint: disable=g-import-not-at-top
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import models
+from uta_jax import steps
+from uta_jax import torch_bridge
+from uta_jax import uncertainty
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('sections', ['attacks'], 'attacks and/or autoattack')
+flags.DEFINE_list('models', ['mlp', 'lenet', 'svhn_lenet'], 'models to run')
+flags.DEFINE_integer('batch_size', 256, 'attack batch size')
+flags.DEFINE_integer('train_batch_size', 128, 'AT-step batch size')
+flags.DEFINE_integer('reps', 5, 'timed repetitions per implementation')
+flags.DEFINE_integer('aa_examples', 100, 'AutoAttack test points')
+flags.DEFINE_float('aa_eps', 0.1, 'AutoAttack eps')
+flags.DEFINE_string('output', 'benchmark_results.json', 'JSON output path')
+
+K, EPS, ALPHA, M = 10, 0.1, 0.01, 5
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+  """Seconds per call for each fn: one warm-up each, then interleaved reps."""
+  for fn in fns.values():
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def matmul_peak_gflops() -> float:
+  """Best of JAX and torch float32 1024x1024 matmul throughput, GFLOP/s."""
+  torch = torch_bridge.require_torch()
+  a = jax.random.normal(jax.random.PRNGKey(0), (1024, 1024))
+  mm = jax.jit(lambda a: a @ a)
+  ta = torch.randn(1024, 1024)
+  times = interleaved({'jax': lambda: mm(a).block_until_ready(),
+                       'torch': lambda: ta @ ta}, 5)
+  return 2 * 1024**3 / min(min(t) for t in times.values()) / 1e9
+
+
+# --------------------------------------------------------- torch eager side
+
+
+def torch_attack(torch, net, x, y, *, objective):
+  """K projected sign steps in a Python loop, as PyTorch codebases write it."""
+  F = torch.nn.functional
+  x_adv = x.clone()
+  for _ in range(K):
+    x_adv.requires_grad_(True)
+    if objective == 'pgd':
+      value = F.cross_entropy(net(x_adv), y, reduction='sum')
+    else:
+      samples = M if objective == 'uta_mc5' else 1
+      probs = torch.stack([F.softmax(net(x_adv), -1)
+                           for _ in range(samples)]).mean(0)
+      value = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
+    grad, = torch.autograd.grad(value, x_adv)
+    x_adv = x_adv.detach() + ALPHA * grad.sign()
+    x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp(0, 1)
+  return x_adv
+
+
+def torch_workloads(torch, name, params, x_np, y_np, x_train, y_train):
+  F = torch.nn.functional
+  to_nchw = lambda a: torch.from_numpy(np.ascontiguousarray(
+      a.transpose(0, 3, 1, 2)))
+  x, y = to_nchw(x_np), torch.from_numpy(y_np.astype(np.int64))
+  xt, yt = to_nchw(x_train), torch.from_numpy(y_train.astype(np.int64))
+  net = torch_bridge.native_torch_model(name, params)
+  mc_net = torch_bridge.native_torch_model(name, params, dropout_rate=0.2)
+  mc_net.train()  # dropout on: MC samples
+  train_net = torch_bridge.native_torch_model(name, params)
+  opt = torch.optim.Adam(train_net.parameters(), lr=1e-3)
+
+  def at_step():
+    train_net.eval()
+    x_adv = torch_attack(torch, train_net, xt, yt, objective='uta')
+    train_net.train()
+    opt.zero_grad()
+    F.cross_entropy(train_net(x_adv), yt).backward()
+    opt.step()
+
+  return {
+      'pgd10': lambda: torch_attack(torch, net, x, y, objective='pgd'),
+      'uta10': lambda: torch_attack(torch, net, x, y, objective='uta'),
+      'uta10_mc5': lambda: torch_attack(torch, mc_net, x, y,
+                                        objective='uta_mc5'),
+      'at_step': at_step,
+  }
+
+
+# ----------------------------------------------------------------- JAX side
+
+
+def jax_workloads(name, variables, x, y, x_train, y_train):
+  """Jitted uta_jax programs and their FLOP counts.
+
+  XLA's cost analysis counts a while loop's body once, so an attack's FLOPs
+  are K times those of one gradient step of its objective.
+  """
+  ctor = models.MODELS[name][0]
+  model = ctor()
+  mc_model = ctor(dropout_rate=0.2)
+  keys = jax.random.split(jax.random.PRNGKey(1), M)
+  samplers = {
+      'pgd10': None,
+      'uta10': lambda v: uncertainty.single_model_sampler(model.apply, v),
+      'uta10_mc5': lambda v: uncertainty.mc_dropout_sampler(mc_model.apply,
+                                                            v, keys),
+  }
+
+  def objective(label, v, labels):
+    if label == 'pgd10':
+      return attacks.cross_entropy_objective(
+          functools.partial(model.apply, v), labels)
+    return attacks.uncertainty_objective(samplers[label](v))
+
+  def attack(label, v, x_):
+    return attacks.projected_sign_ascent(objective(label, v, y), x_, eps=EPS,
+                                         num_steps=K, step_size=ALPHA)
+
+  def step_flops(label, v, x_, labels):
+    grad = jax.jit(jax.grad(lambda x__: jnp.sum(
+        objective(label, v, labels)(x__))))
+    return _flops(grad, x_)
+
+  fns, flops = {}, {}
+  for label in samplers:
+    jitted = jax.jit(functools.partial(attack, label))
+    fns[label] = functools.partial(
+        lambda j: j(variables, x).block_until_ready(), jitted)
+    flops[label] = K * step_flops(label, variables, x, y)
+
+  config = configs.get_config('mnist', model=name, attack='uta', eps_train=EPS,
+                              num_steps=K)
+  tx = optax.adam(1e-3)
+  train_step = jax.jit(steps.make_train_step(config, model, tx,
+                                             axis_name=None))
+  state = {'s': steps.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      batch_stats={}, opt_state=tx.init(variables['params']),
+      key=jax.random.PRNGKey(2))}
+  batch = {'image': x_train, 'label': y_train}
+
+  def at_step():
+    state['s'], metrics = train_step(state['s'], batch)
+    metrics['loss'].block_until_ready()
+
+  fns['at_step'] = at_step
+  update = jax.jit(jax.grad(lambda p: jnp.sum(
+      optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({'params': p}, x_train), y_train))))
+  flops['at_step'] = (K * step_flops('uta10', variables, x_train, y_train) +
+                      _flops(update, variables['params']))
+  return fns, flops
+
+
+def run_attacks(torch, peak: float) -> list:
+  rows = []
+  rng = np.random.default_rng(0)
+  for name in FLAGS.models:
+    ctor, shape = models.MODELS[name]
+    variables = models.init_variables(ctor(), jax.random.PRNGKey(0), shape)
+    x = rng.uniform(size=(FLAGS.batch_size, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, FLAGS.batch_size).astype(np.int32)
+    xt = x[:FLAGS.train_batch_size]
+    yt = y[:FLAGS.train_batch_size]
+    jfns, flops = jax_workloads(name, variables, jnp.asarray(x),
+                                jnp.asarray(y), jnp.asarray(xt),
+                                jnp.asarray(yt))
+    tfns = torch_workloads(torch, name, variables['params'], x, y, xt, yt)
+    for workload in jfns:
+      times = interleaved({'jax': jfns[workload], 'torch': tfns[workload]},
+                          FLAGS.reps)
+      images = FLAGS.train_batch_size if workload == 'at_step' else (
+          FLAGS.batch_size * K)
+      row = {'model': name, 'workload': workload,
+             'unit': 'images/s' if workload == 'at_step' else
+                     'images x steps / s'}
+      for impl, t in times.items():
+        med = statistics.median(t)
+        row[impl] = {'median_s': med, 'min_s': min(t), 'max_s': max(t),
+                     'throughput': images / med,
+                     'gflops': flops[workload] / med / 1e9,
+                     'fraction_of_peak': flops[workload] / med / 1e9 / peak}
+      row['ratio_jax_over_torch'] = (row['jax']['throughput'] /
+                                     row['torch']['throughput'])
+      rows.append(row)
+      print(f"{name:10s} {workload:9s} JAX {row['jax']['throughput']:9.0f} "
+            f"torch {row['torch']['throughput']:9.0f} {row['unit']:18s} "
+            f"ratio {row['ratio_jax_over_torch']:.2f}  "
+            f"(JAX {row['jax']['gflops']:.1f} GFLOP/s, torch "
+            f"{row['torch']['gflops']:.1f}; peak {peak:.0f})", flush=True)
+  return rows
+
+
+# --------------------------------------------------------------- AutoAttack
+
+
+def _trained(name, ds, num_steps=300):
+  ctor, shape = models.MODELS[name]
+  model = ctor()
+  variables = models.init_variables(model, jax.random.PRNGKey(0), shape)
+  tx = optax.adam(1e-3)
+  params, opt_state = variables['params'], tx.init(variables['params'])
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({'params': p}, x), y).mean())(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  for s in range(num_steps):
+    b = data.get_batch(ds.train, data.host_batch_indices(
+        seed=0, step=s, num_examples=len(ds.train), global_batch=128))
+    params, opt_state = step(params, opt_state, b['image'], b['label'])
+  return model, {'params': params}
+
+
+def run_autoattack(torch) -> list:
+  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  ds = data.load_dataset('mnist_embedded',
+                         max_eval_examples=FLAGS.aa_examples)
+  x = torch.from_numpy(np.ascontiguousarray(
+      data.to_float(ds.test.images).transpose(0, 3, 1, 2)))
+  y = torch.from_numpy(ds.test.labels.astype(np.int64))
+  default_threads = torch.get_num_threads()
+  rows = []
+  for name in [m for m in FLAGS.models if m in ('mlp', 'lenet')]:
+    model, variables = _trained(name, ds)
+    modules = {
+        'bridge': torch_bridge.bridge_module(model.apply, variables),
+        'native': torch_bridge.native_torch_model(name, variables['params']),
+    }
+    robust = {}
+
+    def run(impl):
+      adversary = AutoAttack(modules[impl], eps=FLAGS.aa_eps, seed=0,
+                             version='standard')
+      adversary.logger.disabled = True
+      x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+      with torch.no_grad():
+        robust[impl] = float((modules[impl](x_adv).argmax(1) == y).float()
+                             .mean())
+
+    for threads in sorted({1, default_threads}):
+      torch.set_num_threads(threads)
+      times = interleaved({impl: functools.partial(run, impl)
+                           for impl in modules}, FLAGS.reps)
+      row = {'model': name, 'torch_threads': threads,
+             'num_examples': len(y), 'eps': FLAGS.aa_eps,
+             'robust_accuracy': dict(robust)}
+      for impl, t in times.items():
+        row[impl] = {'median_s': statistics.median(t), 'min_s': min(t),
+                     'max_s': max(t)}
+      row['ratio_bridge_over_native'] = (row['bridge']['median_s'] /
+                                         row['native']['median_s'])
+      rows.append(row)
+      print(f"{name:6s} torch_threads={threads}: AutoAttack bridge "
+            f"{row['bridge']['median_s']:.2f}s native "
+            f"{row['native']['median_s']:.2f}s ratio "
+            f"{row['ratio_bridge_over_native']:.2f}  robust acc "
+            f"{robust}", flush=True)
+    torch.set_num_threads(default_threads)
+  return rows
+
+
+def main(argv):
+  del argv
+  torch = torch_bridge.require_torch()
+  unknown = set(FLAGS.sections) - {'attacks', 'autoattack'}
+  if unknown:
+    print(f'error: unknown sections {sorted(unknown)}; choose attacks, '
+          'autoattack', file=sys.stderr)
+    sys.exit(2)
+  peak = matmul_peak_gflops()
+  result = {
+      'machine': {'processor': platform.processor() or platform.machine(),
+                  'cpus': os.cpu_count(), 'jax': jax.__version__,
+                  'torch': torch.__version__,
+                  'jax_devices': [str(d) for d in jax.devices()],
+                  'torch_threads': torch.get_num_threads(),
+                  'matmul_peak_gflops': peak},
+      'settings': {'batch_size': FLAGS.batch_size,
+                   'train_batch_size': FLAGS.train_batch_size,
+                   'reps': FLAGS.reps, 'steps': K, 'eps': EPS,
+                   'step_size': ALPHA, 'mc_samples': M},
+  }
+  print(f'float32 matmul peak: {peak:.1f} GFLOP/s; JAX {jax.__version__} on '
+        f'{jax.devices()[0].platform}, torch {torch.__version__}', flush=True)
+  if 'attacks' in FLAGS.sections:
+    result['attacks'] = run_attacks(torch, peak)
+  if 'autoattack' in FLAGS.sections:
+    result['autoattack'] = run_autoattack(torch)
+  with open(FLAGS.output, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(f'results: {FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)
