@@ -201,6 +201,14 @@ def jax_workloads(name, variables, x, y, x_train, y_train):
   return fns, flops
 
 
+def _flops(jitted, *args) -> float:
+  """FLOPs of one call of a jitted function, from XLA's cost analysis."""
+  analysis = jitted.lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get('flops', float('nan')))
+
+
 def run_attacks(torch, peak: float) -> list:
   rows = []
   rng = np.random.default_rng(0)

@@ -73,8 +73,9 @@ class MainJobTest(absltest.TestCase):
 
   def test_main_job_writes_config_metrics_results_and_plot(self):
     workdir = self.create_tempdir().full_path
-    proc = run_train(workdir, '--epochs=2')
+    proc = run_train(workdir, '--epochs=2', '--eval_every=1')
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn('eval at step 16: clean', proc.stderr)  # --eval_every
     self.assertIn('clean accuracy:', proc.stdout)
     self.assertIn('robust accuracy (PGD, eps=0.1 (25.5/255))', proc.stdout)
     self.assertRegex(proc.stderr, r'epoch [\d.]+ step \d+/32 loss [\d.]+ '
@@ -97,6 +98,8 @@ class MainJobTest(absltest.TestCase):
     self.assertEqual(saved.attack.eps, 0.1)
     lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
     self.assertGreaterEqual(len(lines), 8)
+    evals = [json.loads(l) for l in lines if '"eval"' in l]
+    self.assertEqual([e['step'] for e in evals], [16, 32])
     self.assertGreater(os.path.getsize(
         os.path.join(workdir, 'training_curves.png')), 1000)
 

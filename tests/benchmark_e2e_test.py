@@ -1,0 +1,40 @@
+"""Smoke test: experiments/benchmark.py runs both sections and writes JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class BenchmarkTest(absltest.TestCase):
+
+  def test_both_sections_on_the_mlp(self):
+    out = os.path.join(self.create_tempdir().full_path, 'bench.json')
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
+         '--sections=attacks,autoattack', '--models=mlp', '--reps=1',
+         '--batch_size=8', '--train_batch_size=8', '--aa_examples=8',
+         f'--output={out}'], capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(out) as f:
+      result = json.load(f)
+    self.assertGreater(result['machine']['matmul_peak_gflops'], 0)
+    workloads = [r['workload'] for r in result['attacks']]
+    self.assertEqual(workloads, ['pgd10', 'uta10', 'uta10_mc5', 'at_step'])
+    for row in result['attacks']:
+      self.assertGreater(row['jax']['throughput'], 0)
+      self.assertGreater(row['torch']['throughput'], 0)
+      self.assertGreater(row['jax']['gflops'], 0)
+    aa = result['autoattack']
+    self.assertNotEmpty(aa)
+    self.assertLessEqual(abs(aa[0]['robust_accuracy']['bridge'] -
+                             aa[0]['robust_accuracy']['native']),
+                         1 / 8 + 1e-6)  # within one test point
+
+
+if __name__ == '__main__':
+  absltest.main()
