@@ -142,6 +142,11 @@ class OrderTest(absltest.TestCase):
     np.testing.assert_array_equal(seen, data.host_batch_indices(step=0,
                                                                 **kwargs))
 
+  def test_steps_per_epoch_drops_the_partial_batch_and_rejects_big_batches(self):
+    self.assertEqual(data.steps_per_epoch(50, 8), 6)
+    with self.assertRaisesRegex(data.DataError, 'lower --batch_size'):
+      data.steps_per_epoch(50, 64)
+
   def test_toy2d_is_non_isotropic(self):
     ds = data.load_dataset('toy2d')
     x, y = ds.train.images, ds.train.labels

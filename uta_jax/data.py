@@ -242,6 +242,15 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Full global batches per epoch (the last partial batch is dropped)."""
+  steps = num_examples // global_batch
+  if steps < 1:
+    raise DataError(f'batch size {global_batch} exceeds the {num_examples} '
+                    'training examples: lower --batch_size')
+  return steps
+
+
 def host_batch_indices(*, seed: int, step: int, num_examples: int,
                        global_batch: int, process_index: int = 0,
                        process_count: int = 1) -> np.ndarray:
@@ -250,11 +259,7 @@ def host_batch_indices(*, seed: int, step: int, num_examples: int,
   Epochs drop their last partial batch; step s is batch s % steps_per_epoch
   of epoch s // steps_per_epoch, so the position in the data is the step.
   """
-  steps_per_epoch = num_examples // global_batch
-  if steps_per_epoch < 1:
-    raise DataError(f'batch size {global_batch} exceeds the {num_examples} '
-                    'training examples: lower --batch_size')
-  epoch, index = divmod(step, steps_per_epoch)
+  epoch, index = divmod(step, steps_per_epoch(num_examples, global_batch))
   order = epoch_permutation(seed, epoch, num_examples)
   batch = order[index * global_batch:(index + 1) * global_batch]
   per_host = global_batch // process_count

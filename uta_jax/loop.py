@@ -14,6 +14,7 @@ same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -65,7 +66,6 @@ def prepare_workdir(config: configs.Config, workdir: str) -> None:
 
 
 def _json_config(config: configs.Config) -> Any:
-  import json  # pylint: disable=g-import-not-at-top
   return json.loads(configs.to_json(config))
 
 
@@ -92,16 +92,13 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
       config.dataset, data_dir=config.data_dir,
       max_train_examples=config.max_train_examples,
       max_eval_examples=config.max_eval_examples, seed=config.seed)
-  steps_per_epoch = len(dataset.train) // config.batch_size
-  if steps_per_epoch < 1:
-    raise data.DataError(f'batch size {config.batch_size} exceeds the '
-                         f'{len(dataset.train)} training examples: lower '
-                         '--batch_size')
+  steps_per_epoch = data.steps_per_epoch(len(dataset.train),
+                                         config.batch_size)
   total_steps = config.epochs * steps_per_epoch
   log.info('%s (%s): %d train / %d test, input %s, %d devices, %d steps',
-               dataset.name, dataset.source, len(dataset.train),
-               len(dataset.test), dataset.input_shape, jax.device_count(),
-               total_steps)
+           dataset.name, dataset.source, len(dataset.train),
+           len(dataset.test), dataset.input_shape, jax.device_count(),
+           total_steps)
 
   model = steps.create_model(config)
   tx = steps.make_optimizer(config.optimizer, steps_per_epoch)
@@ -130,10 +127,10 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
       metrics = jax.tree_util.tree_map(lambda m: float(m[0]),
                                        jax.device_get(metrics))
       if not math.isfinite(metrics['loss']):
+        last = checkpointer.steps()[-1] if checkpointer.steps() else 'none'
         raise TrainingError(
             f'non-finite loss at step {step}; stopped, last good checkpoint '
-            f'kept (step {checkpointer.steps()[-1] if checkpointer.steps() else "none"}). '
-            'Lower --learning_rate or --eps_train')
+            f'kept (step {last}). Lower --learning_rate or --eps_train')
       step += 1
       window_images += config.batch_size
       if step % config.log_every == 0 or step == total_steps:
@@ -145,9 +142,8 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
         if jax.process_index() == 0:
           reporting.append_metrics(metrics_path, record)
         log.info('epoch %.2f step %d/%d loss %.4f train acc %.2f%% '
-                     '%.0f img/s ETA %.0fs', record['epoch'], step,
-                     total_steps, metrics['loss'], 100 * metrics['accuracy'],
-                     rate, eta)
+                 '%.0f img/s ETA %.0fs', record['epoch'], step, total_steps,
+                 metrics['loss'], 100 * metrics['accuracy'], rate, eta)
         window_start, window_images = time.time(), 0
       if step % config.checkpoint_every == 0:
         save(step)
@@ -206,7 +202,7 @@ def _eval_during_training(config, model, p_state, dataset, step,
                            config=config, key=jax.random.PRNGKey(step))
   pgd = list(ev['robust_accuracy']['pgd'].values())[0]
   log.info('eval at step %d: clean %.2f%%, PGD (eps=%s) %.2f%%', step,
-               ev['clean_accuracy'], config.eval.eps[0], pgd)
+           ev['clean_accuracy'], config.eval.eps[0], pgd)
   if jax.process_index() == 0:
     reporting.append_metrics(metrics_path, {
         'kind': 'eval', 'step': step, 'clean_accuracy': ev['clean_accuracy'],
