@@ -34,7 +34,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top
+import flax.linen  # pylint: disable=g-import-not-at-top
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,6 +43,7 @@ import optax
 from uta_jax import attacks  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import fast_ops
 from uta_jax import models
 from uta_jax import steps
 from uta_jax import torch_bridge
@@ -56,6 +58,9 @@ flags.DEFINE_integer('reps', 5, 'timed repetitions per implementation')
 flags.DEFINE_integer('aa_examples', 100, 'AutoAttack test points')
 flags.DEFINE_float('aa_eps', 0.1, 'AutoAttack eps')
 flags.DEFINE_string('output', 'benchmark_results.json', 'JSON output path')
+flags.DEFINE_bool('plain_ops', False, 'run the models with plain lax '
+                  'convolutions and nn.max_pool instead of uta_jax.fast_ops '
+                  '(the "before" of the fast_ops A/B)')
 
 K, EPS, ALPHA, M = 10, 0.1, 0.01, 5
 
@@ -251,27 +256,6 @@ def run_attacks(torch, peak: float) -> list:
 # --------------------------------------------------------------- AutoAttack
 
 
-def _trained(name, ds, num_steps=300):
-  ctor, shape = models.MODELS[name]
-  model = ctor()
-  variables = models.init_variables(model, jax.random.PRNGKey(0), shape)
-  tx = optax.adam(1e-3)
-  params, opt_state = variables['params'], tx.init(variables['params'])
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({'params': p}, x), y).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  for s in range(num_steps):
-    b = data.get_batch(ds.train, data.host_batch_indices(
-        seed=0, step=s, num_examples=len(ds.train), global_batch=128))
-    params, opt_state = step(params, opt_state, b['image'], b['label'])
-  return model, {'params': params}
-
-
 def run_autoattack(torch) -> list:
   from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
   ds = data.load_dataset('mnist_embedded',
@@ -282,7 +266,9 @@ def run_autoattack(torch) -> list:
   default_threads = torch.get_num_threads()
   rows = []
   for name in [m for m in FLAGS.models if m in ('mlp', 'lenet')]:
-    model, variables = _trained(name, ds)
+    model, variables = steps.fit(
+        configs.get_config('mnist_embedded', model=name, attack='none'),
+        ds.train, num_steps=300)
     modules = {
         'bridge': torch_bridge.bridge_module(model.apply, variables),
         'native': torch_bridge.native_torch_model(name, variables['params']),
@@ -320,9 +306,18 @@ def run_autoattack(torch) -> list:
   return rows
 
 
+def use_plain_ops() -> None:
+  """Routes the models' convolution and pooling back to plain lax / flax."""
+  fast_ops.conv_general_dilated = jax.lax.conv_general_dilated
+  fast_ops.max_pool_2x2 = lambda x: flax.linen.max_pool(x, (2, 2),
+                                                        strides=(2, 2))
+
+
 def main(argv):
   del argv
   torch = torch_bridge.require_torch()
+  if FLAGS.plain_ops:
+    use_plain_ops()
   unknown = set(FLAGS.sections) - {'attacks', 'autoattack'}
   if unknown:
     print(f'error: unknown sections {sorted(unknown)}; choose attacks, '
@@ -339,7 +334,8 @@ def main(argv):
       'settings': {'batch_size': FLAGS.batch_size,
                    'train_batch_size': FLAGS.train_batch_size,
                    'reps': FLAGS.reps, 'steps': K, 'eps': EPS,
-                   'step_size': ALPHA, 'mc_samples': M},
+                   'step_size': ALPHA, 'mc_samples': M,
+                   'plain_ops': FLAGS.plain_ops},
   }
   print(f'float32 matmul peak: {peak:.1f} GFLOP/s; JAX {jax.__version__} on '
         f'{jax.devices()[0].platform}, torch {torch.__version__}', flush=True)

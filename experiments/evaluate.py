@@ -10,18 +10,16 @@ eps on the first --num_examples test points, prints AutoAttack's own log
 lines, and adds an 'autoattack' section to DIR/results.json.
 """
 
-import logging as std_logging
 import os
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uta_jax import data  # pylint: disable=g-import-not-at-top
-from uta_jax import evaluation
+import cli  # pylint: disable=g-import-not-at-top
+from uta_jax import data
 from uta_jax import loop
 from uta_jax import reporting
 from uta_jax import torch_bridge
@@ -41,43 +39,21 @@ flags.DEFINE_integer('torch_threads', 1, 'torch intra-op threads; 1 keeps '
                      "torch's OpenMP pool from competing with XLA's")
 
 
-def fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def parse_eps(values):
   """--eps as floats in (0, 1], or None for the run's own eval eps."""
-  if values is None:
-    return None
-  try:
-    eps = [float(v) for v in values]
-  except ValueError:
-    fail(f'--eps must be numbers, got {",".join(values)}')
-  for e in eps:
+  eps = cli.parse_floats(values, 'eps')
+  for e in eps or ():
     if not 0 < e <= 1:
-      fail(f'--eps {e} is outside (0, 1]: images are in [0, 1], write 8/255 '
-           'as 0.0314')
+      cli.fail(f'--eps {e} is outside (0, 1]: images are in [0, 1], write '
+               '8/255 as 0.0314')
   return eps
-
-
-def show_logs() -> None:
-  """AutoAttack's own lines, as it words them, and our progress lines."""
-  logging.set_verbosity(logging.WARNING)
-  for name in (evaluation.AUTOATTACK_LOGGER, 'uta_jax'):
-    handler = std_logging.StreamHandler(sys.stdout)
-    handler.setFormatter(std_logging.Formatter('%(message)s'))
-    logger = std_logging.getLogger(name)
-    logger.setLevel(std_logging.DEBUG)
-    logger.addHandler(handler)
-    logger.propagate = False
 
 
 def main(argv):
   del argv
-  show_logs()
+  cli.show_logs(sys.stdout, timestamps=False)
   if not FLAGS.workdir:
-    fail('--workdir is required: a folder written by experiments/train.py')
+    cli.fail('--workdir is required: a folder written by experiments/train.py')
   eps = parse_eps(FLAGS.eps)
   try:
     torch = torch_bridge.require_torch()
@@ -87,7 +63,7 @@ def main(argv):
         num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd)
   except (ImportError, loop.TrainingError, data.DataError, ValueError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   for line in reporting.autoattack_lines(report):
     print(line)
   print(f'results: {os.path.join(FLAGS.workdir, reporting.RESULTS)}')

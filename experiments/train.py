@@ -11,19 +11,18 @@ checkpoints and exits cleanly. Uses every local device with pmap; for
 several hosts pass --coordinator_address, --num_processes, --process_id.
 """
 
-import logging as std_logging
 import os
 import signal
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 # Runs from a checkout without installing: the package sits one folder up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from uta_jax import configs  # pylint: disable=g-import-not-at-top
+import cli  # pylint: disable=g-import-not-at-top
+from uta_jax import configs
 from uta_jax import data
 from uta_jax import loop
 from uta_jax import parallel
@@ -72,19 +71,9 @@ flags.DEFINE_integer('process_id', 0, 'index of this process')
 OVERRIDES = [f for f in configs.FLAG_FIELDS if f != 'eval_batch_size']
 
 
-def fail(message: str) -> None:
-  """One line on stderr, exit code 2, no traceback."""
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def build_config() -> configs.Config:
   overrides = {name: getattr(FLAGS, name) for name in OVERRIDES}
-  if overrides['eval_eps'] is not None:
-    try:
-      overrides['eval_eps'] = [float(e) for e in overrides['eval_eps']]
-    except ValueError:
-      fail(f'--eval_eps must be numbers, got {",".join(FLAGS.eval_eps)}')
+  overrides['eval_eps'] = cli.parse_floats(FLAGS.eval_eps, 'eval_eps')
   return configs.get_config(FLAGS.dataset, **overrides)
 
 
@@ -93,22 +82,9 @@ def default_workdir(config: configs.Config) -> str:
   return os.path.join('runs', f'{config.dataset}_{a.name}_eps{a.eps:g}')
 
 
-def setup_logging() -> None:
-  """Our progress and AutoAttack's lines; libraries (orbax, absl) at WARNING."""
-  logging.set_verbosity(logging.WARNING)
-  for name, fmt in (('uta_jax', '%(asctime)s %(message)s'),
-                    ('auto-attack', '%(message)s')):
-    handler = std_logging.StreamHandler(sys.stderr)
-    handler.setFormatter(std_logging.Formatter(fmt, '%H:%M:%S'))
-    logger = std_logging.getLogger(name)
-    logger.setLevel(std_logging.DEBUG)
-    logger.addHandler(handler)
-    logger.propagate = False
-
-
 def main(argv):
   del argv
-  setup_logging()
+  cli.show_logs(sys.stderr, timestamps=True)
   try:
     config = build_config()
     parallel.initialize_distributed(
@@ -126,7 +102,7 @@ def main(argv):
           workdir, num_examples=FLAGS.autoattack_examples, jax_pgd=False)
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
           loop.TrainingError, ImportError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   if results['status'] == 'preempted':
     print(f'preempted at step {results["step"]}: checkpoint saved in '
           f'{workdir}; rerun the same command to resume')

@@ -1,7 +1,6 @@
 """Tests of uta_jax.fast_ops against lax, and a guard on the attack program."""
 
 import functools
-import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -10,7 +9,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from uta_jax import attacks
 from uta_jax import fast_ops

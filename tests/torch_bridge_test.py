@@ -9,11 +9,12 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 
+from uta_jax import configs
 from uta_jax import data
 from uta_jax import models
+from uta_jax import steps
 from uta_jax import torch_bridge
 
 
@@ -122,26 +123,13 @@ class BridgeTest(parameterized.TestCase):
       torch_bridge.native_torch_model('resnet18', {})
 
 
-def _train_mlp_on_embedded_mnist(steps=300):
-  """A quickly trained MLP on real MNIST digits; returns (model, variables)."""
+def _train_mlp_on_embedded_mnist(num_steps=300):
+  """A quickly trained MLP on real MNIST digits: (model, variables, dataset)."""
   ds = data.load_dataset('mnist_embedded')
-  model, variables, _ = _model('mlp')
-  tx = optax.adam(1e-3)
-  params, opt_state = variables['params'], tx.init(variables['params'])
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({'params': p}, x), y).mean())(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  for s in range(steps):
-    idx = data.host_batch_indices(seed=0, step=s, num_examples=len(ds.train),
-                                  global_batch=128)
-    b = data.get_batch(ds.train, idx)
-    params, opt_state = step(params, opt_state, b['image'], b['label'])
-  return model, {'params': params}, ds
+  model, variables = steps.fit(
+      configs.get_config('mnist_embedded', attack='none'), ds.train,
+      num_steps=num_steps)
+  return model, variables, ds
 
 
 class AutoAttackEquivalenceTest(absltest.TestCase):

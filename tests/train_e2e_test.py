@@ -151,13 +151,14 @@ class FaultToleranceTest(absltest.TestCase):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     self.assertEqual(proc.returncode, 0, err[-2000:])
-    if 'preempted' in out:  # the usual case: the signal landed mid-run
-      self.assertIn('rerun the same command', out)
-      _, step = final_state(workdir)
-      self.assertLess(step, 64)
-      resumed = run_train(workdir, '--epochs=4', '--checkpoint_every=4')
-      self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
-      self.assertIn('resumed from step', resumed.stderr)
+    self.assertIn('preempted at step', out)
+    self.assertIn('rerun the same command', out)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'results.json')))
+    _, step = final_state(workdir)
+    self.assertLess(step, 64)
+    resumed = run_train(workdir, '--epochs=4', '--checkpoint_every=4')
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+    self.assertIn(f'resumed from step {step}', resumed.stderr)
     self.assertTrue(os.path.exists(os.path.join(workdir, 'results.json')))
 
   def test_non_finite_loss_stops_and_keeps_a_finite_checkpoint(self):

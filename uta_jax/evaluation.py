@@ -35,6 +35,8 @@ def _entropy(logits: jax.Array) -> jax.Array:
   return uncertainty.entropy_from_log_probs(jax.nn.log_softmax(logits))
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'ensemble',
+                                             'eval_config', 'bounds'))
 def _eval_batch(variables, x, y, key, eps, *, model: nn.Module,
                 ensemble: bool, eval_config: configs.EvalConfig,
                 bounds: Optional[Tuple[float, float]]) -> Dict[str, jax.Array]:
@@ -83,9 +85,11 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   keys as strings.
   """
   ec = config.eval
-  fn = jax.jit(functools.partial(
+  # Module-level jit with hashable static settings: one compilation per
+  # model and batch shape, reused by every later evaluation of the run.
+  fn = functools.partial(
       _eval_batch, model=model, ensemble=steps.is_ensemble(config),
-      eval_config=ec, bounds=steps.input_bounds(config)))
+      eval_config=ec, bounds=steps.input_bounds(config))
   n = len(split)
   batch = min(ec.batch_size, n)
   sums: Dict[float, Dict[str, float]] = {}

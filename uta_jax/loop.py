@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
+import numpy as np
 
 from uta_jax import checkpointing
 from uta_jax import configs
@@ -115,7 +116,13 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
   p_state = parallel.replicate(state)
 
   def save(step):
-    checkpointer.save(step, parallel.unreplicate(p_state))
+    host_state = parallel.unreplicate(p_state)
+    if not all(np.all(np.isfinite(leaf)) for leaf in
+               jax.tree_util.tree_leaves(host_state.params)):
+      raise TrainingError(
+          f'non-finite parameters at step {step}; stopped without saving them, '
+          f'last good checkpoint kept. Lower --learning_rate or --eps_train')
+    checkpointer.save(step, host_state)
 
   step = int(state.step)
   start_step, t0 = step, time.time()
@@ -124,16 +131,25 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
     while step < total_steps:
       batch = parallel.shard(_global_batch(dataset.train, step, config))
       p_state, metrics = p_step(p_state, batch)
+      step += 1
+      window_images += config.batch_size
+      stopping = stop_requested()
+      saving = step % config.checkpoint_every == 0 or stopping
+      logging_now = step % config.log_every == 0 or step == total_steps
+      evaluating = (config.eval_every and step < total_steps and
+                    step % (config.eval_every * steps_per_epoch) == 0)
+      if not (saving or logging_now or evaluating):
+        continue  # no host sync: the device runs ahead
+      # A non-finite loss poisons every later step, so checking it here,
+      # before any save, keeps the last checkpoint good.
       metrics = jax.tree_util.tree_map(lambda m: float(m[0]),
                                        jax.device_get(metrics))
       if not math.isfinite(metrics['loss']):
         last = checkpointer.steps()[-1] if checkpointer.steps() else 'none'
         raise TrainingError(
-            f'non-finite loss at step {step}; stopped, last good checkpoint '
+            f'non-finite loss by step {step}; stopped, last good checkpoint '
             f'kept (step {last}). Lower --learning_rate or --eps_train')
-      step += 1
-      window_images += config.batch_size
-      if step % config.log_every == 0 or step == total_steps:
+      if logging_now:
         elapsed = time.time() - window_start
         rate = window_images / max(elapsed, 1e-9)
         eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
@@ -145,16 +161,14 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
                  '%.0f img/s ETA %.0fs', record['epoch'], step, total_steps,
                  metrics['loss'], 100 * metrics['accuracy'], rate, eta)
         window_start, window_images = time.time(), 0
-      if step % config.checkpoint_every == 0:
+      if saving:
         save(step)
-      if (config.eval_every and step % (config.eval_every * steps_per_epoch)
-          == 0 and step < total_steps):
-        _eval_during_training(config, model, p_state, dataset, step,
-                              metrics_path)
-      if stop_requested():
-        save(step)
+      if stopping:
         log.info('stop requested: checkpointed step %d, exiting', step)
         return {'status': 'preempted', 'step': step}
+      if evaluating:
+        _eval_during_training(config, model, p_state, dataset, step,
+                              metrics_path)
     if step not in checkpointer.steps():
       save(step)
   finally:

@@ -30,6 +30,7 @@ import optax
 
 from uta_jax import attacks
 from uta_jax import configs
+from uta_jax import data
 from uta_jax import models
 from uta_jax import uncertainty
 
@@ -244,3 +245,24 @@ def make_train_step(config: configs.Config, model: nn.Module,
 def input_bounds(config: configs.Config) -> Optional[Tuple[float, float]]:
   """Pixel box for images; none for the toy 2D points."""
   return None if config.dataset == 'toy2d' else attacks.PIXEL_BOUNDS
+
+
+def fit(config: configs.Config, split: data.Split, *,
+        num_steps: int) -> Tuple[nn.Module, dict]:
+  """``num_steps`` of ``train_step`` on one device, in the run's data order.
+
+  No checkpoints, logging or evaluation: a quickly trained model for tests
+  and benchmarks (``loop.train_and_evaluate`` is the real job). Returns the
+  model and its variables.
+  """
+  model = create_model(config)
+  steps_per_epoch = data.steps_per_epoch(len(split), config.batch_size)
+  tx = make_optimizer(config.optimizer, steps_per_epoch)
+  state = create_train_state(config, model, tx, tuple(split.images.shape[1:]))
+  step_fn = jax.jit(make_train_step(config, model, tx, axis_name=None))
+  for step in range(num_steps):
+    batch = data.get_batch(split, data.host_batch_indices(
+        seed=config.seed, step=step, num_examples=len(split),
+        global_batch=config.batch_size))
+    state, _ = step_fn(state, batch)
+  return model, variables_of(state)

@@ -1,0 +1,50 @@
+"""Tests of uta_jax.evaluation (the JAX-native part; AutoAttack is e2e)."""
+
+from absl.testing import absltest
+import jax
+
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import evaluation
+from uta_jax import steps
+
+
+class EvaluateTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = configs.get_config(
+        'mnist_embedded', attack='none', eval_pgd_restarts=2,
+        eval_pgd_steps=5, eval_eps=[0.05, 0.3], eval_batch_size=100)
+    cls.ds = data.load_dataset('mnist_embedded', max_eval_examples=150)
+    cls.model, cls.variables = steps.fit(cls.config, cls.ds.train,
+                                         num_steps=100)
+
+  def evaluate(self, seed=0):
+    return evaluation.evaluate(self.model, self.variables, self.ds.test,
+                               config=self.config,
+                               key=jax.random.PRNGKey(seed))
+
+  def test_accuracies_are_ordered_and_tradeoff_is_their_mean(self):
+    r = self.evaluate()
+    self.assertEqual(r['num_examples'], 150)  # 150 = 1 full + 1 padded batch
+    self.assertGreater(r['clean_accuracy'], 70)
+    pgd = r['robust_accuracy']['pgd']
+    self.assertLessEqual(pgd['0.3'], pgd['0.05'])
+    self.assertLess(pgd['0.3'], r['clean_accuracy'])
+    for attack in ('pgd', 'uta'):
+      for eps, robust in r['robust_accuracy'][attack].items():
+        self.assertLessEqual(robust, r['clean_accuracy'])
+        self.assertAlmostEqual(evaluation.tradeoff(r, attack)[eps],
+                               (robust + r['clean_accuracy']) / 2)
+
+  def test_later_evaluations_reuse_the_compiled_program(self):
+    self.evaluate(seed=1)
+    compiled = evaluation._eval_batch._cache_size()  # pylint: disable=protected-access
+    self.evaluate(seed=2)  # as --eval_every does during training
+    self.assertEqual(evaluation._eval_batch._cache_size(), compiled)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  absltest.main()
