@@ -12,6 +12,7 @@ import optax
 from uta_jax import configs
 from uta_jax import parallel
 from uta_jax import steps
+from uta_jax import uncertainty
 
 from conftest import synthetic_images  # pylint: disable=g-bad-import-order
 
@@ -133,6 +134,42 @@ class StepTest(chex.TestCase):
     moved = jnp.abs(new.params['fc3']['Dense_0']['kernel'] - kernel).max(
         axis=(1, 2))
     self.assertTrue(np.all(moved > 0))
+
+  def test_latent_ensemble_moves_each_members_own_code(self):
+    config, model, tx, state, batch = _setup(
+        tx=optax.sgd(1.0), attack='uta', eps_train=0.3, space='latent',
+        uncertainty='ensemble', num_samples=3, step_schedule='triangular')
+    variables = steps.variables_of(state)
+    # A fresh model is maximally uncertain; sharpen its last layer so the
+    # entropy has room to grow.
+    variables = {'params': dict(variables['params'], fc3=jax.tree_util.tree_map(
+        lambda a: 30 * a, variables['params']['fc3']))}
+    member = lambda m: jax.tree_util.tree_map(lambda a: a[m], variables)
+    z = jnp.stack([model.apply(member(m), batch['image'], method=model.encode)
+                   for m in range(3)])  # [M, B, l], looped reference
+    z_adv = steps.perturb(config.attack, model, variables, batch['image'],
+                          batch['label'], jax.random.PRNGKey(0),
+                          ensemble=True, bounds=(0.0, 1.0))
+    chex.assert_equal_shape([z, z_adv])
+    for m in range(3):
+      self.assertLessEqual(float(jnp.max(jnp.abs(z_adv[m] - z[m]))),
+                           0.3 + 1e-5)
+    looped = lambda codes: jnp.stack([
+        model.apply(member(m), codes[m], method=model.classify)
+        for m in range(3)])
+    chex.assert_trees_all_close(
+        steps.member_logits(model, variables, z_adv, ensemble=True,
+                            per_member_inputs=True, method=model.classify),
+        looped(z_adv), atol=1e-5)
+    entropy = lambda codes: float(jnp.mean(uncertainty.predictive_entropy(
+        looped(codes))))
+    self.assertGreater(entropy(z_adv), entropy(z) + 1e-3)
+    new, metrics = jax.jit(steps.make_train_step(
+        config, model, tx, axis_name=None))(state, batch)
+    self.assertTrue(np.isfinite(metrics['loss']))
+    conv = lambda s: s.params['conv1']['Conv_0']['kernel']
+    moved = jnp.abs(conv(new) - conv(state)).max(axis=(1, 2, 3, 4))
+    self.assertTrue(np.all(moved > 0))  # every member's encoder trains
 
   def test_mc_dropout_uta_step_and_fixed_key_determinism(self):
     config, model, tx, state, batch = _setup(

@@ -240,10 +240,6 @@ def validate(config: Config) -> None:
       raise ConfigError('--uncertainty=mc_dropout needs --attack=uta')
     if config.dropout_rate <= 0:
       raise ConfigError('--uncertainty=mc_dropout needs --dropout_rate > 0')
-  if a.uncertainty == 'ensemble' and a.space == 'latent':
-    raise ConfigError('latent-space attacks on an ensemble are not supported: '
-                      'use --uncertainty=single or mc_dropout with '
-                      '--space=latent')
   if a.uncertainty == 'single' and a.num_samples != 1:
     raise ConfigError('--num_samples > 1 needs --uncertainty=mc_dropout or '
                       'ensemble')

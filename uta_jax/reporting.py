@@ -101,3 +101,13 @@ def plot_training_curves(metrics_path: str, png_path: str) -> None:
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
   plt.close(fig)
+
+
+def markdown_table(header: List[str], rows: Iterable[List[Any]]) -> str:
+  """A GitHub markdown table; floats are written with one decimal."""
+  def cell(v):
+    return f'{v:.1f}' if isinstance(v, float) else str(v)
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '| ' + ' | '.join('---' for _ in header) + ' |']
+  lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'

@@ -14,7 +14,11 @@ samples and training dropout, so a resumed run repeats the same draws.
 
 An ensemble (``uncertainty='ensemble'``) keeps M members' variables stacked
 on a leading axis; its logits are the log of the mean softmax and its
-training loss the mean of the members' losses.
+training loss the mean of the members' losses. In latent space every member
+has its own encoder, so the attacked point is the stack of the members'
+codes [M, B, l]: each member's code moves in its own eps-ball, and the
+objective (the ensemble's predictive entropy, or its cross-entropy) couples
+them. Each member is then trained on its own perturbed code.
 """
 
 from __future__ import annotations
@@ -98,20 +102,29 @@ def variables_of(state: TrainState) -> dict:
 
 
 def member_logits(model: nn.Module, variables: dict, x: jax.Array, *,
-                  ensemble: bool, **kwargs) -> jax.Array:
-  """Eval-mode logits per member: [M, B, C] (M = 1 for a single model)."""
+                  ensemble: bool, per_member_inputs: bool = False,
+                  **kwargs) -> jax.Array:
+  """Eval-mode logits per member: [M, B, C] (M = 1 for a single model).
+
+  With ``per_member_inputs`` member m sees ``x[m]`` (x: [M, B, ...], e.g.
+  the members' own latent codes); otherwise every member sees ``x``.
+  """
   apply = functools.partial(model.apply, **kwargs)
+  if ensemble and per_member_inputs:
+    return jax.vmap(apply)(variables, x)
   if ensemble:
     return uncertainty.ensemble_sampler(apply, variables)(x)
   return apply(variables, x)[None]
 
 
 def predict_logits(model: nn.Module, variables: dict, x: jax.Array, *,
-                   ensemble: bool, **kwargs) -> jax.Array:
+                   ensemble: bool, per_member_inputs: bool = False,
+                   **kwargs) -> jax.Array:
   """Eval-mode logits [B, C]; for an ensemble, log of the mean softmax."""
   if ensemble:
-    return uncertainty.predictive_log_probs(
-        member_logits(model, variables, x, ensemble=True, **kwargs))
+    return uncertainty.predictive_log_probs(member_logits(
+        model, variables, x, ensemble=True,
+        per_member_inputs=per_member_inputs, **kwargs))
   return model.apply(variables, x, **kwargs)
 
 
@@ -127,8 +140,10 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   method = {}
   start = x
   if attack.space == 'latent':
-    start = model.apply(variables, x, method=model.encode)
+    start = latent_codes(model, variables, x, ensemble=ensemble)
     method = {'method': model.classify}
+    if ensemble:  # each member moves its own code: [M, B, l]
+      method['per_member_inputs'] = True
     bounds = None
   if attack.name == 'none':
     return start
@@ -158,6 +173,15 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
                                   ensemble=ensemble, **method)
   return attacks.uta(sample_fn, start, num_steps=attack.num_steps,
                      step_size=step_size, measure=attack.measure, **common)
+
+
+def latent_codes(model: nn.Module, variables: dict, x: jax.Array, *,
+                 ensemble: bool) -> jax.Array:
+  """Eval-mode codes: [B, l], or [M, B, l] for an ensemble (one per member)."""
+  encode = functools.partial(model.apply, method=model.encode)
+  if ensemble:
+    return jax.vmap(encode, in_axes=(0, None))(variables, x)
+  return encode(variables, x)
 
 
 def _train_forward(model, variables, x, key, delta=None):
@@ -198,23 +222,24 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                                         attack_key, ensemble=ensemble,
                                         bounds=bounds))
   if attack.space == 'latent':
-    z = model.apply(variables, x, method=model.encode)
-    inputs, delta = x, point - z
+    z = latent_codes(model, variables, x, ensemble=ensemble)
+    inputs, delta = x, point - z  # delta: [B, l] or [M, B, l]
   else:
     inputs, delta = point, None
 
   def loss_fn(params):
-    def one(member_vars, k):
-      logits, stats = _train_forward(model, member_vars, inputs, k, delta)
+    def one(member_vars, k, member_delta):
+      logits, stats = _train_forward(model, member_vars, inputs, k,
+                                     member_delta)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return loss.mean(), (logits, stats)
     v = dict(variables, params=params)
     if ensemble:
       num = jax.tree_util.tree_leaves(params)[0].shape[0]
       losses, (logits, stats) = jax.vmap(one)(v, jax.random.split(
-          dropout_key, num))
+          dropout_key, num), delta)
       return losses.mean(), (uncertainty.predictive_log_probs(logits), stats)
-    return one(v, dropout_key)
+    return one(v, dropout_key, delta)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)

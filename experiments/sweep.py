@@ -1,0 +1,152 @@
+"""What the paper-reproduction scripts share: presets, run-or-reuse, outputs.
+
+Each script builds one ``configs.Config`` per run of its sweep and calls
+``train(config, workdir)``: a workdir whose ``results.json`` already holds a
+finished run of the same config is reused, an unfinished one resumes from its
+checkpoint (``loop.train_and_evaluate``), a new one trains.
+``autoattack(workdir, ...)`` likewise reuses a stored report on the same
+points and eps. ``write_outputs`` writes the script's markdown table, JSON and
+PNG into ``--output_dir``.
+
+``--preset=quick`` runs on 2 CPU cores in minutes; ``--preset=paper`` is the
+paper's full setting (for a GPU). Flags set here override either preset.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+from absl import flags
+
+import cli
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import loop
+from uta_jax import reporting
+from uta_jax import torch_bridge
+
+PRESETS = ('quick', 'paper')
+
+flags.DEFINE_enum('preset', 'quick', list(PRESETS),
+                  'quick: minutes on 2 CPU cores; paper: full settings (GPU)')
+flags.DEFINE_string('output_dir', None, 'folder of the runs, table, JSON and '
+                    'plot; default results/<script>_<preset>')
+flags.DEFINE_string('data_dir', None, 'IDX or TFDS data folder (else '
+                    'TFDS_DATA_DIR)')
+flags.DEFINE_integer('epochs', None, 'override the preset\'s epochs')
+flags.DEFINE_integer('max_train_examples', None, 'override: first N train '
+                     'examples')
+flags.DEFINE_integer('max_eval_examples', None, 'override: first N test '
+                     'examples for the JAX evaluation')
+flags.DEFINE_integer('aa_examples', None, 'override: test points for '
+                     'AutoAttack')
+flags.DEFINE_integer('seed', 0, 'seed of every run')
+
+FLAGS = flags.FLAGS
+
+# Flags above that override a Config field of every run.
+_CONFIG_FLAGS = ('data_dir', 'epochs', 'max_train_examples',
+                 'max_eval_examples')
+
+# Exceptions the library raises with a message naming the fix.
+USER_ERRORS = (configs.ConfigError, data.DataError, loop.TrainingError,
+               ImportError)
+
+
+def start(script: str) -> str:
+  """Logs to stderr; returns the output folder (created)."""
+  cli.show_logs(sys.stderr, timestamps=True)
+  out = FLAGS.output_dir or os.path.join('results',
+                                         f'{script}_{FLAGS.preset}')
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    cli.fail(f'cannot create --output_dir {out!r} ({e.strerror})')
+  return out
+
+
+def overrides(preset_values: Dict[str, Any]) -> Dict[str, Any]:
+  """``configs.get_config`` overrides: the preset's, then the flags'."""
+  merged = dict(preset_values)
+  merged['seed'] = FLAGS.seed
+  for name in _CONFIG_FLAGS:
+    if getattr(FLAGS, name) is not None:
+      merged[name] = getattr(FLAGS, name)
+  return merged
+
+
+def aa_examples(default: int) -> int:
+  return FLAGS.aa_examples or default
+
+
+def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
+  """The finished run's ``results.json``: reused, resumed or trained."""
+  path = os.path.join(workdir, reporting.RESULTS)
+  wanted = reporting_config(config)
+  if os.path.exists(path):
+    results = reporting.read_json(path)
+    if results.get('status') == 'finished' and results.get('config') == wanted:
+      loop.log.info('reusing finished run %s', workdir)
+      return results
+  start_time = time.time()
+  results = loop.train_and_evaluate(config, workdir)
+  if results['status'] != 'finished':
+    raise loop.TrainingError(f'run {workdir} stopped at step '
+                             f'{results["step"]}; rerun to resume')
+  results['timings']['wall_seconds'] = time.time() - start_time
+  reporting.write_json(path, results)
+  return results
+
+
+def reporting_config(config: configs.Config) -> Any:
+  """The config as ``results.json`` stores it."""
+  return json.loads(configs.to_json(config))
+
+
+def autoattack(workdir: str, *, eps, num_examples: int,
+               version: str = 'standard') -> Dict[str, Any]:
+  """``loop.evaluate_workdir``'s AutoAttack report, reused when stored."""
+  path = os.path.join(workdir, reporting.RESULTS)
+  stored = reporting.read_json(path).get('autoattack') if os.path.exists(
+      path) else None
+  if (stored and stored['num_examples'] == num_examples and
+      stored['version'] == version and
+      {float(e) for e in stored['eps']} >= {float(e) for e in eps}):
+    return stored
+  torch_bridge.require_torch().set_num_threads(1)
+  return loop.evaluate_workdir(workdir, version=version, eps=tuple(eps),
+                               num_examples=num_examples, jax_pgd=False)
+
+
+def aa_cell(report: Dict[str, Any], eps: float) -> Dict[str, float]:
+  """Clean, robust and the paper's score (their mean) at ``eps``, in %."""
+  for key, r in report['eps'].items():
+    if abs(float(key) - eps) < 1e-9:
+      return {'clean': r['clean_accuracy'], 'robust': r['robust_accuracy'],
+              'score': (r['clean_accuracy'] + r['robust_accuracy']) / 2}
+  raise KeyError(f'no AutoAttack result at eps={eps} in the report')
+
+
+def write_outputs(out: str, stem: str, *, markdown: str,
+                  payload: Dict[str, Any], figure: Optional[Any] = None
+                 ) -> None:
+  """``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` in ``out``."""
+  with open(os.path.join(out, f'{stem}.md'), 'w') as f:
+    f.write(markdown)
+  reporting.write_json(os.path.join(out, f'{stem}.json'), payload)
+  if figure is not None:
+    figure.savefig(os.path.join(out, f'{stem}.png'), dpi=110,
+                   bbox_inches='tight')
+  print(markdown)
+  print(f'wrote {os.path.join(out, stem)}.md, .json' +
+        (', .png' if figure is not None else ''))
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
