@@ -59,6 +59,8 @@ flags.DEFINE_integer('max_train_examples', None, 'use the first N train '
 flags.DEFINE_integer('max_eval_examples', None, 'use the first N test examples')
 flags.DEFINE_integer('checkpoint_every', None, 'steps between checkpoints')
 flags.DEFINE_integer('eval_every', None, 'epochs between evaluations (0: end)')
+flags.DEFINE_integer('eval_every_steps', None, 'steps between evaluations '
+                     '(0: off)')
 flags.DEFINE_integer('log_every', None, 'steps between progress lines')
 flags.DEFINE_bool('autoattack', False, 'after training, evaluate with the '
                   'standard AutoAttack (experiments/evaluate.py)')

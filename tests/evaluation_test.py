@@ -2,7 +2,9 @@
 
 from absl.testing import absltest
 import jax
+import numpy as np
 
+from uta_jax import attacks
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -38,6 +40,30 @@ class EvaluateTest(absltest.TestCase):
         self.assertLessEqual(robust, r['clean_accuracy'])
         self.assertAlmostEqual(evaluation.tradeoff(r, attack)[eps],
                                (robust + r['clean_accuracy']) / 2)
+
+  def test_fgsm_accuracy_matches_a_direct_fgsm(self):
+    r = self.evaluate()
+    x, y = data.to_float(self.ds.test.images), self.ds.test.labels
+    logits_fn = lambda inputs: self.model.apply(self.variables, inputs)
+    for eps in (0.05, 0.3):
+      x_adv = attacks.fgsm(logits_fn, x, y, eps=eps)
+      correct = ((np.argmax(logits_fn(x), -1) == y) &
+                 (np.argmax(logits_fn(x_adv), -1) == y))
+      self.assertAlmostEqual(r['robust_accuracy']['fgsm'][str(eps)],
+                             100 * correct.mean(), places=4)
+
+  def test_collapse_step_finds_the_first_lasting_drop(self):
+    steps_ = [0, 50, 100, 150, 200, 250]
+    self.assertEqual(evaluation.collapse_step(
+        steps_, [10.0, 40.0, 45.0, 8.0, 3.0, 2.0]), 150)
+    # A dip that recovers is not a collapse; nor is a slow decline.
+    self.assertIsNone(evaluation.collapse_step(
+        steps_, [10.0, 40.0, 5.0, 41.0, 42.0, 40.0]))
+    self.assertIsNone(evaluation.collapse_step(
+        steps_, [10.0, 40.0, 38.0, 35.0, 31.0, 30.0]))
+    # Never above the floor: nothing to collapse from.
+    self.assertIsNone(evaluation.collapse_step(steps_, [1.0, 2.0, 0.0, 0.0,
+                                                        0.0, 0.0]))
 
   def test_later_evaluations_reuse_the_compiled_program(self):
     self.evaluate(seed=1)

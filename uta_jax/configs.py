@@ -91,6 +91,7 @@ class Config:
   seed: int = 0
   checkpoint_every: int = 100
   eval_every: int = 0  # epochs; 0: evaluate at the end only
+  eval_every_steps: int = 0  # steps; 0: off (curves over iterations)
   log_every: int = 20  # steps
 
 
@@ -155,6 +156,7 @@ FLAG_FIELDS = {
     'seed': (None, 'seed'),
     'checkpoint_every': (None, 'checkpoint_every'),
     'eval_every': (None, 'eval_every'),
+    'eval_every_steps': (None, 'eval_every_steps'),
     'log_every': (None, 'log_every'),
     'attack': ('attack', 'name'),
     'eps_train': ('attack', 'eps'),
@@ -266,6 +268,7 @@ def validate(config: Config) -> None:
   _at_least('batch_size', config.batch_size, 1)
   _at_least('checkpoint_every', config.checkpoint_every, 1)
   _at_least('eval_every', config.eval_every, 0)
+  _at_least('eval_every_steps', config.eval_every_steps, 0)
   _at_least('log_every', config.log_every, 1)
   for name in ('max_train_examples', 'max_eval_examples'):
     if getattr(config, name) is not None:
@@ -274,6 +277,7 @@ def validate(config: Config) -> None:
 
 # Settings that may change between a run and its resumption.
 RESUMABLE_CHANGES = ('data_dir', 'epochs', 'checkpoint_every', 'eval_every',
+                     'eval_every_steps',
                      'log_every', 'eval', 'max_eval_examples')
 
 

@@ -17,7 +17,7 @@ import functools
 import logging
 import re
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,11 @@ from uta_jax import configs
 from uta_jax import data
 from uta_jax import steps
 from uta_jax import uncertainty
+
+
+# Attacks of ``evaluate``: PGD with restarts, UTA, and one-step FGSM (whose
+# accuracy rising above PGD's is the sign of catastrophic overfitting).
+EVAL_ATTACKS = ('pgd', 'uta', 'fgsm')
 
 
 def _entropy(logits: jax.Array) -> jax.Array:
@@ -65,7 +70,11 @@ def _eval_batch(variables, x, y, key, eps, *, model: nn.Module,
   x_uta = attacks.uta(sample_fn, x, eps=eps, num_steps=eval_config.uta_steps,
                       step_size=step_size, bounds=bounds)
   uta_logits = logits_fn(x_uta)
+  x_fgsm = attacks.fgsm(logits_fn, x, y, eps=eps, bounds=bounds)
+  fgsm_logits = logits_fn(x_fgsm)
   return {
+      'fgsm_correct': clean_correct & (jnp.argmax(fgsm_logits, -1) == y),
+      'fgsm_entropy': _entropy(fgsm_logits),
       'clean_correct': clean_correct,
       'clean_entropy': _entropy(clean_logits),
       'pgd_correct': pgd_robust,
@@ -80,9 +89,8 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   """Accuracies (%) and mean entropies on ``split`` for every eval eps.
 
   Returns ``{'num_examples', 'clean_accuracy', 'clean_entropy',
-  'robust_accuracy': {'pgd': {eps: %}, 'uta': {eps: %}},
-  'attacked_entropy': {'pgd': {eps: nats}, 'uta': {eps: nats}}}`` with eps
-  keys as strings.
+  'robust_accuracy': {attack: {eps: %}}, 'attacked_entropy': {attack: {eps:
+  nats}}}`` for each attack of ``EVAL_ATTACKS``, with eps keys as strings.
   """
   ec = config.eval
   # Module-level jit with hashable static settings: one compilation per
@@ -112,11 +120,11 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
       'num_examples': n,
       'clean_accuracy': 100.0 * first['clean_correct'] / n,
       'clean_entropy': first['clean_entropy'] / n,
-      'robust_accuracy': {'pgd': {}, 'uta': {}},
-      'attacked_entropy': {'pgd': {}, 'uta': {}},
+      'robust_accuracy': {a: {} for a in EVAL_ATTACKS},
+      'attacked_entropy': {a: {} for a in EVAL_ATTACKS},
   }
   for eps, totals in sums.items():
-    for attack in ('pgd', 'uta'):
+    for attack in EVAL_ATTACKS:
       results['robust_accuracy'][attack][str(eps)] = (
           100.0 * totals[f'{attack}_correct'] / n)
       results['attacked_entropy'][attack][str(eps)] = (
@@ -129,6 +137,22 @@ def tradeoff(results: Dict[str, Any], attack: str = 'pgd') -> Dict[str, float]:
   clean = results['clean_accuracy']
   return {eps: (clean + robust) / 2
           for eps, robust in results['robust_accuracy'][attack].items()}
+
+
+def collapse_step(steps: Sequence[int], accuracies: Sequence[float], *,
+                  drop: float = 0.25, floor: float = 10.0) -> Optional[int]:
+  """First step of catastrophic overfitting in a robust-accuracy curve.
+
+  The first evaluation at which the accuracy falls below ``drop`` times its
+  best value so far and stays below it for the rest of the curve; None if it
+  never does or the best value never exceeded ``floor`` (%).
+  """
+  best = -np.inf
+  for i, (step, acc) in enumerate(zip(steps, accuracies)):
+    best = max(best, acc)
+    if best > floor and all(a < drop * best for a in accuracies[i:]):
+      return step
+  return None
 
 
 # ------------------------------------------------------------- AutoAttack

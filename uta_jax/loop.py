@@ -136,8 +136,10 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
       stopping = stop_requested()
       saving = step % config.checkpoint_every == 0 or stopping
       logging_now = step % config.log_every == 0 or step == total_steps
-      evaluating = (config.eval_every and step < total_steps and
-                    step % (config.eval_every * steps_per_epoch) == 0)
+      evaluating = step < total_steps and (
+          (config.eval_every and
+           step % (config.eval_every * steps_per_epoch) == 0) or
+          (config.eval_every_steps and step % config.eval_every_steps == 0))
       if not (saving or logging_now or evaluating):
         continue  # no host sync: the device runs ahead
       # A non-finite loss poisons every later step, so checking it here,
@@ -201,8 +203,8 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
     reporting.append_metrics(metrics_path, {
         'kind': 'eval', 'step': step,
         'clean_accuracy': results_eval['clean_accuracy'],
-        'pgd_accuracy': list(
-            results_eval['robust_accuracy']['pgd'].values())[0]})
+        **{f'{a}_accuracy': list(accs.values())[0]
+           for a, accs in results_eval['robust_accuracy'].items()}})
     reporting.write_json(os.path.join(workdir, reporting.RESULTS), results)
     reporting.plot_training_curves(metrics_path,
                                    os.path.join(workdir, reporting.CURVES))
@@ -214,13 +216,15 @@ def _eval_during_training(config, model, p_state, dataset, step,
   state = parallel.unreplicate(p_state)
   ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
                            config=config, key=jax.random.PRNGKey(step))
-  pgd = list(ev['robust_accuracy']['pgd'].values())[0]
-  log.info('eval at step %d: clean %.2f%%, PGD (eps=%s) %.2f%%', step,
-           ev['clean_accuracy'], config.eval.eps[0], pgd)
+  first = {a: list(accs.values())[0]
+           for a, accs in ev['robust_accuracy'].items()}
+  log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '
+           '(eps=%s)', step, ev['clean_accuracy'], first['fgsm'],
+           first['pgd'], config.eval.eps[0])
   if jax.process_index() == 0:
     reporting.append_metrics(metrics_path, {
         'kind': 'eval', 'step': step, 'clean_accuracy': ev['clean_accuracy'],
-        'pgd_accuracy': pgd})
+        **{f'{a}_accuracy': acc for a, acc in first.items()}})
 
 
 def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
