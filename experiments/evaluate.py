@@ -26,8 +26,9 @@ from uta_jax import torch_bridge
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
-flags.DEFINE_enum('version', 'standard', ['standard', 'rand', 'plus'],
-                  "AutoAttack version; 'rand' evaluates MC dropout with EoT")
+flags.DEFINE_enum('version', 'standard', ['standard', 'rand', 'plus', 'apgd'],
+                  "AutoAttack version; 'rand' evaluates MC dropout with EoT; "
+                  "'apgd' only the standard APGD-CE + APGD-T (cheap)")
 flags.DEFINE_list('eps', None, 'L-inf radii in (0, 1]; default: the run\'s '
                   'eval_eps')
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from absl import flags
 
@@ -42,6 +42,9 @@ flags.DEFINE_integer('max_eval_examples', None, 'override: first N test '
                      'examples for the JAX evaluation')
 flags.DEFINE_integer('aa_examples', None, 'override: test points for '
                      'AutoAttack')
+flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
+                  'AutoAttack version; default: apgd (APGD-CE + APGD-T of '
+                  'the standard version) for quick, standard for paper')
 flags.DEFINE_integer('seed', 0, 'seed of every run')
 
 FLAGS = flags.FLAGS
@@ -79,6 +82,14 @@ def overrides(preset_values: Dict[str, Any]) -> Dict[str, Any]:
 
 def aa_examples(default: int) -> int:
   return FLAGS.aa_examples or default
+
+
+def aa_version() -> str:
+  """Quick sweeps skip FAB-T and Square, which cost ~80% of AutoAttack's
+  CPU time and, in our quick runs, changed no robust accuracy."""
+  if FLAGS.aa_version:
+    return FLAGS.aa_version
+  return 'apgd' if FLAGS.preset == 'quick' else 'standard'
 
 
 def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
@@ -127,6 +138,50 @@ def aa_cell(report: Dict[str, Any], eps: float) -> Dict[str, float]:
       return {'clean': r['clean_accuracy'], 'robust': r['robust_accuracy'],
               'score': (r['clean_accuracy'] + r['robust_accuracy']) / 2}
   raise KeyError(f'no AutoAttack result at eps={eps} in the report')
+
+
+def train_and_attack(config: configs.Config, workdir: str, *,
+                     aa_examples: int) -> Dict[str, Any]:
+  """Trains (or reuses) one run, AutoAttacks it at each eval eps; a row.
+
+  ``score`` per eps_test is the paper's Table 1 / 2 cell: the mean of clean
+  and AutoAttack robust accuracy on the AutoAttack points.
+  """
+  results = train(config, workdir)
+  report = autoattack(workdir, eps=config.eval.eps, num_examples=aa_examples,
+                      version=aa_version())
+  cells = [aa_cell(report, e) for e in config.eval.eps]
+  return {
+      'eps_train': config.attack.eps,
+      'eps_test': list(config.eval.eps),
+      'clean_accuracy': results['clean_accuracy'],
+      'aa_clean_accuracy': cells[0]['clean'],
+      'aa_robust_accuracy': [c['robust'] for c in cells],
+      'score': [c['score'] for c in cells],
+      'jax_pgd_accuracy': results['robust_accuracy']['pgd'],
+      'train_seconds': results['timings'].get('wall_seconds'),
+      'autoattack_seconds': sum(r['seconds'] for r in report['eps'].values()),
+      'aa_examples': report['num_examples'],
+      'aa_version': report['version'],
+      'eval_examples': results['evaluation']['num_examples'],
+      'workdir': workdir,
+  }
+
+
+def score_table(rows: List[Dict[str, Any]]) -> str:
+  """Markdown: a row per (method, eps_train), a score column per eps_test,
+  the paper's score in parentheses where ``row['paper_score']`` has it."""
+  header = ['method', 'eps_train'] + [f'eps_test {e:g}'
+                                      for e in rows[0]['eps_test']]
+  header += ['clean (AA points)', 'clean (eval points)']
+  table = []
+  for r in rows:
+    paper = r.get('paper_score') or [None] * len(r['score'])
+    table.append([r['method'], f"{r['eps_train']:g}"] + [
+        f'{s:.1f}' + (f' ({p:.1f})' if p is not None else '')
+        for s, p in zip(r['score'], paper)] + [
+            r['aa_clean_accuracy'], r['clean_accuracy']])
+  return reporting.markdown_table(header, table)
 
 
 def write_outputs(out: str, stem: str, *, markdown: str,

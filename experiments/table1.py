@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
-from uta_jax import reporting
 
 METHODS = ('pgd', 'uta', 'uta_ensemble')
 EPS_TRAIN = {
@@ -110,29 +109,13 @@ def run_dataset(dataset: str, setting: dict, out: str) -> list:
       config = configs.get_config(dataset, eps_train=eps, **sweep.overrides(
           dict(setting['config'], **method_overrides(method))))
       workdir = os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}')
-      results = sweep.train(config, workdir)
-      report = sweep.autoattack(workdir, eps=config.eval.eps,
-                                num_examples=sweep.aa_examples(
-                                    setting['aa_examples']))
-      cells = [sweep.aa_cell(report, e) for e in config.eval.eps]
+      row = sweep.train_and_attack(
+          config, workdir,
+          aa_examples=sweep.aa_examples(setting['aa_examples']))
       paper = PAPER_TABLE1.get(
           (PAPER_DATASET.get(dataset, dataset), method, eps))
-      rows.append({
-          'dataset': dataset, 'method': method, 'eps_train': eps,
-          'eps_test': list(config.eval.eps),
-          'clean_accuracy': results['clean_accuracy'],
-          'aa_clean_accuracy': cells[0]['clean'],
-          'aa_robust_accuracy': [c['robust'] for c in cells],
-          'score': [c['score'] for c in cells],
-          'paper_score': list(paper) if paper else None,
-          'jax_pgd_accuracy': results['robust_accuracy']['pgd'],
-          'train_seconds': results['timings'].get('wall_seconds'),
-          'autoattack_seconds': sum(r['seconds'] for r in
-                                    report['eps'].values()),
-          'aa_examples': report['num_examples'],
-          'eval_examples': results['evaluation']['num_examples'],
-          'workdir': workdir,
-      })
+      rows.append(dict(row, dataset=dataset, method=method,
+                       paper_score=list(paper) if paper else None))
   return rows
 
 
@@ -140,20 +123,11 @@ def markdown(rows: list) -> str:
   parts = []
   for dataset in dict.fromkeys(r['dataset'] for r in rows):
     rs = [r for r in rows if r['dataset'] == dataset]
-    header = ['method', 'eps_train'] + [f'eps_test {e:g}'
-                                        for e in rs[0]['eps_test']]
-    header += ['clean (AA points)', 'clean (eval points)']
-    table = []
-    for r in rs:
-      paper = r['paper_score'] or [None] * len(r['score'])
-      table.append([r['method'], f"{r['eps_train']:g}"] + [
-          f'{s:.1f}' + (f' ({p:.1f})' if p is not None else '')
-          for s, p in zip(r['score'], paper)] + [
-              r['aa_clean_accuracy'], r['clean_accuracy']])
     parts.append(
         f'### {dataset}: (clean + AutoAttack robust) / 2, %; paper in '
-        f"parentheses; AutoAttack on {rs[0]['aa_examples']} test points\n\n"
-        + reporting.markdown_table(header, table))
+        f"parentheses; AutoAttack ({rs[0]['aa_version']}) on "
+        f"{rs[0]['aa_examples']} test points\n\n"
+        + sweep.score_table(rs))
   return '\n'.join(parts)
 
 

@@ -158,6 +158,8 @@ def collapse_step(steps: Sequence[int], accuracies: Sequence[float], *,
 # ------------------------------------------------------------- AutoAttack
 
 AUTOATTACK_LOGGER = 'auto-attack'
+# version='apgd': the standard version without FAB-T and Square.
+APGD_ATTACKS = ('apgd-ce', 'apgd-t')
 _AFTER = re.compile(r'robust accuracy after (\S+): ([\d.]+)%')
 
 
@@ -183,7 +185,9 @@ def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
   with dropout is evaluated as the stochastic MC-dropout model (a new key
   per call, AutoAttack's EoT); otherwise dropout is off and the model is
   deterministic. AutoAttack's own checks and log lines are left as they are
-  (logger ``'auto-attack'``).
+  (logger ``'auto-attack'``). ``version='apgd'`` runs only the standard
+  version's first two attacks (APGD-CE, APGD-T, same settings): the cheap
+  subset for quick sweeps on a CPU.
 
   Returns clean and robust accuracy (%), the accuracy after each attack as
   AutoAttack reports it, the number of points and the wall time.
@@ -215,7 +219,13 @@ def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
   logger.addHandler(recorder)
   start = time.time()
   try:
-    adversary = AutoAttack(module, eps=eps, seed=seed, version=version)
+    if version == 'apgd':
+      adversary = AutoAttack(module, eps=eps, seed=seed, version='custom',
+                             attacks=list(APGD_ATTACKS))
+      adversary.apgd.n_restarts = 1  # the standard version's settings
+      adversary.apgd_targeted.n_target_classes = 9
+    else:
+      adversary = AutoAttack(module, eps=eps, seed=seed, version=version)
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
   finally:
     logger.removeHandler(recorder)

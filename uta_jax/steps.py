@@ -272,13 +272,15 @@ def input_bounds(config: configs.Config) -> Optional[Tuple[float, float]]:
   return None if config.dataset == 'toy2d' else attacks.PIXEL_BOUNDS
 
 
-def fit(config: configs.Config, split: data.Split, *,
-        num_steps: int) -> Tuple[nn.Module, dict]:
+def fit(config: configs.Config, split: data.Split, *, num_steps: int,
+        callback: Optional[Callable[[int, nn.Module, dict], None]] = None
+       ) -> Tuple[nn.Module, dict]:
   """``num_steps`` of ``train_step`` on one device, in the run's data order.
 
-  No checkpoints, logging or evaluation: a quickly trained model for tests
-  and benchmarks (``loop.train_and_evaluate`` is the real job). Returns the
-  model and its variables.
+  No checkpoints, logging or evaluation: a quickly trained model for tests,
+  benchmarks and the 2D toy (``loop.train_and_evaluate`` is the real job).
+  ``callback(step, model, variables)`` sees the model after every update
+  (the toy's boundary-oscillation map). Returns the model and its variables.
   """
   model = create_model(config)
   steps_per_epoch = data.steps_per_epoch(len(split), config.batch_size)
@@ -290,4 +292,6 @@ def fit(config: configs.Config, split: data.Split, *,
         seed=config.seed, step=step, num_examples=len(split),
         global_batch=config.batch_size))
     state, _ = step_fn(state, batch)
+    if callback is not None:
+      callback(step + 1, model, variables_of(state))
   return model, variables_of(state)

@@ -17,6 +17,30 @@ NEAR_GAP = 0.3
 FAR_GAP = 3.0
 
 
+def grid(lo: Tuple[float, float], hi: Tuple[float, float],
+         resolution: int) -> np.ndarray:
+  """Points [resolution**2, 2] of a regular grid, row-major from ``lo``."""
+  xs = np.linspace(lo[0], hi[0], resolution, dtype=np.float32)
+  ys = np.linspace(lo[1], hi[1], resolution, dtype=np.float32)
+  gx, gy = np.meshgrid(xs, ys)
+  return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def oscillation_counts(predictions: np.ndarray) -> np.ndarray:
+  """How often each point's prediction changed over training (Fig. 1d).
+
+  ``predictions`` [T, G]: the predicted class of G grid points after each
+  of T updates. Returns [G] counts of t with predictions[t] != [t - 1].
+  """
+  predictions = np.asarray(predictions)
+  return np.sum(predictions[1:] != predictions[:-1], axis=0)
+
+
+def crossing_fraction(clean_pred: np.ndarray, adv_pred: np.ndarray) -> float:
+  """Fraction of perturbed points whose predicted class flipped (§4.3)."""
+  return float(np.mean(np.asarray(clean_pred) != np.asarray(adv_pred)))
+
+
 def make_toy2d(num: int, *, seed: int, near_gap: float = NEAR_GAP,
                far_gap: float = FAR_GAP, noise: float = 0.05
               ) -> Tuple[np.ndarray, np.ndarray]:
