@@ -50,7 +50,7 @@ SETTINGS = {
                              uncertainty='mc_dropout', num_samples=5),
         }),
 }
-QUICK = {'fmnist_lenet': dict(epochs=5, max_eval_examples=500,
+QUICK = {'fmnist_lenet': dict(epochs=15, max_eval_examples=500,
                               eval_every_steps=50)}
 PAPER = {'fmnist_lenet': dict(epochs=30, max_eval_examples=1000,
                               eval_every_steps=100),
@@ -67,7 +67,8 @@ FLAGS = flags.FLAGS
 def run_setting(name: str, preset: dict, out: str) -> list:
   dataset, shared, methods = SETTINGS[name]
   rows = []
-  for method, method_overrides in methods.items():
+  for method in sweep.methods(methods, methods):
+    method_overrides = methods[method]
     values = dict(preset, **shared, **method_overrides)
     if FLAGS.eval_every_steps:
       values['eval_every_steps'] = FLAGS.eval_every_steps

@@ -50,8 +50,6 @@ PAPER_TABLE2 = {
     ('ls_uta', 0.4): (93.2, 67.0, 49.5, 49.5),
 }
 
-flags.DEFINE_list('methods', None, f'subset of {",".join(METHODS)}')
-flags.DEFINE_list('eps_train', None, 'override the eps_train grid')
 FLAGS = flags.FLAGS
 
 
@@ -81,14 +79,11 @@ def main(argv):
   del argv
   out = sweep.start('latent_space')
   preset = QUICK if FLAGS.preset == 'quick' else PAPER
-  eps_grid = cli.parse_floats(FLAGS.eps_train, 'eps_train') or EPS_TRAIN
   t0 = time.time()
   rows = []
   try:
-    for method in FLAGS.methods or list(METHODS):
-      if method not in METHODS:
-        cli.fail(f'unknown method {method!r}; choose from {list(METHODS)}')
-      for eps in eps_grid:
+    for method in sweep.methods(METHODS, METHODS):
+      for eps in sweep.eps_grid(EPS_TRAIN):
         config = configs.get_config(preset['dataset'], eps_train=eps,
                                     **sweep.overrides(dict(
                                         preset['config'], **SHARED,

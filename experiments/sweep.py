@@ -46,6 +46,9 @@ flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
                   'AutoAttack version; default: apgd (APGD-CE + APGD-T of '
                   'the standard version) for quick, standard for paper')
 flags.DEFINE_integer('seed', 0, 'seed of every run')
+flags.DEFINE_list('methods', None, 'subset of the script\'s methods; '
+                  'default: the preset\'s')
+flags.DEFINE_list('eps_train', None, 'override the script\'s eps_train grid')
 
 FLAGS = flags.FLAGS
 
@@ -82,6 +85,20 @@ def overrides(preset_values: Dict[str, Any]) -> Dict[str, Any]:
 
 def aa_examples(default: int) -> int:
   return FLAGS.aa_examples or default
+
+
+def methods(default, known) -> list:
+  """--methods (checked against ``known``), else ``default``."""
+  chosen = list(FLAGS.methods or default)
+  for method in chosen:
+    if method not in known:
+      cli.fail(f'unknown method {method!r}; choose from {list(known)}')
+  return chosen
+
+
+def eps_grid(default) -> list:
+  """--eps_train as floats, else ``default``."""
+  return cli.parse_floats(FLAGS.eps_train, 'eps_train') or list(default)
 
 
 def aa_version() -> str:

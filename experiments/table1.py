@@ -82,9 +82,6 @@ PAPER_TABLE1 = {
 PAPER_DATASET = {'mnist_embedded': 'mnist'}
 
 flags.DEFINE_list('datasets', None, 'default: the preset\'s datasets')
-flags.DEFINE_list('methods', None, f'subset of {",".join(METHODS)}; default: '
-                  'the preset\'s')
-flags.DEFINE_list('eps_train', None, 'override the eps_train grid')
 FLAGS = flags.FLAGS
 
 
@@ -98,14 +95,9 @@ def method_overrides(method: str) -> dict:
 
 def run_dataset(dataset: str, setting: dict, out: str) -> list:
   """Trains and AutoAttacks every (method, eps_train); returns row dicts."""
-  eps_grid = cli.parse_floats(FLAGS.eps_train, 'eps_train') or EPS_TRAIN[
-      dataset]
-  methods = FLAGS.methods or setting['methods']
   rows = []
-  for method in methods:
-    if method not in METHODS:
-      cli.fail(f'unknown method {method!r}; choose from {METHODS}')
-    for eps in eps_grid:
+  for method in sweep.methods(setting['methods'], METHODS):
+    for eps in sweep.eps_grid(EPS_TRAIN[dataset]):
       config = configs.get_config(dataset, eps_train=eps, **sweep.overrides(
           dict(setting['config'], **method_overrides(method))))
       workdir = os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}')

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from uta_jax import configs
+from uta_jax import data
 from uta_jax import parallel
 from uta_jax import steps
 from uta_jax import uncertainty
@@ -170,6 +171,18 @@ class StepTest(chex.TestCase):
     conv = lambda s: s.params['conv1']['Conv_0']['kernel']
     moved = jnp.abs(conv(new) - conv(state)).max(axis=(1, 2, 3, 4))
     self.assertTrue(np.all(moved > 0))  # every member's encoder trains
+
+  def test_fit_calls_back_after_every_update_with_the_new_params(self):
+    config = configs.get_config('toy2d', attack='pgd', batch_size=64)
+    ds = data.load_dataset('toy2d')
+    seen = []
+    _, final = steps.fit(config, ds.train, num_steps=3,
+                         callback=lambda s, m, v: seen.append((s, v)))
+    self.assertEqual([s for s, _ in seen], [1, 2, 3])
+    chex.assert_trees_all_equal(seen[-1][1], final)
+    self.assertFalse(np.allclose(
+        seen[0][1]['params']['fc1']['Dense_0']['kernel'],
+        seen[1][1]['params']['fc1']['Dense_0']['kernel']))
 
   def test_mc_dropout_uta_step_and_fixed_key_determinism(self):
     config, model, tx, state, batch = _setup(

@@ -1,0 +1,44 @@
+"""Executes every notebook headless (nbclient) on small settings.
+
+``UTA_NOTEBOOK_FAST=1`` makes the toy walkthrough train for a few epochs;
+the results notebook reads the committed outputs in ``results/``.
+"""
+
+import glob
+import os
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import nbclient
+import nbformat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
+
+
+class NotebooksTest(parameterized.TestCase):
+
+  def test_there_are_notebooks(self):
+    names = {os.path.basename(p) for p in NOTEBOOKS}
+    self.assertContainsSubset({'toy2d_walkthrough.ipynb', 'results.ipynb'},
+                              names)
+
+  @parameterized.named_parameters(
+      (os.path.basename(p).replace('.ipynb', ''), p) for p in NOTEBOOKS)
+  def test_runs_without_errors(self, path):
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name='python3',
+        resources={'metadata': {'path': os.path.dirname(path)}})
+    with mock.patch.dict(os.environ, {'UTA_NOTEBOOK_FAST': '1'}):
+      client.execute()  # raises CellExecutionError on any failing cell
+    outputs = [o for cell in notebook.cells if cell.cell_type == 'code'
+               for o in cell.get('outputs', [])]
+    self.assertTrue(any('image/png' in o.get('data', {}) for o in outputs),
+                    'the notebook drew no figure')
+    self.assertFalse(any(o.get('output_type') == 'error' for o in outputs))
+
+
+if __name__ == '__main__':
+  absltest.main()
