@@ -51,7 +51,7 @@ SETTINGS = {
         }),
 }
 QUICK = {'fmnist_lenet': dict(epochs=15, max_eval_examples=500,
-                              eval_every_steps=50)}
+                              eval_every_steps=100)}
 PAPER = {'fmnist_lenet': dict(epochs=30, max_eval_examples=1000,
                               eval_every_steps=100),
          'cifar10_resnet18': dict(epochs=30, max_eval_examples=1000,

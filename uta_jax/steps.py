@@ -110,8 +110,8 @@ def member_logits(model: nn.Module, variables: dict, x: jax.Array, *,
   the members' own latent codes); otherwise every member sees ``x``.
   """
   apply = functools.partial(model.apply, **kwargs)
-  if ensemble and per_member_inputs:
-    return jax.vmap(apply)(variables, x)
+  if ensemble and per_member_inputs:  # lax.map: see ensemble_sampler
+    return jax.lax.map(lambda vx: apply(*vx), (variables, x))
   if ensemble:
     return uncertainty.ensemble_sampler(apply, variables)(x)
   return apply(variables, x)[None]
@@ -179,8 +179,8 @@ def latent_codes(model: nn.Module, variables: dict, x: jax.Array, *,
                  ensemble: bool) -> jax.Array:
   """Eval-mode codes: [B, l], or [M, B, l] for an ensemble (one per member)."""
   encode = functools.partial(model.apply, method=model.encode)
-  if ensemble:
-    return jax.vmap(encode, in_axes=(0, None))(variables, x)
+  if ensemble:  # lax.map, not vmap: see uncertainty.ensemble_sampler
+    return jax.lax.map(lambda v: encode(v, x), variables)
   return encode(variables, x)
 
 
@@ -236,8 +236,10 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     v = dict(variables, params=params)
     if ensemble:
       num = jax.tree_util.tree_leaves(params)[0].shape[0]
-      losses, (logits, stats) = jax.vmap(one)(v, jax.random.split(
-          dropout_key, num), delta)
+      # lax.map, not vmap: see uncertainty.ensemble_sampler.
+      losses, (logits, stats) = jax.lax.map(
+          lambda args: one(*args),
+          (v, jax.random.split(dropout_key, num), delta))
       return losses.mean(), (uncertainty.predictive_log_probs(logits), stats)
     return one(v, dropout_key, delta)
 
