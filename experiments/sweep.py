@@ -12,7 +12,6 @@ PNG into ``--output_dir``.
 paper's full setting (for a GPU). Flags set here override either preset.
 """
 
-import json
 import os
 import sys
 import time
@@ -112,7 +111,7 @@ def aa_version() -> str:
 def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
   """The finished run's ``results.json``: reused, resumed or trained."""
   path = os.path.join(workdir, reporting.RESULTS)
-  wanted = reporting_config(config)
+  wanted = loop.json_config(config)
   if os.path.exists(path):
     results = reporting.read_json(path)
     if results.get('status') == 'finished' and results.get('config') == wanted:
@@ -127,10 +126,6 @@ def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
   reporting.write_json(path, results)
   return results
 
-
-def reporting_config(config: configs.Config) -> Any:
-  """The config as ``results.json`` stores it."""
-  return json.loads(configs.to_json(config))
 
 
 def autoattack(workdir: str, *, eps, num_examples: int,

@@ -39,6 +39,10 @@ class PaperScriptsTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     rows = self.outputs(out, 'table1')['rows']
     self.assertEqual([r['method'] for r in rows], ['pgd', 'uta'])
+    # The quick AutoAttack: the standard APGD-CE and APGD-T only.
+    self.assertIn('running apgd-ce', proc.stderr)
+    self.assertNotIn('running fab', proc.stderr)
+    self.assertNotIn('running square', proc.stderr)
     for r in rows:
       self.assertEqual(r['eps_test'], [0.05, 0.1, 0.2, 0.3])
       self.assertEqual(r['aa_examples'], 16)

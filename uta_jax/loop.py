@@ -63,10 +63,11 @@ def prepare_workdir(config: configs.Config, workdir: str) -> None:
           f'workdir {workdir!r} holds a run with other settings ({", ".join(diff)}'
           '): rerun with the same flags to resume, or use a new --workdir')
   if jax.process_index() == 0:
-    reporting.write_json(path, _json_config(config))
+    reporting.write_json(path, json_config(config))
 
 
-def _json_config(config: configs.Config) -> Any:
+def json_config(config: configs.Config) -> Any:
+  """The config as ``config.json`` and ``results.json`` store it."""
   return json.loads(configs.to_json(config))
 
 
@@ -184,7 +185,7 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
       key=jax.random.PRNGKey(config.seed + 1))
   results = {
       'status': 'finished',
-      'config': _json_config(config),
+      'config': json_config(config),
       'dataset_source': dataset.source,
       'steps': step,
       'evaluation': results_eval,
