@@ -113,12 +113,10 @@ def train_panels(ds, setting: dict, seed: int) -> dict:
   out = {}
   for method in ('pgd', 'uta'):
     config = toy_config(seed, attack=method)
+    model = steps.create_model(config)
+    grid_prediction = jax.jit(lambda v, m=model: jnp.argmax(
+        m.apply(v, g), -1).astype(jnp.int8))  # [G] after each update
     predictions = []
-
-    @jax.jit
-    def grid_prediction(variables, model=steps.create_model(config)):
-      return jnp.argmax(model.apply(variables, g), -1).astype(jnp.int8)
-
     model, variables = steps.fit(
         config, ds.train, num_steps=num_updates(config, ds.train),
         callback=lambda step, m, v: predictions.append(grid_prediction(v)))

@@ -204,8 +204,7 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
     reporting.append_metrics(metrics_path, {
         'kind': 'eval', 'step': step,
         'clean_accuracy': results_eval['clean_accuracy'],
-        **{f'{a}_accuracy': list(accs.values())[0]
-           for a, accs in results_eval['robust_accuracy'].items()}})
+        **_first_eps_accuracies(results_eval)})
     reporting.write_json(os.path.join(workdir, reporting.RESULTS), results)
     reporting.plot_training_curves(metrics_path,
                                    os.path.join(workdir, reporting.CURVES))
@@ -217,15 +216,20 @@ def _eval_during_training(config, model, p_state, dataset, step,
   state = parallel.unreplicate(p_state)
   ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
                            config=config, key=jax.random.PRNGKey(step))
-  first = {a: list(accs.values())[0]
-           for a, accs in ev['robust_accuracy'].items()}
+  first = _first_eps_accuracies(ev)
   log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '
-           '(eps=%s)', step, ev['clean_accuracy'], first['fgsm'],
-           first['pgd'], config.eval.eps[0])
+           '(eps=%s)', step, ev['clean_accuracy'], first['fgsm_accuracy'],
+           first['pgd_accuracy'], config.eval.eps[0])
   if jax.process_index() == 0:
     reporting.append_metrics(metrics_path, {
         'kind': 'eval', 'step': step, 'clean_accuracy': ev['clean_accuracy'],
-        **{f'{a}_accuracy': acc for a, acc in first.items()}})
+        **first})
+
+
+def _first_eps_accuracies(ev: Dict[str, Any]) -> Dict[str, float]:
+  """{'pgd_accuracy': %, 'uta_accuracy': %, ...} at the first eval eps."""
+  return {f'{a}_accuracy': list(accs.values())[0]
+          for a, accs in ev['robust_accuracy'].items()}
 
 
 def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
