@@ -1,6 +1,9 @@
-"""What the experiment scripts share: one-line errors, log set-up, flag parsing."""
+"""What the experiment scripts share: one-line errors, log set-up, flag
+parsing, and stopping on SIGTERM / Ctrl-C."""
 
 import logging as std_logging
+import os
+import signal
 import sys
 from typing import List, Optional, Sequence
 
@@ -38,3 +41,34 @@ def parse_floats(values: Optional[Sequence[str]],
     return [float(v) for v in values]
   except ValueError:
     fail(f'--{flag} must be numbers, got {",".join(values)}')
+
+
+class StopSignals:
+  """SIGTERM and SIGINT (Ctrl-C) ask long loops to stop at their next check.
+
+  Call the instance as ``stop_requested``: training checkpoints and returns,
+  evaluation and AutoAttack raise ``parallel.Stopped`` between batches,
+  keeping what is finished. A second signal ends the process at once.
+  """
+
+  def __init__(self):
+    self.received = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None:
+      print(f'error: second {signal.Signals(signum).name}: exiting now, '
+            'without saving', file=sys.stderr, flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.received = signum
+    print(f'{signal.Signals(signum).name} received: stopping at the next '
+          'checkpoint (again to exit at once)', file=sys.stderr, flush=True)
+
+  def __call__(self) -> bool:
+    return self.received is not None
+
+  def exit_code(self) -> int:
+    """0 after SIGTERM (preemption is a normal end), 130 after Ctrl-C."""
+    return 128 + signal.SIGINT if self.received == signal.SIGINT else 0

@@ -1,13 +1,17 @@
-r"""Evaluate a trained workdir with the standard AutoAttack and JAX-native PGD.
+r"""Evaluate a trained workdir with AutoAttack and JAX-native PGD.
 
   python experiments/evaluate.py --workdir=runs/mnist_embedded_uta_eps0.2
   python experiments/evaluate.py --workdir=DIR --eps=0.1,0.3 --num_examples=1000
+  python experiments/evaluate.py --workdir=DIR --version=apgd   # JAX APGD
   python experiments/evaluate.py --workdir=DIR --version=rand   # MC dropout, EoT
 
-Restores the newest valid checkpoint, runs AutoAttack (APGD-CE, APGD-T,
-FAB-T, Square; through uta_jax.torch_bridge) and PGD with restarts at every
-eps on the first --num_examples test points, prints AutoAttack's own log
-lines, and adds an 'autoattack' section to DIR/results.json.
+Restores the newest valid checkpoint, runs AutoAttack and PGD with restarts
+at every eps on the first --num_examples test points, prints AutoAttack's own
+log lines, and stores an 'autoattack' section in DIR/results.json after each
+eps. The standard version (APGD-CE, APGD-T, FAB-T, Square) runs the reference
+through uta_jax.torch_bridge; --version=apgd runs APGD-CE and APGD-T natively
+in JAX on every device (--aa_backend=torch for the reference). SIGTERM or
+Ctrl-C stops within seconds; a rerun skips the eps already stored.
 """
 
 import os
@@ -20,15 +24,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 from uta_jax import data
+from uta_jax import evaluation
 from uta_jax import loop
+from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import torch_bridge
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
-flags.DEFINE_enum('version', 'standard', ['standard', 'rand', 'plus', 'apgd'],
+flags.DEFINE_enum('version', 'standard', list(evaluation.VERSIONS),
                   "AutoAttack version; 'rand' evaluates MC dropout with EoT; "
                   "'apgd' only the standard APGD-CE + APGD-T (cheap)")
+flags.DEFINE_enum('aa_backend', None, list(evaluation.BACKENDS),
+                  "jax: APGD-CE + APGD-T natively in JAX, on every device "
+                  "(version apgd only); torch: the reference pyautoattack "
+                  "through the bridge. Default: jax for apgd, else torch")
 flags.DEFINE_list('eps', None, 'L-inf radii in (0, 1]; default: the run\'s '
                   'eval_eps')
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
@@ -56,13 +66,23 @@ def main(argv):
   if not FLAGS.workdir:
     cli.fail('--workdir is required: a folder written by experiments/train.py')
   eps = parse_eps(FLAGS.eps)
+  backend = FLAGS.aa_backend or evaluation.default_backend(FLAGS.version)
+  if backend == 'jax' and FLAGS.version != 'apgd':
+    cli.fail(f'--aa_backend=jax runs --version=apgd only; use '
+             f'--aa_backend=torch for --version={FLAGS.version}')
+  stop = cli.StopSignals()
   try:
-    torch = torch_bridge.require_torch()
-    torch.set_num_threads(FLAGS.torch_threads)
+    if backend == 'torch':
+      torch = torch_bridge.require_torch()
+      torch.set_num_threads(FLAGS.torch_threads)
     report = loop.evaluate_workdir(
-        FLAGS.workdir, version=FLAGS.version, eps=eps,
+        FLAGS.workdir, version=FLAGS.version, backend=backend, eps=eps,
         num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd)
+        seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd, stop_requested=stop)
+  except parallel.Stopped:
+    print(f'stopped: finished eps are in {FLAGS.workdir}/{reporting.RESULTS}; '
+          'rerun the same command to finish')
+    sys.exit(stop.exit_code())
   except (ImportError, loop.TrainingError, data.DataError, ValueError) as e:
     cli.fail(str(e))
   for line in reporting.autoattack_lines(report):

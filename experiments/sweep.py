@@ -4,8 +4,8 @@ Each script builds one ``configs.Config`` per run of its sweep and calls
 ``train(config, workdir)``: a workdir whose ``results.json`` already holds a
 finished run of the same config is reused, an unfinished one resumes from its
 checkpoint (``loop.train_and_evaluate``), a new one trains.
-``autoattack(workdir, ...)`` likewise reuses a stored report on the same
-points and eps. ``write_outputs`` writes the script's markdown table, JSON and
+``autoattack(workdir, ...)`` likewise reuses every eps of a stored report on
+the same points (quick presets: APGD-CE + APGD-T natively in JAX). ``write_outputs`` writes the script's markdown table, JSON and
 PNG into ``--output_dir``.
 
 ``--preset=quick`` runs on 2 CPU cores in minutes; ``--preset=paper`` is the
@@ -22,6 +22,7 @@ from absl import flags
 import cli
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import reporting
 from uta_jax import torch_bridge
@@ -44,6 +45,9 @@ flags.DEFINE_integer('aa_examples', None, 'override: test points for '
 flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
                   'AutoAttack version; default: apgd (APGD-CE + APGD-T of '
                   'the standard version) for quick, standard for paper')
+flags.DEFINE_enum('aa_backend', None, ['jax', 'torch'],
+                  'AutoAttack backend; default: jax for apgd (native, every '
+                  'device), torch (the reference, bridged) otherwise')
 flags.DEFINE_integer('seed', 0, 'seed of every run')
 flags.DEFINE_list('methods', None, 'subset of the script\'s methods; '
                   'default: the preset\'s')
@@ -128,19 +132,21 @@ def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
 
 
 
+def aa_backend(version: str) -> str:
+  """--aa_backend, else JAX for the APGD-only version."""
+  return FLAGS.aa_backend or evaluation.default_backend(version)
+
+
 def autoattack(workdir: str, *, eps, num_examples: int,
                version: str = 'standard') -> Dict[str, Any]:
-  """``loop.evaluate_workdir``'s AutoAttack report, reused when stored."""
-  path = os.path.join(workdir, reporting.RESULTS)
-  stored = reporting.read_json(path).get('autoattack') if os.path.exists(
-      path) else None
-  if (stored and stored['num_examples'] == num_examples and
-      stored['version'] == version and
-      {float(e) for e in stored['eps']} >= {float(e) for e in eps}):
-    return stored
-  torch_bridge.require_torch().set_num_threads(1)
-  return loop.evaluate_workdir(workdir, version=version, eps=tuple(eps),
-                               num_examples=num_examples, jax_pgd=False)
+  """``loop.evaluate_workdir``'s AutoAttack report; it reuses every eps
+  already stored with the same settings."""
+  backend = aa_backend(version)
+  if backend == 'torch':
+    torch_bridge.require_torch().set_num_threads(1)
+  return loop.evaluate_workdir(workdir, version=version, backend=backend,
+                               eps=tuple(eps), num_examples=num_examples,
+                               jax_pgd=False)
 
 
 def aa_cell(report: Dict[str, Any], eps: float) -> Dict[str, float]:
@@ -175,6 +181,7 @@ def train_and_attack(config: configs.Config, workdir: str, *,
       'autoattack_seconds': sum(r['seconds'] for r in report['eps'].values()),
       'aa_examples': report['num_examples'],
       'aa_version': report['version'],
+      'aa_backend': report['backend'],
       'eval_examples': results['evaluation']['num_examples'],
       'workdir': workdir,
   }

@@ -6,13 +6,13 @@ r"""Adversarial training with UTA, PGD, FGSM or R-FGSM; the main job.
       --eps_train=0.3 --workdir=runs/fmnist_pgd_0.3
 
 Defaults per dataset are the paper's (``uta_jax.configs``); flags override
-them. Rerunning the same command in the same --workdir resumes. SIGTERM
-checkpoints and exits cleanly. Uses every local device with pmap; for
+them. Rerunning the same command in the same --workdir resumes. SIGTERM or
+Ctrl-C checkpoints (or, during evaluation and AutoAttack, keeps what is
+finished) and exits within seconds. Uses every local device with pmap; for
 several hosts pass --coordinator_address, --num_processes, --process_id.
 """
 
 import os
-import signal
 import sys
 
 from absl import app
@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
@@ -62,9 +63,16 @@ flags.DEFINE_integer('eval_every', None, 'epochs between evaluations (0: end)')
 flags.DEFINE_integer('eval_every_steps', None, 'steps between evaluations '
                      '(0: off)')
 flags.DEFINE_integer('log_every', None, 'steps between progress lines')
-flags.DEFINE_bool('autoattack', False, 'after training, evaluate with the '
-                  'standard AutoAttack (experiments/evaluate.py)')
+flags.DEFINE_bool('autoattack', False, 'after training, evaluate with '
+                  'AutoAttack (as experiments/evaluate.py)')
+flags.DEFINE_list('autoattack_eps', None, 'AutoAttack radii; default: the '
+                  'first --eval_eps')
 flags.DEFINE_integer('autoattack_examples', 1000, 'test points for AutoAttack')
+flags.DEFINE_enum('autoattack_version', 'standard',
+                  list(evaluation.VERSIONS), 'AutoAttack version; apgd: '
+                  'APGD-CE + APGD-T only')
+flags.DEFINE_enum('aa_backend', None, list(evaluation.BACKENDS),
+                  'AutoAttack backend; default: jax for apgd, else torch')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
                     '(multi-host)')
 flags.DEFINE_integer('num_processes', 1, 'processes in a multi-host run')
@@ -92,23 +100,32 @@ def main(argv):
     parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    aa_eps = (cli.parse_floats(FLAGS.autoattack_eps, 'autoattack_eps') or
+              config.eval.eps[:1])
+    for e in aa_eps:
+      if not 0 < e <= 1:
+        cli.fail(f'--autoattack_eps {e} is outside (0, 1]: images are in '
+                 '[0, 1]')
     workdir = FLAGS.workdir or default_workdir(config)
-    stop = {'requested': False}
-    signal.signal(signal.SIGTERM,
-                  lambda *_: stop.__setitem__('requested', True))
-    results = loop.train_and_evaluate(config, workdir,
-                                      stop_requested=lambda: stop['requested'])
+    stop = cli.StopSignals()
+    results = loop.train_and_evaluate(config, workdir, stop_requested=stop)
     autoattack = None
     if FLAGS.autoattack and results['status'] == 'finished':
       autoattack = loop.evaluate_workdir(
-          workdir, num_examples=FLAGS.autoattack_examples, jax_pgd=False)
+          workdir, eps=aa_eps, num_examples=FLAGS.autoattack_examples,
+          version=FLAGS.autoattack_version, backend=FLAGS.aa_backend,
+          jax_pgd=False, stop_requested=stop)
+  except parallel.Stopped:
+    print(f'stopped during AutoAttack: finished eps are in {workdir}/'
+          f'{reporting.RESULTS}; rerun the same command to finish')
+    sys.exit(stop.exit_code())
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
-          loop.TrainingError, ImportError) as e:
+          loop.TrainingError, ImportError, ValueError) as e:
     cli.fail(str(e))
   if results['status'] == 'preempted':
     print(f'preempted at step {results["step"]}: checkpoint saved in '
           f'{workdir}; rerun the same command to resume')
-    return
+    sys.exit(stop.exit_code())
   for line in reporting.summary_lines(results):
     print(line)
   if autoattack:

@@ -1,5 +1,7 @@
 """Tests of uta_jax.evaluation (the JAX-native part; AutoAttack is e2e)."""
 
+import dataclasses
+
 from absl.testing import absltest
 import jax
 import numpy as np
@@ -8,6 +10,7 @@ from uta_jax import attacks
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
+from uta_jax import parallel
 from uta_jax import steps
 
 
@@ -65,11 +68,51 @@ class EvaluateTest(absltest.TestCase):
     self.assertIsNone(evaluation.collapse_step(steps_, [1.0, 2.0, 0.0, 0.0,
                                                         0.0, 0.0]))
 
-  def test_later_evaluations_reuse_the_compiled_program(self):
+  def test_later_evaluations_reuse_the_compiled_programs(self):
     self.evaluate(seed=1)
-    compiled = evaluation._eval_batch._cache_size()  # pylint: disable=protected-access
-    self.evaluate(seed=2)  # as --eval_every does during training
-    self.assertEqual(evaluation._eval_batch._cache_size(), compiled)  # pylint: disable=protected-access
+    compiles = []
+    def listener(event, duration, **kwargs):
+      del duration, kwargs
+      if 'backend_compile' in event:
+        compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      self.evaluate(seed=2)  # as --eval_every does during training
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+    self.assertEqual(compiles, [])
+
+  def test_one_device_and_four_devices_give_the_same_result(self):
+    devices = jax.local_devices()
+    self.assertEqual(len(devices), 4)  # conftest fakes 4 CPU devices
+    one = evaluation.evaluate(self.model, self.variables, self.ds.test,
+                              config=self.config, key=jax.random.PRNGKey(3),
+                              devices=devices[:1])
+    four = evaluation.evaluate(self.model, self.variables, self.ds.test,
+                               config=self.config, key=jax.random.PRNGKey(3),
+                               devices=devices)
+    self.assertEqual(one, four)
+
+  def test_pgd_restarts_use_the_key_and_restarts_only_lower_accuracy(self):
+    one = dataclasses.replace(self.config, eval=dataclasses.replace(
+        self.config.eval, pgd_restarts=1))
+    accs = {}
+    for name, config in (('one', one), ('two', self.config)):
+      accs[name] = evaluation.evaluate(
+          self.model, self.variables, self.ds.test, config=config,
+          key=jax.random.PRNGKey(0))['robust_accuracy']['pgd']
+    for eps in accs['one']:
+      self.assertLessEqual(accs['two'][eps], accs['one'][eps])
+    # A different key draws other random starts (and usually other results
+    # at the large eps); the same key repeats them exactly.
+    again = self.evaluate(seed=0)['robust_accuracy']['pgd']
+    self.assertEqual(again, accs['two'])
+
+  def test_stop_requested_raises_between_batches(self):
+    with self.assertRaises(parallel.Stopped):
+      evaluation.evaluate(self.model, self.variables, self.ds.test,
+                          config=self.config, key=jax.random.PRNGKey(0),
+                          stop_requested=lambda: True)
 
 
 if __name__ == '__main__':

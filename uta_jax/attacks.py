@@ -120,6 +120,25 @@ def linf_project(x_adv: jax.Array, x: jax.Array, *, eps: float,
   return jnp.clip(x_adv, lower, upper)
 
 
+def is_key_batch(key: jax.Array) -> bool:
+  """True for a batch of PRNG keys [B] (typed) or [B, 2] (raw uint32)."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 1
+  return key.ndim == 2
+
+
+def uniform_noise(key: jax.Array, x: jax.Array, *, eps) -> jax.Array:
+  """U(-eps, eps) noise of ``x``'s shape.
+
+  With one key per example (``key`` [B]) example i draws from its own key,
+  so its noise does not depend on the batch or device it is evaluated in.
+  """
+  if is_key_batch(key):
+    return jax.vmap(lambda k: jax.random.uniform(
+        k, x.shape[1:], x.dtype, -eps, eps))(key)
+  return jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
+
+
 def _check_static(*, eps, num_steps: int, random_start: bool, key) -> None:
   if not isinstance(num_steps, numbers.Integral) or num_steps < 1:
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
@@ -145,7 +164,8 @@ def projected_sign_ascent(objective: Objective, x: jax.Array, *, eps: float,
     num_steps: K, a static Python int >= 1.
     step_size: alpha as a float or a schedule ``i -> alpha_i``.
     bounds: box the result must stay in; ``None`` in latent space.
-    key: PRNG key, needed only with ``random_start``.
+    key: PRNG key, needed only with ``random_start``; a batch of keys
+      [B] gives every example its own start (``uniform_noise``).
     random_start: start from x + U(-eps, eps) (projected) instead of x.
 
   Returns:
@@ -160,8 +180,8 @@ def projected_sign_ascent(objective: Objective, x: jax.Array, *, eps: float,
 
   x_adv = x
   if random_start:
-    noise = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
-    x_adv = linf_project(x + noise, x, eps=eps, bounds=bounds)
+    x_adv = linf_project(x + uniform_noise(key, x, eps=eps), x, eps=eps,
+                         bounds=bounds)
 
   def step(i, x_adv):
     ascent = jnp.sign(grad_fn(x_adv))

@@ -17,16 +17,18 @@ import functools
 import logging
 import re
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uta_jax import apgd
 from uta_jax import attacks
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import parallel
 from uta_jax import steps
 from uta_jax import uncertainty
 
@@ -35,100 +37,144 @@ from uta_jax import uncertainty
 # accuracy rising above PGD's is the sign of catastrophic overfitting).
 EVAL_ATTACKS = ('pgd', 'uta', 'fgsm')
 
+Devices = Optional[Sequence[Any]]
+StopFn = Optional[Callable[[], bool]]
+
 
 def _entropy(logits: jax.Array) -> jax.Array:
   return uncertainty.entropy_from_log_probs(jax.nn.log_softmax(logits))
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'ensemble',
-                                             'eval_config', 'bounds'))
-def _eval_batch(variables, x, y, key, eps, *, model: nn.Module,
-                ensemble: bool, eval_config: configs.EvalConfig,
-                bounds: Optional[Tuple[float, float]]) -> Dict[str, jax.Array]:
-  """Per-example correctness and entropies on one batch at radius ``eps``."""
+def example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """One key per example [B]: ``fold_in(key, id)`` of its global index."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
+
+
+def _logits_fns(model, variables, ensemble):
   logits_fn = functools.partial(steps.predict_logits, model, variables,
                                 ensemble=ensemble)
   sample_fn = functools.partial(steps.member_logits, model, variables,
                                 ensemble=ensemble)
-  step_size = (eps / 4 if eval_config.pgd_step_size is None else
-               eval_config.pgd_step_size)
+  return logits_fn, sample_fn
+
+
+def _step_size(eps, eval_config: configs.EvalConfig):
+  return eps / 4 if eval_config.pgd_step_size is None else (
+      eval_config.pgd_step_size)
+
+
+def _deterministic_attacks(variables, batch, eps, *, model, ensemble,
+                           eval_config, bounds) -> Dict[str, jax.Array]:
+  """Per-example clean, UTA and FGSM correctness and entropies [B]."""
+  logits_fn, sample_fn = _logits_fns(model, variables, ensemble)
+  x, y = batch['image'], batch['label']
   clean_logits = logits_fn(x)
   clean_correct = jnp.argmax(clean_logits, -1) == y
-
-  def restart(r, carry):
-    robust, _ = carry
-    x_adv = attacks.pgd(logits_fn, x, y, eps=eps,
-                        num_steps=eval_config.pgd_steps, step_size=step_size,
-                        bounds=bounds, key=jax.random.fold_in(key, r),
-                        random_start=True)
-    logits = logits_fn(x_adv)
-    return robust & (jnp.argmax(logits, -1) == y), _entropy(logits)
-
-  pgd_robust, pgd_entropy = jax.lax.fori_loop(
-      0, eval_config.pgd_restarts, restart,
-      (clean_correct, jnp.zeros(y.shape, jnp.float32)))
   x_uta = attacks.uta(sample_fn, x, eps=eps, num_steps=eval_config.uta_steps,
-                      step_size=step_size, bounds=bounds)
+                      step_size=_step_size(eps, eval_config), bounds=bounds)
   uta_logits = logits_fn(x_uta)
-  x_fgsm = attacks.fgsm(logits_fn, x, y, eps=eps, bounds=bounds)
-  fgsm_logits = logits_fn(x_fgsm)
+  fgsm_logits = logits_fn(attacks.fgsm(logits_fn, x, y, eps=eps,
+                                       bounds=bounds))
   return {
-      'fgsm_correct': clean_correct & (jnp.argmax(fgsm_logits, -1) == y),
-      'fgsm_entropy': _entropy(fgsm_logits),
       'clean_correct': clean_correct,
       'clean_entropy': _entropy(clean_logits),
-      'pgd_correct': pgd_robust,
-      'pgd_entropy': pgd_entropy,
       'uta_correct': clean_correct & (jnp.argmax(uta_logits, -1) == y),
       'uta_entropy': _entropy(uta_logits),
+      'fgsm_correct': clean_correct & (jnp.argmax(fgsm_logits, -1) == y),
+      'fgsm_entropy': _entropy(fgsm_logits),
   }
 
 
+def _pgd_restart(variables, batch, key, eps, restart, *, model, ensemble,
+                 eval_config, bounds) -> Dict[str, jax.Array]:
+  """One PGD restart from a random start per example: correct, entropy [B].
+
+  Example i starts from ``fold_in(fold_in(key, id_i), restart)``.
+  """
+  logits_fn, _ = _logits_fns(model, variables, ensemble)
+  x, y = batch['image'], batch['label']
+  keys = jax.vmap(jax.random.fold_in, (0, None))(
+      example_keys(key, batch['id']), restart)
+  x_adv = attacks.pgd(logits_fn, x, y, eps=eps,
+                      num_steps=eval_config.pgd_steps,
+                      step_size=_step_size(eps, eval_config), bounds=bounds,
+                      key=keys, random_start=True)
+  logits = logits_fn(x_adv)
+  return {'correct': jnp.argmax(logits, -1) == y, 'entropy': _entropy(logits)}
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_programs(devices: Tuple[Any, ...], model: nn.Module, ensemble: bool,
+                   eval_config: configs.EvalConfig,
+                   bounds: Optional[Tuple[float, float]]):
+  """The two pmapped evaluation programs of a model, built once per run."""
+  settings = dict(model=model, ensemble=ensemble, eval_config=eval_config,
+                  bounds=bounds)
+  return (
+      parallel.local_pmap(
+          functools.partial(_deterministic_attacks, **settings), devices,
+          in_axes=(0, 0, None)),
+      parallel.local_pmap(functools.partial(_pgd_restart, **settings),
+                          devices, in_axes=(0, 0, None, None, None)))
+
+
 def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
-             config: configs.Config, key: jax.Array) -> Dict[str, Any]:
+             config: configs.Config, key: jax.Array, devices: Devices = None,
+             stop_requested: StopFn = None) -> Dict[str, Any]:
   """Accuracies (%) and mean entropies on ``split`` for every eval eps.
+
+  The points are split over hosts and over ``devices`` (default: every local
+  device); every random draw is keyed by the example's index, so the result
+  does not depend on the device count. PGD restarts run only on the points
+  that survived the earlier ones; the PGD entropy is that of the first
+  restart (all points). Raises ``parallel.Stopped`` between batches once
+  ``stop_requested()`` is true.
 
   Returns ``{'num_examples', 'clean_accuracy', 'clean_entropy',
   'robust_accuracy': {attack: {eps: %}}, 'attacked_entropy': {attack: {eps:
   nats}}}`` for each attack of ``EVAL_ATTACKS``, with eps keys as strings.
   """
   ec = config.eval
-  # Module-level jit with hashable static settings: one compilation per
-  # model and batch shape, reused by every later evaluation of the run.
-  fn = functools.partial(
-      _eval_batch, model=model, ensemble=steps.is_ensemble(config),
-      eval_config=ec, bounds=steps.input_bounds(config))
+  devices = tuple(devices or jax.local_devices())
+  fixed, pgd = _eval_programs(devices, model, steps.is_ensemble(config), ec,
+                              steps.input_bounds(config))
+  replicated = parallel.replicate(variables, devices)
   n = len(split)
-  batch = min(ec.batch_size, n)
-  sums: Dict[float, Dict[str, float]] = {}
+  ids = parallel.host_indices(n)
+  run = functools.partial(
+      parallel.map_examples, fetch=lambda idx: data.get_batch(split, idx),
+      num_devices=len(devices), batch_size=ec.batch_size,
+      stop_requested=stop_requested)
+  gather = lambda v: parallel.gather_examples(v, n)
+  results = {'num_examples': n,
+             'robust_accuracy': {a: {} for a in EVAL_ATTACKS},
+             'attacked_entropy': {a: {} for a in EVAL_ATTACKS}}
   for eps in ec.eps:
-    totals: Dict[str, float] = {}
-    for start in range(0, n, batch):
-      idx = np.arange(start, min(start + batch, n))
-      valid = len(idx)
-      idx = np.pad(idx, (0, batch - valid), mode='edge')  # one shape
-      b = data.get_batch(split, idx)
-      out = jax.device_get(fn(variables, b['image'], b['label'],
-                              jax.random.fold_in(key, start),
-                              jnp.float32(eps)))
-      for name, values in out.items():
-        totals[name] = totals.get(name, 0.0) + float(
-            np.sum(np.asarray(values, np.float64)[:valid]))
-    sums[eps] = totals
-  first = sums[ec.eps[0]]
-  results = {
-      'num_examples': n,
-      'clean_accuracy': 100.0 * first['clean_correct'] / n,
-      'clean_entropy': first['clean_entropy'] / n,
-      'robust_accuracy': {a: {} for a in EVAL_ATTACKS},
-      'attacked_entropy': {a: {} for a in EVAL_ATTACKS},
-  }
-  for eps, totals in sums.items():
+    e = jnp.float32(eps)
+    out = {k: gather(v) for k, v in run(
+        lambda b: fixed(replicated, b, e), ids).items()}
+    robust = out['clean_correct'][ids]  # this host's points
+    entropy = np.zeros(len(ids), np.float32)
+    for r in range(ec.pgd_restarts):
+      todo = ids if r == 0 else ids[robust]
+      if not len(todo):
+        break
+      restart = run(lambda b: pgd(replicated, b, key, e, np.int32(r)), todo)
+      if r == 0:
+        robust &= restart['correct']
+        entropy = restart['entropy']
+      else:
+        robust[robust] = restart['correct']
+    out['pgd_correct'] = gather(robust)
+    out['pgd_entropy'] = gather(entropy)
+    results.setdefault('clean_accuracy', 100.0 * out['clean_correct'].mean())
+    results.setdefault('clean_entropy', float(out['clean_entropy'].mean()))
     for attack in EVAL_ATTACKS:
       results['robust_accuracy'][attack][str(eps)] = (
-          100.0 * totals[f'{attack}_correct'] / n)
-      results['attacked_entropy'][attack][str(eps)] = (
-          totals[f'{attack}_entropy'] / n)
+          100.0 * float(out[f'{attack}_correct'].mean()))
+      results['attacked_entropy'][attack][str(eps)] = float(
+          out[f'{attack}_entropy'].mean())
+  results['clean_accuracy'] = float(results['clean_accuracy'])
   return results
 
 
@@ -176,22 +222,145 @@ class _Recorder(logging.Handler):
       self.per_attack[match.group(1).lower()] = float(match.group(2))
 
 
+BACKENDS = ('jax', 'torch')
+VERSIONS = ('standard', 'apgd', 'rand', 'plus')
+
+
+def default_backend(version: str) -> str:
+  """'jax' for the APGD-only version (native here), else the reference."""
+  return 'jax' if version == 'apgd' else 'torch'
+
+
 def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
                eps: float, ensemble: bool = False, version: str = 'standard',
-               batch_size: int = 500, seed: int = 0) -> Dict[str, Any]:
-  """Runs the standard AutoAttack (``pyautoattack``) on the JAX model.
+               batch_size: int = 500, seed: int = 0,
+               backend: Optional[str] = None, devices: Devices = None,
+               stop_requested: StopFn = None) -> Dict[str, Any]:
+  """AutoAttack at ``eps`` on ``split``: natively in JAX or the reference.
 
-  The model goes through ``torch_bridge``. With ``version='rand'`` a model
-  with dropout is evaluated as the stochastic MC-dropout model (a new key
-  per call, AutoAttack's EoT); otherwise dropout is off and the model is
-  deterministic. AutoAttack's own checks and log lines are left as they are
-  (logger ``'auto-attack'``). ``version='apgd'`` runs only the standard
-  version's first two attacks (APGD-CE, APGD-T, same settings): the cheap
-  subset for quick sweeps on a CPU.
+  ``backend='jax'`` (the default for ``version='apgd'``) runs APGD-CE, then
+  APGD-T on the points still robust (``uta_jax.apgd``), sharded over hosts
+  and ``devices``. ``backend='torch'`` runs the reference ``pyautoattack``
+  through ``torch_bridge`` (``standard``, ``rand``, ``plus`` and ``apgd``).
+  Both log AutoAttack's own lines to the logger ``'auto-attack'``. With
+  ``version='rand'`` a model with dropout is evaluated as the stochastic
+  MC-dropout model (a new key per call, AutoAttack's EoT); otherwise dropout
+  is off and the model is deterministic. ``version='apgd'`` is the standard
+  version without FAB-T and Square (same APGD settings).
 
-  Returns clean and robust accuracy (%), the accuracy after each attack as
-  AutoAttack reports it, the number of points and the wall time.
+  Returns clean and robust accuracy (%), the accuracy after each attack, the
+  number of points, the largest perturbation, the wall time, and
+  ``robust_points`` (a bool array per point, for comparisons; not JSON).
+  Raises ``parallel.Stopped`` once ``stop_requested()`` is true.
   """
+  backend = backend or default_backend(version)
+  if backend not in BACKENDS:
+    raise ValueError(f'unknown AutoAttack backend {backend!r}; choose one of '
+                     f'{BACKENDS}')
+  if version not in VERSIONS:
+    raise ValueError(f'unknown AutoAttack version {version!r}; choose one of '
+                     f'{VERSIONS}')
+  if backend == 'jax' and version != 'apgd':
+    raise ValueError(f"the JAX backend runs version 'apgd' (APGD-CE, APGD-T);"
+                     f" run version {version!r} with backend 'torch'")
+  if not 0 < eps <= 1:
+    raise ValueError(f'eps {eps} is outside (0, 1]: images are in [0, 1]')
+  run = _autoattack_jax if backend == 'jax' else _autoattack_torch
+  report = run(model, variables, split, eps=eps, ensemble=ensemble,
+               version=version, batch_size=batch_size, seed=seed,
+               devices=devices, stop_requested=stop_requested)
+  report.update(eps=eps, version=version, backend=backend,
+                num_examples=len(split))
+  return report
+
+
+def _apgd_program(variables, batch, key, eps, *, model, ensemble, attack):
+  """Per example: robust after ``attack`` (checked on the returned point, as
+  AutoAttack does) and the L-inf size of its perturbation."""
+  logits_fn, _ = _logits_fns(model, variables, ensemble)
+  x, y = batch['image'], batch['label']
+  run = apgd.apgd_ce if attack == 'apgd-ce' else apgd.apgd_t
+  robust, x_adv = run(logits_fn, x, y, eps=eps, key=key,
+                      example_ids=batch['id'])
+  robust &= jnp.argmax(logits_fn(x_adv), -1) == y
+  linf = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1)
+  return {'robust': robust, 'linf': linf}
+
+
+def _clean_program(variables, batch, *, model, ensemble):
+  logits_fn, _ = _logits_fns(model, variables, ensemble)
+  return {'correct': jnp.argmax(logits_fn(batch['image']), -1) ==
+                     batch['label']}
+
+
+@functools.lru_cache(maxsize=16)
+def _apgd_programs(devices: Tuple[Any, ...], model: nn.Module,
+                   ensemble: bool):
+  settings = dict(model=model, ensemble=ensemble)
+  programs = {'clean': parallel.local_pmap(
+      functools.partial(_clean_program, **settings), devices)}
+  for attack in APGD_ATTACKS:
+    programs[attack] = parallel.local_pmap(
+        functools.partial(_apgd_program, attack=attack, **settings), devices,
+        in_axes=(0, 0, None, None))
+  return programs
+
+
+def _autoattack_jax(model, variables, split, *, eps, ensemble, version,
+                    batch_size, seed, devices, stop_requested):
+  """APGD-CE then APGD-T on the points still robust, in JAX."""
+  del version  # always 'apgd'
+  logger = logging.getLogger(AUTOATTACK_LOGGER)
+  devices = tuple(devices or jax.local_devices())
+  programs = _apgd_programs(devices, model, ensemble)
+  replicated = parallel.replicate(variables, devices)
+  n = len(split)
+  ids = parallel.host_indices(n)
+  run = functools.partial(
+      parallel.map_examples, fetch=lambda idx: data.get_batch(split, idx),
+      num_devices=len(devices), stop_requested=stop_requested)
+  logger.info('using apgd version including %s (JAX backend, %d devices '
+              'x %d hosts)', ', '.join(APGD_ATTACKS), len(devices),
+              jax.process_count())
+  start = time.time()
+  robust = run(lambda b: programs['clean'](replicated, b), ids,
+               batch_size=batch_size)['correct']
+  clean = 100.0 * float(parallel.gather_examples(robust, n).mean())
+  logger.debug('initial accuracy: %.2f%%', clean)
+  linf = np.zeros(len(ids), np.float32)
+  key = jax.random.key(seed)
+  per_attack = {}
+  for a, attack in enumerate(APGD_ATTACKS):
+    todo = np.flatnonzero(robust)
+    # APGD-T runs its targets side by side: fewer points per call.
+    size = batch_size if attack == 'apgd-ce' else max(
+        1, batch_size // apgd.NUM_TARGETS)
+    if len(todo):
+      out = run(lambda b, a=a, attack=attack: programs[attack](
+          replicated, b, jax.random.fold_in(key, a), jnp.float32(eps)),
+                ids[todo], batch_size=size)
+      robust[todo] = out['robust']
+      linf[todo] = np.maximum(linf[todo], out['linf'])
+    per_attack[attack] = 100.0 * float(
+        parallel.gather_examples(robust, n).mean())
+    logger.debug('robust accuracy after %s: %.2f%% (total time %.1f s)',
+                 attack.upper(), per_attack[attack], time.time() - start)
+  robust_points = parallel.gather_examples(robust, n)
+  return {
+      'model_randomness': 'deterministic (dropout off)',
+      'clean_accuracy': clean,
+      'robust_accuracy': 100.0 * float(robust_points.mean()),
+      'per_attack': per_attack,
+      'max_perturbation': float(parallel.gather_examples(linf, n).max()),
+      'seconds': time.time() - start,
+      'robust_points': robust_points,
+  }
+
+
+def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
+                      batch_size, seed, devices, stop_requested):
+  """The reference ``pyautoattack`` on the model through ``torch_bridge``."""
+  del devices  # the bridge runs on JAX's default device
   from uta_jax import torch_bridge  # pylint: disable=g-import-not-at-top
   torch = torch_bridge.require_torch()
   try:
@@ -199,8 +368,6 @@ def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
   except ImportError as e:
     raise ImportError("AutoAttack needs pyautoattack: pip install "
                       "'uta-jax[torch]'") from e
-  if not 0 < eps <= 1:
-    raise ValueError(f'eps {eps} is outside (0, 1]: images are in [0, 1]')
   stochastic = version == 'rand'
   if stochastic:
     def apply(v, x, key):
@@ -211,12 +378,20 @@ def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
       return steps.predict_logits(model, v, x, ensemble=ensemble)
   module = torch_bridge.bridge_module(apply, variables, stochastic=stochastic,
                                       seed=seed)
+  if stop_requested is not None:
+    def check_stop(*_):
+      if stop_requested():
+        raise parallel.Stopped('stopped during AutoAttack')
+    module.register_forward_pre_hook(check_stop)
   x = torch.from_numpy(np.ascontiguousarray(
       data.to_float(split.images).transpose(0, 3, 1, 2)))
   y = torch.from_numpy(split.labels.astype(np.int64))
   recorder = _Recorder()
   logger = logging.getLogger(AUTOATTACK_LOGGER)
   logger.addHandler(recorder)
+  level = logger.level
+  if not logger.isEnabledFor(logging.DEBUG):
+    logger.setLevel(logging.DEBUG)  # the per-attack lines are DEBUG records
   start = time.time()
   try:
     if version == 'apgd':
@@ -229,27 +404,27 @@ def autoattack(model: nn.Module, variables: Any, split: data.Split, *,
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
   finally:
     logger.removeHandler(recorder)
+    logger.setLevel(level)
   seconds = time.time() - start
   with torch.no_grad():
-    clean = _torch_accuracy(module, x, y, batch_size)
-    robust = _torch_accuracy(module, x_adv, y, batch_size)
+    clean = _torch_correct(module, x, y, batch_size)
+    robust = _torch_correct(module, x_adv, y, batch_size)
   return {
-      'eps': eps,
-      'version': version,
       'model_randomness': ('MC dropout, a new key per call (EoT)' if
                            stochastic else 'deterministic (dropout off)'),
-      'num_examples': len(split),
-      'clean_accuracy': clean,
-      'robust_accuracy': robust,
+      'clean_accuracy': 100.0 * float(clean.mean()),
+      'robust_accuracy': 100.0 * float(robust.mean()),
       'per_attack': recorder.per_attack,
       'max_perturbation': float((x_adv - x).abs().max()),
       'seconds': seconds,
+      'robust_points': robust,
   }
 
 
-def _torch_accuracy(module, x, y, batch_size: int) -> float:
-  correct = 0
+def _torch_correct(module, x, y, batch_size: int) -> np.ndarray:
+  """Per-point correctness of ``module`` on ``x`` (bool [N])."""
+  correct = []
   for start in range(0, len(y), batch_size):
     logits = module(x[start:start + batch_size])
-    correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
-  return 100.0 * correct / len(y)
+    correct.append((logits.argmax(1) == y[start:start + batch_size]).numpy())
+  return np.concatenate(correct)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -36,6 +37,16 @@ log = logging.getLogger('uta_jax')
 
 CONFIG = 'config.json'
 CHECKPOINTS = 'checkpoints'
+
+
+# Named stream of the evaluation's random draws (PGD random starts), folded
+# into the run's key: evaluations depend on --seed, never on training draws.
+EVAL_STREAM = zlib.crc32(b'evaluation')
+
+
+def eval_key(run_key: jax.Array, step: int) -> jax.Array:
+  """The key of the evaluation at ``step``: the run key's eval stream."""
+  return jax.random.fold_in(jax.random.fold_in(run_key, EVAL_STREAM), step)
 
 
 class TrainingError(RuntimeError):
@@ -170,8 +181,14 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
         log.info('stop requested: checkpointed step %d, exiting', step)
         return {'status': 'preempted', 'step': step}
       if evaluating:
-        _eval_during_training(config, model, p_state, dataset, step,
-                              metrics_path)
+        try:
+          _eval_during_training(config, model, p_state, dataset, step,
+                                metrics_path, stop_requested)
+        except parallel.Stopped:
+          save(step)
+          log.info('stop requested during evaluation: checkpointed step %d',
+                   step)
+          return {'status': 'preempted', 'step': step}
     if step not in checkpointer.steps():
       save(step)
   finally:
@@ -180,9 +197,14 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
 
   t1 = time.time()
   final_state = parallel.unreplicate(p_state)
-  results_eval = evaluation.evaluate(
-      model, steps.variables_of(final_state), dataset.test, config=config,
-      key=jax.random.PRNGKey(config.seed + 1))
+  try:
+    results_eval = evaluation.evaluate(
+        model, steps.variables_of(final_state), dataset.test, config=config,
+        key=eval_key(final_state.key, step), stop_requested=stop_requested)
+  except parallel.Stopped:
+    log.info('stop requested during the final evaluation (training finished '
+             'and checkpointed at step %d)', step)
+    return {'status': 'preempted', 'step': step}
   results = {
       'status': 'finished',
       'config': json_config(config),
@@ -212,10 +234,11 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
 
 
 def _eval_during_training(config, model, p_state, dataset, step,
-                          metrics_path) -> None:
+                          metrics_path, stop_requested) -> None:
   state = parallel.unreplicate(p_state)
   ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
-                           config=config, key=jax.random.PRNGKey(step))
+                           config=config, key=eval_key(state.key, step),
+                           stop_requested=stop_requested)
   first = _first_eps_accuracies(ev)
   log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '
            '(eps=%s)', step, ev['clean_accuracy'], first['fgsm_accuracy'],
@@ -262,45 +285,77 @@ def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
 
 
 def evaluate_workdir(workdir: str, *, version: str = 'standard',
+                     backend: Optional[str] = None,
                      eps: Optional[Sequence[float]] = None,
                      num_examples: int = 1000, batch_size: int = 500,
-                     seed: int = 0, jax_pgd: bool = True) -> Dict[str, Any]:
+                     seed: int = 0, jax_pgd: bool = True,
+                     stop_requested: Optional[Callable[[], bool]] = None
+                    ) -> Dict[str, Any]:
   """AutoAttack (and JAX-native PGD / UTA) on a trained workdir.
 
   Evaluates the first ``num_examples`` test points at each ``eps`` (default:
-  the run's eval eps), adds the report as ``'autoattack'`` to the workdir's
-  ``results.json`` and returns it.
+  the run's eval eps) and stores the report as ``'autoattack'`` in the
+  workdir's ``results.json`` after every eps, so a stop loses at most the
+  eps in progress: a rerun with the same settings (checkpoint, points,
+  seed, version, backend) skips the eps already stored. Raises
+  ``parallel.Stopped`` once ``stop_requested()`` is true.
   """
   config, model, variables, step = load_run(workdir)
   if config.dataset == 'toy2d':
     raise TrainingError('AutoAttack evaluates image models; toy2d points have '
                         'no pixel box')
   eps = tuple(config.eval.eps if eps is None else eps)
+  backend = backend or evaluation.default_backend(version)
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
                               max_eval_examples=num_examples,
                               seed=config.seed)
-  ensemble = steps.is_ensemble(config)
-  report = {'checkpoint_step': step, 'num_examples': len(dataset.test),
-            'seed': seed, 'version': version, 'eps': {}}
+  path = os.path.join(workdir, reporting.RESULTS)
+  settings = {'checkpoint_step': step, 'num_examples': len(dataset.test),
+              'seed': seed, 'version': version, 'backend': backend}
+  stored = _read_results(path).get('autoattack') or {}
+  same = all(stored.get(k) == v for k, v in settings.items())
+  report = dict(stored if same else {}, **settings)
+  report.setdefault('eps', {})
+  report.pop('jax', None)
   for e in eps:
-    log.info('AutoAttack (%s) at eps=%s on %d test points', version,
-             reporting.format_eps(e), len(dataset.test))
-    result = evaluation.autoattack(model, variables, dataset.test, eps=e,
-                                   ensemble=ensemble, version=version,
-                                   batch_size=batch_size, seed=seed)
+    if str(e) in report['eps']:
+      log.info('AutoAttack (%s, %s) at eps=%s: stored in %s, skipped',
+               version, backend, reporting.format_eps(e), path)
+      continue
+    log.info('AutoAttack (%s, %s backend) at eps=%s on %d test points',
+             version, backend, reporting.format_eps(e), len(dataset.test))
+    result = evaluation.autoattack(
+        model, variables, dataset.test, eps=e, ensemble=steps.is_ensemble(
+            config), version=version, backend=backend, batch_size=batch_size,
+        seed=seed, stop_requested=stop_requested)
+    result.pop('robust_points')
     report['model_randomness'] = result.pop('model_randomness')
     report['eps'][str(e)] = result
+    _store_autoattack(path, report)
   if jax_pgd:
     start = time.time()
     eval_config = dataclasses.replace(
         config, eval=dataclasses.replace(config.eval, eps=eps))
-    report['jax'] = evaluation.evaluate(model, variables, dataset.test,
-                                        config=eval_config,
-                                        key=jax.random.PRNGKey(seed))
+    report['jax'] = evaluation.evaluate(
+        model, variables, dataset.test, config=eval_config,
+        key=jax.random.PRNGKey(seed), stop_requested=stop_requested)
     report['jax']['seconds'] = time.time() - start
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, reporting.RESULTS)
-    results = reporting.read_json(path) if os.path.exists(path) else {}
-    results['autoattack'] = report
-    reporting.write_json(path, results)
+    _store_autoattack(path, report)
   return report
+
+
+def _read_results(path: str) -> Dict[str, Any]:
+  try:
+    return reporting.read_json(path) if os.path.exists(path) else {}
+  except (OSError, ValueError) as e:
+    raise TrainingError(f'{path} is unreadable ({e}); move it away and '
+                        'rerun') from e
+
+
+def _store_autoattack(path: str, report: Dict[str, Any]) -> None:
+  """Puts ``report`` into ``results.json`` as 'autoattack' (process 0)."""
+  if jax.process_index() != 0:
+    return
+  results = _read_results(path)
+  results['autoattack'] = report
+  reporting.write_json(path, results)

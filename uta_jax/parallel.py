@@ -5,11 +5,16 @@ each host's slice over its local devices (``shard``). ``pmap_train_step``
 pmaps a pure step over the named axis ``AXIS``; the step averages with
 ``lax.pmean(..., AXIS)``, which spans every device of every host once
 ``initialize_distributed`` has connected the processes.
+
+Evaluation is per example: each host takes its slice of the test points
+(``host_indices``), ``map_examples`` runs a ``local_pmap``-ped program over
+its devices in padded chunks, and ``gather_examples`` joins the hosts'
+per-example results.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.jax_utils
 import jax
@@ -64,9 +69,11 @@ def shard(host_batch: Any) -> Any:
   return jax.tree_util.tree_map(split, host_batch)
 
 
-def replicate(tree: Any) -> Any:
-  """One copy of ``tree`` on every local device (leading device axis)."""
-  return flax.jax_utils.replicate(tree)
+def replicate(tree: Any, devices: Optional[Sequence[Any]] = None) -> Any:
+  """One copy of ``tree`` on every device of ``devices`` (default: every
+  local device), stacked on a leading device axis."""
+  return flax.jax_utils.replicate(
+      tree, devices=list(devices) if devices else None)
 
 
 def unreplicate(tree: Any) -> Any:
@@ -77,3 +84,85 @@ def unreplicate(tree: Any) -> Any:
 def pmap_train_step(step_fn: Callable[..., Any]) -> Callable[..., Any]:
   """pmaps ``step_fn(state, batch)`` over ``AXIS``; the state is donated."""
   return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
+
+
+# ------------------------------------------------ evaluation over devices
+
+
+class Stopped(Exception):
+  """``stop_requested()`` turned true during a long evaluation."""
+
+
+def host_indices(num_examples: int) -> np.ndarray:
+  """This process's contiguous slice of ``range(num_examples)``."""
+  return np.array_split(np.arange(num_examples),
+                        jax.process_count())[jax.process_index()]
+
+
+def gather_examples(values: np.ndarray, num_examples: int) -> np.ndarray:
+  """Per-example ``values`` of this host's slice -> all ``num_examples``.
+
+  The inverse of ``host_indices`` across processes (an all-gather); a no-op
+  in a single-process run.
+  """
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = [len(s) for s in np.array_split(np.arange(num_examples),
+                                          jax.process_count())]
+  padded = np.zeros((max(sizes),) + values.shape[1:], values.dtype)
+  padded[:len(values)] = values
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([everyone[p, :size] for p, size in enumerate(sizes)])
+
+
+def local_pmap(fn: Callable[..., Any], devices: Sequence[Any], *,
+               in_axes: Any = 0,
+               static_broadcasted_argnums: Tuple[int, ...] = ()
+              ) -> Callable[..., Any]:
+  """pmaps ``fn`` over ``devices`` of this host only: no cross-host
+  collective, so hosts may run different numbers of calls."""
+  return jax.pmap(fn, axis_name=AXIS, devices=list(devices), in_axes=in_axes,
+                  static_broadcasted_argnums=static_broadcasted_argnums)
+
+
+def per_device_batch(num_examples: int, num_devices: int,
+                     batch_size: int) -> int:
+  """Examples per device and call: at most ``batch_size``, rounded up to a
+  multiple of 8 so that small remainders share compiled shapes."""
+  need = -(-num_examples // num_devices)
+  return max(1, min(batch_size, -(-need // 8) * 8))
+
+
+def map_examples(fn: Callable[..., Dict[str, Any]], indices: np.ndarray,
+                 fetch: Callable[[np.ndarray], Dict[str, np.ndarray]], *,
+                 num_devices: int, batch_size: int,
+                 stop_requested: Optional[Callable[[], bool]] = None
+                ) -> Dict[str, np.ndarray]:
+  """Runs a pmapped per-example ``fn`` over ``indices`` in padded chunks.
+
+  ``fetch(idx)`` returns the host arrays of examples ``idx`` ([n, ...]
+  each); they reach ``fn`` as ``[num_devices, per_device, ...]`` together
+  with ``'id'`` (the example indices). ``fn`` returns per-example arrays of
+  the same leading shape. Returns them for ``indices``, in order. Raises
+  ``Stopped`` between chunks once ``stop_requested()`` is true.
+  """
+  per_device = per_device_batch(len(indices), num_devices, batch_size)
+  chunk = per_device * num_devices
+  outputs = []
+  for start in range(0, len(indices), chunk):
+    if stop_requested is not None and stop_requested():
+      raise Stopped(f'stopped after {start} of {len(indices)} examples')
+    idx = indices[start:start + chunk]
+    valid = len(idx)
+    idx = np.pad(idx, (0, chunk - valid), mode='edge')  # one shape
+    arrays = dict(fetch(idx), id=idx.astype(np.int32))
+    sharded = {k: np.asarray(v).reshape((num_devices, per_device) +
+                                        np.shape(v)[1:])
+               for k, v in arrays.items()}
+    out = jax.device_get(fn(sharded))
+    outputs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:])[:valid]
+                    for k, v in out.items()})
+  if not outputs:
+    return {}
+  return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}

@@ -1,0 +1,96 @@
+"""evaluation.autoattack: the JAX backend against the reference, devices, stops."""
+
+import logging
+
+from absl.testing import absltest
+import jax
+import numpy as np
+
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import evaluation
+from uta_jax import parallel
+from uta_jax import steps
+
+
+class JaxAutoAttackTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    config = configs.get_config('mnist_embedded', attack='pgd', eps_train=0.1,
+                                num_steps=5, step_size=0.03)
+    cls.ds = data.load_dataset('mnist_embedded', max_eval_examples=200)
+    cls.model, cls.variables = steps.fit(config, cls.ds.train, num_steps=300)
+
+  def autoattack(self, **kwargs):
+    args = dict(eps=0.1, version='apgd', batch_size=128)
+    args.update(kwargs)
+    return evaluation.autoattack(self.model, self.variables, self.ds.test,
+                                 **args)
+
+  def test_agrees_with_the_reference_through_the_bridge(self):
+    try:
+      import pyautoattack  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      self.skipTest("the reference needs pyautoattack: pip install "
+                    "'uta-jax[torch]'")
+    jax_report = self.autoattack(backend='jax')
+    torch_report = self.autoattack(backend='torch')
+    self.assertEqual(jax_report['clean_accuracy'],
+                     torch_report['clean_accuracy'])
+    self.assertGreater(jax_report['clean_accuracy'], 80)
+    # The attack works: far below clean accuracy, far above zero.
+    self.assertLess(torch_report['robust_accuracy'], 80)
+    self.assertGreater(torch_report['robust_accuracy'], 20)
+    self.assertAlmostEqual(jax_report['robust_accuracy'],
+                           torch_report['robust_accuracy'], delta=1.5)
+    for attack in ('apgd-ce', 'apgd-t'):
+      self.assertAlmostEqual(jax_report['per_attack'][attack],
+                             torch_report['per_attack'][attack], delta=1.5)
+    same = np.mean(jax_report['robust_points'] ==
+                   torch_report['robust_points'])
+    self.assertGreaterEqual(same, 0.98)
+
+  def test_logs_autoattack_lines_naming_the_backend(self):
+    with self.assertLogs(evaluation.AUTOATTACK_LOGGER, logging.DEBUG) as logs:
+      report = self.autoattack(backend='jax')
+    text = '\n'.join(logs.output)
+    self.assertIn('JAX backend', text)
+    self.assertRegex(text, r'robust accuracy after APGD-CE: [\d.]+% \(total '
+                     r'time [\d.]+ s\)')
+    self.assertIn(f"robust accuracy after APGD-T: "
+                  f"{report['robust_accuracy']:.2f}%", text)
+    self.assertEqual(report['backend'], 'jax')
+    self.assertLessEqual(report['max_perturbation'], 0.1 + 1e-6)
+    self.assertEqual(report['per_attack']['apgd-t'],
+                     report['robust_accuracy'])
+    self.assertLessEqual(report['per_attack']['apgd-t'],
+                         report['per_attack']['apgd-ce'])
+
+  def test_one_device_and_four_devices_give_the_same_points(self):
+    devices = jax.local_devices()
+    one = self.autoattack(devices=devices[:1])
+    four = self.autoattack(devices=devices)
+    np.testing.assert_array_equal(one['robust_points'], four['robust_points'])
+    self.assertEqual(one['per_attack'], four['per_attack'])
+
+  def test_seed_is_the_key(self):
+    a, b = self.autoattack(seed=5), self.autoattack(seed=5)
+    np.testing.assert_array_equal(a['robust_points'], b['robust_points'])
+
+  def test_stop_and_bad_settings(self):
+    with self.assertRaises(parallel.Stopped):
+      self.autoattack(stop_requested=lambda: True)
+    with self.assertRaisesRegex(ValueError, "backend 'torch'"):
+      self.autoattack(version='standard', backend='jax')
+    with self.assertRaisesRegex(ValueError, 'unknown AutoAttack backend'):
+      self.autoattack(backend='tf')
+    with self.assertRaisesRegex(ValueError, r'outside \(0, 1\]'):
+      self.autoattack(eps=1.5)
+    self.assertEqual(evaluation.default_backend('apgd'), 'jax')
+    self.assertEqual(evaluation.default_backend('standard'), 'torch')
+
+
+if __name__ == '__main__':
+  absltest.main()
