@@ -1,7 +1,7 @@
 r"""JAX vs PyTorch eager, side by side in one process.
 
   python experiments/benchmark.py                       # attacks + AT step
-  python experiments/benchmark.py --sections=autoattack # bridge vs native
+  python experiments/benchmark.py --sections=autoattack # JAX vs reference
   python experiments/benchmark.py --sections=attacks --models=lenet --reps=9
 
 Section ``attacks``: for the MLP, LeNet and SVHN LeNet, PGD-10, UTA-10
@@ -10,9 +10,14 @@ UTA-10 adversarial-training step (attack + Adam, batch --train_batch_size),
 each as uta_jax runs it and as a typical PyTorch research codebase writes it
 (a Python loop with ``torch.autograd.grad``), with the same weights.
 
-Section ``autoattack``: the standard AutoAttack's wall time on a trained MLP
-and LeNet through ``uta_jax.torch_bridge`` and on the native PyTorch network,
-for torch thread counts 1 and the machine's default.
+Section ``autoattack``: AutoAttack's APGD-CE + APGD-T (version ``apgd``) on
+1,000 embedded-MNIST test points of a PGD-trained MLP and LeNet: natively in
+JAX (``uta_jax.apgd``, every local device, and one device), and the
+reference ``pyautoattack`` through ``uta_jax.torch_bridge`` and on the native
+PyTorch network. For the 2-device speed-up on a CPU, fake two devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+      python experiments/benchmark.py --sections=autoattack
 
 Repetitions are interleaved (JAX, torch, JAX, torch, ...) after one warm-up
 call each; the table gives medians, the spread (min-max) and the ratio of
@@ -43,6 +48,7 @@ import optax
 from uta_jax import attacks  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import evaluation
 from uta_jax import fast_ops
 from uta_jax import models
 from uta_jax import steps
@@ -55,8 +61,12 @@ flags.DEFINE_list('models', ['mlp', 'lenet', 'svhn_lenet'], 'models to run')
 flags.DEFINE_integer('batch_size', 256, 'attack batch size')
 flags.DEFINE_integer('train_batch_size', 128, 'AT-step batch size')
 flags.DEFINE_integer('reps', 5, 'timed repetitions per implementation')
-flags.DEFINE_integer('aa_examples', 100, 'AutoAttack test points')
+flags.DEFINE_integer('aa_examples', 1000, 'AutoAttack test points')
 flags.DEFINE_float('aa_eps', 0.1, 'AutoAttack eps')
+flags.DEFINE_integer('aa_batch_size', 500, 'AutoAttack batch size')
+flags.DEFINE_integer('aa_reps', 1, 'timed AutoAttack runs per implementation')
+flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the attacked '
+                     'models')
 flags.DEFINE_string('output', 'benchmark_results.json', 'JSON output path')
 flags.DEFINE_bool('plain_ops', False, 'run the models with plain lax '
                   'convolutions and nn.max_pool instead of uta_jax.fast_ops '
@@ -65,9 +75,9 @@ flags.DEFINE_bool('plain_ops', False, 'run the models with plain lax '
 K, EPS, ALPHA, M = 10, 0.1, 0.01, 5
 
 
-def interleaved(fns: dict, reps: int) -> dict:
+def interleaved(fns: dict, reps: int, *, warm_up: bool = True) -> dict:
   """Seconds per call for each fn: one warm-up each, then interleaved reps."""
-  for fn in fns.values():
+  for fn in fns.values() if warm_up else ():
     fn()
   times = {name: [] for name in fns}
   for _ in range(reps):
@@ -257,52 +267,82 @@ def run_attacks(torch, peak: float) -> list:
 
 
 def run_autoattack(torch) -> list:
-  from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  """AutoAttack (APGD-CE + APGD-T) in JAX vs the reference, per model.
+
+  The reference runs through the bridge and on the native PyTorch network
+  with the same weights. JAX runs on one device and, where there are more,
+  on every local device. The JAX program is compiled by a warm-up call
+  (its compile time is reported apart); the timed calls are interleaved.
+  """
   ds = data.load_dataset('mnist_embedded',
                          max_eval_examples=FLAGS.aa_examples)
   x = torch.from_numpy(np.ascontiguousarray(
       data.to_float(ds.test.images).transpose(0, 3, 1, 2)))
   y = torch.from_numpy(ds.test.labels.astype(np.int64))
-  default_threads = torch.get_num_threads()
+  devices = jax.local_devices()
   rows = []
   for name in [m for m in FLAGS.models if m in ('mlp', 'lenet')]:
+    # PGD-AT (eps 0.1): a model with robust points left for APGD-T.
     model, variables = steps.fit(
-        configs.get_config('mnist_embedded', model=name, attack='none'),
-        ds.train, num_steps=300)
+        configs.get_config('mnist_embedded', model=name, attack='pgd',
+                           eps_train=0.1, num_steps=5, step_size=0.03),
+        ds.train, num_steps=FLAGS.aa_train_steps)
     modules = {
         'bridge': torch_bridge.bridge_module(model.apply, variables),
         'native': torch_bridge.native_torch_model(name, variables['params']),
     }
     robust = {}
 
-    def run(impl):
-      adversary = AutoAttack(modules[impl], eps=FLAGS.aa_eps, seed=0,
-                             version='standard')
-      adversary.logger.disabled = True
-      x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
-      with torch.no_grad():
-        robust[impl] = float((modules[impl](x_adv).argmax(1) == y).float()
-                             .mean())
+    def run_jax(label, devs):
+      report = evaluation.autoattack(
+          model, variables, ds.test, eps=FLAGS.aa_eps, version='apgd',
+          backend='jax', devices=devs, batch_size=FLAGS.aa_batch_size)
+      robust[label] = report['robust_accuracy']
 
-    for threads in sorted({1, default_threads}):
-      torch.set_num_threads(threads)
-      times = interleaved({impl: functools.partial(run, impl)
-                           for impl in modules}, FLAGS.reps)
-      row = {'model': name, 'torch_threads': threads,
-             'num_examples': len(y), 'eps': FLAGS.aa_eps,
-             'robust_accuracy': dict(robust)}
-      for impl, t in times.items():
-        row[impl] = {'median_s': statistics.median(t), 'min_s': min(t),
-                     'max_s': max(t)}
-      row['ratio_bridge_over_native'] = (row['bridge']['median_s'] /
-                                         row['native']['median_s'])
-      rows.append(row)
-      print(f"{name:6s} torch_threads={threads}: AutoAttack bridge "
-            f"{row['bridge']['median_s']:.2f}s native "
-            f"{row['native']['median_s']:.2f}s ratio "
-            f"{row['ratio_bridge_over_native']:.2f}  robust acc "
-            f"{robust}", flush=True)
-    torch.set_num_threads(default_threads)
+    def run_torch(impl):
+      x_adv, _ = evaluation.reference_autoattack(
+          modules[impl], x, y, eps=FLAGS.aa_eps, version='apgd',
+          batch_size=FLAGS.aa_batch_size)
+      with torch.no_grad():
+        robust[impl] = 100.0 * float(
+            (modules[impl](x_adv).argmax(1) == y).float().mean())
+
+    fns = {'jax': functools.partial(run_jax, 'jax', devices),
+           'bridge': functools.partial(run_torch, 'bridge'),
+           'native': functools.partial(run_torch, 'native')}
+    if len(devices) > 1:
+      fns['jax_1_device'] = functools.partial(run_jax, 'jax_1_device',
+                                              devices[:1])
+    compile_s = {}
+    for label in [k for k in fns if k.startswith('jax')]:
+      start = time.perf_counter()
+      fns[label]()  # compiles
+      compile_s[label] = time.perf_counter() - start
+    times = interleaved(fns, FLAGS.aa_reps, warm_up=False)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    row = {'model': name, 'num_examples': len(y), 'eps': FLAGS.aa_eps,
+           'version': 'apgd', 'torch_threads': torch.get_num_threads(),
+           'jax_devices': len(devices),
+           'jax_seconds': med['jax'], 'bridge_seconds': med['bridge'],
+           'native_seconds': med['native'],
+           'jax_first_call_seconds': compile_s['jax'],
+           'speedup_over_native': med['native'] / med['jax'],
+           'speedup_over_bridge': med['bridge'] / med['jax'],
+           'robust_accuracy': dict(robust),
+           'times': {k: {'median_s': med[k], 'min_s': min(t), 'max_s': max(t)}
+                     for k, t in times.items()}}
+    if 'jax_1_device' in med:
+      row['jax_1_device_seconds'] = med['jax_1_device']
+      row['sharding_speedup'] = med['jax_1_device'] / med['jax']
+    rows.append(row)
+    print(f"{name:6s} AutoAttack apgd, {len(y)} points, eps {FLAGS.aa_eps}: "
+          f"JAX {med['jax']:.1f}s ({len(devices)} devices; first call "
+          f"{compile_s['jax']:.1f}s), bridge {med['bridge']:.1f}s, native "
+          f"{med['native']:.1f}s -> {row['speedup_over_native']:.2f}x native,"
+          f" {row['speedup_over_bridge']:.2f}x bridge"
+          + (f"; 1 device {med['jax_1_device']:.1f}s "
+             f"({row['sharding_speedup']:.2f}x)" if 'jax_1_device' in med
+             else '') + f'; robust acc {robust}', flush=True)
   return rows
 
 

@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest
 
@@ -26,7 +28,8 @@ class EvaluateTest(absltest.TestCase):
     super().setUpClass()
     cls.workdir = tempfile.mkdtemp(prefix='uta_eval_')
     proc = run_train(cls.workdir, '--epochs=2', '--dropout_rate=0.3',
-                     '--autoattack', '--autoattack_examples=24')
+                     '--autoattack', '--autoattack_examples=24',
+                     '--autoattack_eps=0.1,0.2')
     assert proc.returncode == 0, proc.stderr[-3000:]
     cls.train_output = proc.stdout + proc.stderr
     with open(os.path.join(cls.workdir, 'results.json')) as f:
@@ -79,6 +82,58 @@ class EvaluateTest(absltest.TestCase):
     jax_robust = report['jax']['robust_accuracy']['pgd']['0.15']
     self.assertLessEqual(jax_robust, report['jax']['clean_accuracy'])
     self.assertIn('JAX PGD robust accuracy', proc.stdout)
+
+  def test_jax_apgd_stores_each_eps_and_a_rerun_skips_them(self):
+    args = [f'--workdir={self.workdir}', '--version=apgd', '--eps=0.1,0.2',
+            '--num_examples=32', '--nojax_pgd']
+    proc = run_evaluate(*args)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('JAX backend', proc.stdout)
+    self.assertEqual(proc.stdout.count('robust accuracy after APGD-T'), 2)
+    report = self.results()['autoattack']
+    self.assertEqual(report['backend'], 'jax')
+    self.assertEqual(sorted(report['eps']), ['0.1', '0.2'])
+    for r in report['eps'].values():
+      self.assertEqual(sorted(r['per_attack']), ['apgd-ce', 'apgd-t'])
+    rerun = run_evaluate(*args)
+    self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
+    self.assertEqual(rerun.stdout.count('skipped'), 2)
+    self.assertNotIn('robust accuracy after', rerun.stdout)
+    self.assertEqual(self.results()['autoattack']['eps'], report['eps'])
+    wrong = run_evaluate(f'--workdir={self.workdir}', '--aa_backend=jax',
+                         '--version=standard')
+    self.assertEqual(wrong.returncode, 2)
+    self.assertRegex(wrong.stderr.strip(), '^error: --aa_backend=jax runs '
+                     '--version=apgd only')
+
+  def test_sigterm_during_autoattack_keeps_finished_eps_and_resumes(self):
+    workdir = tempfile.mkdtemp(prefix='uta_eval_stop_')
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    shutil.copytree(self.workdir, workdir, dirs_exist_ok=True)
+    args = [EVALUATE, f'--workdir={workdir}', '--eps=0.1,0.2',
+            '--num_examples=100', '--nojax_pgd']  # standard: FAB-T, Square
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until the second eps has started
+      if 'at eps=0.2' in line:
+        break
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    self.assertLess(time.time() - signalled, 10)
+    self.assertEqual(proc.returncode, 0, err[-2000:])
+    self.assertIn('rerun the same command to finish', out)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      report = json.load(f)['autoattack']
+    self.assertEqual(sorted(report['eps']), ['0.1'])
+    rerun = subprocess.run([sys.executable, *args], capture_output=True,
+                           text=True, timeout=600)
+    self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
+    self.assertEqual(rerun.stdout.count('skipped'), 1)
+    with open(os.path.join(workdir, 'results.json')) as f:
+      resumed = json.load(f)['autoattack']
+    self.assertEqual(sorted(resumed['eps']), ['0.1', '0.2'])
+    self.assertEqual(resumed['eps']['0.1'], report['eps']['0.1'])
 
   def test_bad_input_is_one_line_with_exit_code_2(self):
     empty = self.create_tempdir().full_path

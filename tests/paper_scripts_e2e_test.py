@@ -39,14 +39,16 @@ class PaperScriptsTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     rows = self.outputs(out, 'table1')['rows']
     self.assertEqual([r['method'] for r in rows], ['pgd', 'uta'])
-    # The quick AutoAttack: the standard APGD-CE and APGD-T only.
-    self.assertIn('running apgd-ce', proc.stderr)
+    # The quick AutoAttack: the standard APGD-CE and APGD-T only, in JAX.
+    self.assertIn('including apgd-ce, apgd-t (JAX backend', proc.stderr)
+    self.assertIn('robust accuracy after APGD-T', proc.stderr)
     self.assertNotIn('running fab', proc.stderr)
     self.assertNotIn('running square', proc.stderr)
     for r in rows:
       self.assertEqual(r['eps_test'], [0.05, 0.1, 0.2, 0.3])
       self.assertEqual(r['aa_examples'], 16)
       self.assertEqual(r['aa_version'], 'apgd')
+      self.assertEqual(r['aa_backend'], 'jax')
       for robust, score in zip(r['aa_robust_accuracy'], r['score']):
         self.assertLessEqual(robust, r['aa_clean_accuracy'])
         self.assertAlmostEqual(score, (robust + r['aa_clean_accuracy']) / 2)
@@ -54,7 +56,7 @@ class PaperScriptsTest(absltest.TestCase):
     rerun = run_script('table1', *args)
     self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
     self.assertEqual(rerun.stderr.count('reusing finished run'), 2)
-    self.assertNotIn('running apgd-ce', rerun.stderr)  # AutoAttack reused
+    self.assertNotIn('robust accuracy after', rerun.stderr)  # AA reused
     self.assertEqual(self.outputs(out, 'table1')['rows'][0]['score'],
                      rows[0]['score'])
 

@@ -363,11 +363,6 @@ def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
   del devices  # the bridge runs on JAX's default device
   from uta_jax import torch_bridge  # pylint: disable=g-import-not-at-top
   torch = torch_bridge.require_torch()
-  try:
-    from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("AutoAttack needs pyautoattack: pip install "
-                      "'uta-jax[torch]'") from e
   stochastic = version == 'rand'
   if stochastic:
     def apply(v, x, key):
@@ -386,13 +381,45 @@ def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
   x = torch.from_numpy(np.ascontiguousarray(
       data.to_float(split.images).transpose(0, 3, 1, 2)))
   y = torch.from_numpy(split.labels.astype(np.int64))
+  start = time.time()
+  x_adv, per_attack = reference_autoattack(module, x, y, eps=eps,
+                                           version=version, seed=seed,
+                                           batch_size=batch_size)
+  seconds = time.time() - start
+  with torch.no_grad():
+    clean = _torch_correct(module, x, y, batch_size)
+    robust = _torch_correct(module, x_adv, y, batch_size)
+  return {
+      'model_randomness': ('MC dropout, a new key per call (EoT)' if
+                           stochastic else 'deterministic (dropout off)'),
+      'clean_accuracy': 100.0 * float(clean.mean()),
+      'robust_accuracy': 100.0 * float(robust.mean()),
+      'per_attack': per_attack,
+      'max_perturbation': float((x_adv - x).abs().max()),
+      'seconds': seconds,
+      'robust_points': robust,
+  }
+
+
+def reference_autoattack(module, x, y, *, eps: float, version: str,
+                         seed: int = 0, batch_size: int = 500):
+  """``pyautoattack`` on any ``torch.nn.Module`` (NCHW in [0, 1] -> logits).
+
+  ``version='apgd'`` is the standard version's APGD-CE and APGD-T (one
+  restart, 9 target classes). Returns the adversarial tensor and the
+  accuracy (%) after each attack, parsed from AutoAttack's own log lines.
+  """
+  try:
+    from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("AutoAttack needs pyautoattack: pip install "
+                      "'uta-jax[torch]'") from e
   recorder = _Recorder()
   logger = logging.getLogger(AUTOATTACK_LOGGER)
   logger.addHandler(recorder)
   level = logger.level
   if not logger.isEnabledFor(logging.DEBUG):
     logger.setLevel(logging.DEBUG)  # the per-attack lines are DEBUG records
-  start = time.time()
   try:
     if version == 'apgd':
       adversary = AutoAttack(module, eps=eps, seed=seed, version='custom',
@@ -405,20 +432,7 @@ def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
   finally:
     logger.removeHandler(recorder)
     logger.setLevel(level)
-  seconds = time.time() - start
-  with torch.no_grad():
-    clean = _torch_correct(module, x, y, batch_size)
-    robust = _torch_correct(module, x_adv, y, batch_size)
-  return {
-      'model_randomness': ('MC dropout, a new key per call (EoT)' if
-                           stochastic else 'deterministic (dropout off)'),
-      'clean_accuracy': 100.0 * float(clean.mean()),
-      'robust_accuracy': 100.0 * float(robust.mean()),
-      'per_attack': recorder.per_attack,
-      'max_perturbation': float((x_adv - x).abs().max()),
-      'seconds': seconds,
-      'robust_points': robust,
-  }
+  return x_adv, recorder.per_attack
 
 
 def _torch_correct(module, x, y, batch_size: int) -> np.ndarray:
