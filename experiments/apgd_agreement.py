@@ -103,7 +103,9 @@ def markdown(rows) -> str:
   n = rows[0]['num_examples']
   return (f'AutoAttack APGD-CE + APGD-T: robust accuracy (%) on the first {n}'
           ' test points, JAX (uta_jax.apgd) vs the reference pyautoattack '
-          'through the bridge\n\n' + reporting.markdown_table(header, table))
+          'through the bridge; times are wall seconds on this run\'s machine, '
+          'JAX\'s including its compilation at the first eps\n\n' +
+          reporting.markdown_table(header, table))
 
 
 def main(argv):

@@ -334,6 +334,7 @@ def run_autoattack(torch) -> list:
     if 'jax_1_device' in med:
       row['jax_1_device_seconds'] = med['jax_1_device']
       row['sharding_speedup'] = med['jax_1_device'] / med['jax']
+      row['evaluate'] = time_evaluate(model, variables, ds.test, devices)
     rows.append(row)
     print(f"{name:6s} AutoAttack apgd, {len(y)} points, eps {FLAGS.aa_eps}: "
           f"JAX {med['jax']:.1f}s ({len(devices)} devices; first call "
@@ -344,6 +345,39 @@ def run_autoattack(torch) -> list:
              f"({row['sharding_speedup']:.2f}x)" if 'jax_1_device' in med
              else '') + f'; robust acc {robust}', flush=True)
   return rows
+
+
+def time_evaluate(model, variables, split, devices) -> dict:
+  """``evaluation.evaluate`` (PGD-20 x 10 restarts, UTA-20, FGSM at the
+  AutoAttack eps) on one device and on all, interleaved after a warm-up."""
+  config = configs.get_config('mnist_embedded', eval_eps=[FLAGS.aa_eps])
+  run = lambda devs: evaluation.evaluate(
+      model, variables, split, config=config, key=jax.random.PRNGKey(0),
+      devices=devs)
+  times = interleaved({'one_device': lambda: run(devices[:1]),
+                       'all_devices': lambda: run(devices)}, FLAGS.aa_reps)
+  med = {k: statistics.median(t) for k, t in times.items()}
+  return {'one_device_seconds': med['one_device'],
+          'all_devices_seconds': med['all_devices'],
+          'speedup': med['one_device'] / med['all_devices']}
+
+
+def autoattack_markdown(rows) -> str:
+  """The README's speed table of the ``autoattack`` section."""
+  lines = ['| model | points | JAX, all devices | JAX, 1 device | reference, '
+           'bridge | reference, native PyTorch | JAX vs native | JAX vs '
+           'bridge | robust acc. JAX / native (%) |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |']
+  for r in rows:
+    one = r.get('jax_1_device_seconds')
+    lines.append(
+        f"| {r['model']} | {r['num_examples']} | {r['jax_seconds']:.1f} s "
+        f"({r['jax_devices']}) | " + (f'{one:.1f} s' if one else '-') +
+        f" | {r['bridge_seconds']:.1f} s | {r['native_seconds']:.1f} s | "
+        f"{r['speedup_over_native']:.2f}x | {r['speedup_over_bridge']:.2f}x | "
+        f"{r['robust_accuracy']['jax']:.1f} / "
+        f"{r['robust_accuracy']['native']:.1f} |")
+  return '\n'.join(lines) + '\n'
 
 
 def use_plain_ops() -> None:
@@ -383,6 +417,7 @@ def main(argv):
     result['attacks'] = run_attacks(torch, peak)
   if 'autoattack' in FLAGS.sections:
     result['autoattack'] = run_autoattack(torch)
+    print(autoattack_markdown(result['autoattack']))
   with open(FLAGS.output, 'w') as f:
     json.dump(result, f, indent=2)
   print(f'results: {FLAGS.output}')

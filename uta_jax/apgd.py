@@ -112,25 +112,32 @@ def checkpoints(num_steps: int = NUM_STEPS) -> Tuple[Tuple[int, int], ...]:
   return tuple(points)
 
 
-def halve_step(loss_steps: jax.Array, *, i: int, window: int,
-               loss_best: jax.Array, loss_best_last_check: jax.Array,
+def halve_step(rises: jax.Array, *, window: int, loss_best: jax.Array,
+               loss_best_last_check: jax.Array,
                reduced_last_check: jax.Array,
                rho: float = RHO) -> jax.Array:
   """The checkpoint condition [B]: which examples halve their step size.
 
-  ``loss_steps`` [N, B] holds the loss after each iteration (rows not yet
-  written are zero; the comparison before row 0 reads row N - 1, as the
-  reference's ``loss_steps[-1]`` does). An example halves when its loss rose
-  in at most ``rho * window`` of the last ``window`` iterations, or when it
-  did not halve at the last checkpoint and its best loss has not improved.
+  ``rises`` [B] counts the iterations of the last ``window`` whose loss was
+  above the one before (``count_rise``). An example halves when its loss
+  rose in at most ``rho * window`` of them, or when it did not halve at the
+  last checkpoint and its best loss has not improved since.
   """
-  previous = jnp.roll(loss_steps, 1, axis=0)  # previous[j] = loss_steps[j-1]
-  rows = jnp.arange(loss_steps.shape[0])
-  in_window = ((rows > i - window) & (rows <= i))[:, None]
-  rises = jnp.sum((loss_steps > previous) & in_window, axis=0)
   oscillating = rises <= window * rho
   stalled = ~reduced_last_check & (loss_best_last_check >= loss_best)
   return oscillating | stalled
+
+
+def count_rise(rises: jax.Array, loss: jax.Array,
+               previous_loss: jax.Array) -> jax.Array:
+  """``rises`` plus one where ``loss`` [B] is above ``previous_loss``.
+
+  The windows between checkpoints tile the iterations, so one counter, reset
+  at each checkpoint, counts what the reference counts in its loss history.
+  Before iteration 0 the reference compares with an unwritten (zero) row of
+  that history, so ``previous_loss`` starts at zero.
+  """
+  return rises + (loss > previous_loss).astype(rises.dtype)
 
 
 # ------------------------------------------------------------ the attack
@@ -138,15 +145,16 @@ def halve_step(loss_steps: jax.Array, *, i: int, window: int,
 
 class _State(NamedTuple):
   x_adv: jax.Array
-  x_adv_old: jax.Array
-  grad: jax.Array
+  moved: jax.Array  # x_adv minus the previous iterate (the momentum term)
+  ascent: jax.Array  # int8 sign of the loss gradient at x_adv
   x_best: jax.Array
-  grad_best: jax.Array
+  ascent_best: jax.Array
   loss_best: jax.Array  # [B]
   x_best_adv: jax.Array  # the last misclassified point
   robust: jax.Array  # [B] bool: correct at every iterate so far
   step_size: jax.Array  # [B]
-  loss_steps: jax.Array  # [N, B]
+  loss: jax.Array  # [B] at the last iterate
+  rises: jax.Array  # [B] int32, since the last checkpoint
   loss_best_last_check: jax.Array  # [B]
   reduced_last_check: jax.Array  # [B] bool
 
@@ -224,49 +232,54 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, eps,
   x_adv = random_start(key, x, eps=eps, example_ids=example_ids)
   loss0, logits0, grad0 = loss_and_grad(x_adv)
   batch = x.shape[0]
+  # L-inf steps use only the gradient's sign: keep that, not the gradient.
+  ascent0 = jnp.sign(grad0).astype(jnp.int8)
   state = _State(
-      x_adv=x_adv, x_adv_old=x_adv, grad=grad0, x_best=x_adv,
-      grad_best=grad0, loss_best=loss0, x_best_adv=x_adv,
+      x_adv=x_adv, moved=jnp.zeros_like(x_adv), ascent=ascent0, x_best=x_adv,
+      ascent_best=ascent0, loss_best=loss0, x_best_adv=x_adv,
       robust=jnp.argmax(logits0, -1) == labels,
       step_size=jnp.full((batch,), 2.0, x.dtype) * eps,
-      loss_steps=jnp.zeros((num_steps, batch), loss0.dtype),
+      loss=jnp.zeros_like(loss0), rises=jnp.zeros((batch,), jnp.int32),
       loss_best_last_check=loss0,
       reduced_last_check=jnp.ones((batch,), bool))
 
   def iteration(i, s: _State) -> _State:
     momentum = jnp.where(i > 0, MOMENTUM, 1.0).astype(x.dtype)
     step = _per_example(s.step_size, x)
-    z = project(s.x_adv + step * jnp.sign(s.grad))
-    z = project(s.x_adv + (z - s.x_adv) * momentum +
-                (s.x_adv - s.x_adv_old) * (1 - momentum))
+    z = project(s.x_adv + step * s.ascent.astype(x.dtype))
+    z = project(s.x_adv + (z - s.x_adv) * momentum + s.moved * (1 - momentum))
     loss_i, logits, grad = loss_and_grad(z)
+    ascent = jnp.sign(grad).astype(jnp.int8)
     correct = jnp.argmax(logits, -1) == labels
-    fooled = _per_example(~correct, x)
     improved = loss_i > s.loss_best
     better = _per_example(improved, x)
-    loss_best = jnp.where(improved, loss_i, s.loss_best)
     x_best = jnp.where(better, z, s.x_best)
-    grad_best = jnp.where(better, grad, s.grad_best)
-    loss_steps = s.loss_steps.at[i].set(loss_i)
+    ascent_best = jnp.where(better, ascent, s.ascent_best)
+    loss_best = jnp.where(improved, loss_i, s.loss_best)
+    rises = count_rise(s.rises, loss_i, s.loss)
 
-    # Step-size checkpoint (a no-op after iterations that end no window).
-    halve = is_check[i] & halve_step(
-        loss_steps, i=i, window=windows[i], loss_best=loss_best,
+    # Step-size checkpoint: where an example halves, it restarts from its
+    # best point (the previous iterate, which ``moved`` is taken from, stays).
+    # Elementwise selects, false after iterations that end no window, cost
+    # less than a branch, whose operands XLA would copy.
+    checking = is_check[i]
+    halve = checking & halve_step(
+        rises, window=windows[i], loss_best=loss_best,
         loss_best_last_check=s.loss_best_last_check,
         reduced_last_check=s.reduced_last_check, rho=rho)
     back = _per_example(halve, x)
     return _State(
-        x_adv=jnp.where(back, x_best, z), x_adv_old=s.x_adv,
-        grad=jnp.where(back, grad_best, grad), x_best=x_best,
-        grad_best=grad_best, loss_best=loss_best,
-        x_best_adv=jnp.where(fooled, z, s.x_best_adv),
+        x_adv=jnp.where(back, x_best, z),
+        moved=jnp.where(back, x_best, z) - s.x_adv,
+        ascent=jnp.where(back, ascent_best, ascent), x_best=x_best,
+        ascent_best=ascent_best, loss_best=loss_best,
+        x_best_adv=jnp.where(_per_example(correct, x), s.x_best_adv, z),
         robust=s.robust & correct,
         step_size=jnp.where(halve, s.step_size / 2, s.step_size),
-        loss_steps=loss_steps,
-        loss_best_last_check=jnp.where(is_check[i], loss_best,
+        loss=loss_i, rises=jnp.where(checking, 0, rises),
+        loss_best_last_check=jnp.where(checking, loss_best,
                                        s.loss_best_last_check),
-        reduced_last_check=jnp.where(is_check[i], halve,
-                                     s.reduced_last_check))
+        reduced_last_check=jnp.where(checking, halve, s.reduced_last_check))
 
   state = jax.lax.fori_loop(0, num_steps, iteration, state)
   x_adv = jnp.where(_per_example(state.robust, x), x, state.x_best_adv)
