@@ -62,6 +62,17 @@ class EvaluateTest(absltest.TestCase):
       self.assertLessEqual(r['max_perturbation'], float(eps) + 1e-6)
     self.assertIn('clean_accuracy', self.train_results)  # training's kept
 
+  def test_train_autoattack_defaults_to_the_first_eval_eps(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_train(workdir, '--epochs=1', '--autoattack',
+                     '--autoattack_version=apgd', '--autoattack_examples=16')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(workdir, 'results.json')) as f:
+      report = json.load(f)['autoattack']
+    self.assertEqual(sorted(report['eps']), ['0.1'])  # QUICK: --eval_eps=0.1,0.2
+    self.assertEqual(report['backend'], 'jax')
+    self.assertIn('robust accuracy after APGD-T', proc.stderr)
+
   def test_evaluate_rand_version_on_the_mc_dropout_model(self):
     proc = run_evaluate(f'--workdir={self.workdir}', '--version=rand',
                         '--eps=0.1', '--num_examples=12', '--nojax_pgd')
