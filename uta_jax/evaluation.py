@@ -1,14 +1,23 @@
-"""Evaluation: JAX-native clean / PGD-with-restarts / UTA, and AutoAttack.
+"""Evaluation: JAX-native clean / PGD-with-restarts / UTA / FGSM, and AutoAttack.
 
 As the paper tests (§5): PGD-20 with step 0.01 and 10 random restarts; a test
 point counts as robust only if it is classified correctly clean and after
 every restart. A UTA attack of the same budget gives the accuracy on
 uncertainty-maximising points, and the mean predictive entropy is reported on
-clean and attacked points. Batches are padded to one size and eps is a traced
-argument, so the evaluation compiles once for all eps values.
+clean and attacked points.
 
-``autoattack`` runs the reference AutoAttack (``pyautoattack``, PyTorch) on
-the JAX model through ``torch_bridge``; torch is imported only there.
+Everything is per example and sharded: each host takes its slice of the test
+points, ``parallel.map_examples`` runs a pmapped program over the host's
+devices in padded chunks of one shape (eps is a traced argument, so one
+compilation serves every eps and every later evaluation of a run), and the
+per-point results are gathered across hosts. Random starts come from
+``fold_in(key, example index)``, so results do not depend on the number of
+devices or hosts.
+
+``autoattack`` runs AutoAttack's APGD-CE + APGD-T natively in JAX
+(``uta_jax.apgd``, ``backend='jax'``) or the reference ``pyautoattack``
+(PyTorch) on the JAX model through ``torch_bridge`` (``backend='torch'``);
+torch is imported only there.
 """
 
 from __future__ import annotations
