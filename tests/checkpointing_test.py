@@ -89,6 +89,71 @@ class CheckpointerTest(absltest.TestCase):
     ck.close()
     self.assertEqual(step, 10)
 
+  def test_an_unverified_step_is_removed_and_can_be_saved_again(self):
+    # The kill window of old versions: orbax finished step 20, its checksum
+    # was never written. Resuming from 10 must be able to save 20 again.
+    ck = checkpointing.Checkpointer(self.dir)
+    ck.save(10, self.state)
+    ck.save(20, self.later)
+    ck.close()
+    path = os.path.join(self.dir, checkpointing.CHECKSUMS)
+    with open(path) as f:
+      sums = json.load(f)
+    del sums['20']
+    with open(path, 'w') as f:
+      json.dump(sums, f)
+    ck = checkpointing.Checkpointer(self.dir)
+    with self.assertLogs('uta_jax', level='WARNING') as logs:
+      _, step = ck.restore_latest(self.state)
+    self.assertEqual(step, 10)
+    self.assertIn('step 20 has no checksum', ' '.join(logs.output))
+    self.assertEqual(ck.steps(), [10])
+    ck.save(20, self.later)  # raised StepAlreadyExistsError before
+    restored, step = ck.restore_latest(self.state)
+    ck.close()
+    self.assertEqual(step, 20)
+    chex.assert_trees_all_equal(restored, self.later)
+
+  def test_a_kill_inside_a_save_leaves_a_resumable_state(self):
+    def killed(*args, **kwargs):
+      del args, kwargs
+      raise KeyboardInterrupt('killed')
+
+    # Killed while writing the checksum, or while orbax writes the step.
+    for target in ('_write_checksums', 'orbax'):
+      with self.subTest(killed_in=target):
+        directory = self.create_tempdir().full_path
+        ck = checkpointing.Checkpointer(directory)
+        ck.save(10, self.state)
+        if target == 'orbax':
+          ck._manager.save = killed  # pylint: disable=protected-access
+        else:
+          ck._write_checksums = killed  # pylint: disable=protected-access
+        with self.assertRaises(KeyboardInterrupt):
+          ck.save(20, self.later)
+        ck.close()
+        ck = checkpointing.Checkpointer(directory)
+        restored, step = ck.restore_latest(self.state)
+        self.assertEqual(step, 10)
+        chex.assert_trees_all_equal(restored, self.state)
+        ck.save(20, self.later)  # the rerun reaches step 20 again
+        self.assertEqual(ck.restore_latest(self.state)[1], 20)
+        ck.close()
+
+  def test_temporary_folders_of_interrupted_saves_are_removed(self):
+    ck = checkpointing.Checkpointer(self.dir)
+    ck.save(10, self.state)
+    ck.close()
+    tmp = os.path.join(self.dir, '20.orbax-checkpoint-tmp-1234')
+    os.makedirs(os.path.join(tmp, 'default'))
+    ck = checkpointing.Checkpointer(self.dir)
+    with self.assertLogs('uta_jax', level='WARNING') as logs:
+      _, step = ck.restore_latest(self.state)
+    ck.close()
+    self.assertEqual(step, 10)
+    self.assertFalse(os.path.exists(tmp))
+    self.assertIn('interrupted', ' '.join(logs.output))
+
   def test_checksum_sees_every_byte(self):
     a = {'w': np.zeros(4, np.float32)}
     b = {'w': np.array([0, 0, 0, 1e-30], np.float32)}

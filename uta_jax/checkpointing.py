@@ -4,19 +4,24 @@ orbax's ``CheckpointManager`` writes each step atomically (a temporary folder
 renamed when complete), so ``kill -9`` never leaves a half step that looks
 finished. orbax does not notice flipped bytes inside a finished step, so we
 store a SHA-256 of every saved state in ``checksums.json`` beside the steps
-and verify it on restore; a step that fails to load or to verify is skipped
-with a warning and the newest valid one is used. A step saved without its
-checksum (killed in between) is not trusted either.
+and verify it on restore. The checksum is recorded *before* orbax writes the
+step: a kill at any instant leaves either the old newest step or the new one,
+each with its checksum.
+
+On restore, every step that has no checksum, does not load or fails its
+checksum is removed with a warning naming it (a later save of the same step
+would otherwise fail with orbax's ``StepAlreadyExistsError``), as are the
+temporary folders of interrupted saves; the newest valid step is used.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
-
-log = logging.getLogger('uta_jax')
 import os
+import shutil
 from typing import Any, Optional, Tuple
 
 import flax.serialization
@@ -24,7 +29,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+log = logging.getLogger('uta_jax')
+
 CHECKSUMS = 'checksums.json'
+TMP_PATTERN = '*.orbax-checkpoint-tmp*'  # orbax's in-progress step folders
 
 
 def tree_checksum(tree: Any) -> str:
@@ -71,14 +79,19 @@ class Checkpointer:
   # -- save / restore -----------------------------------------------------
 
   def save(self, step: int, state: Any) -> None:
-    """Saves ``state`` (host arrays or a flax struct) as ``step``."""
+    """Saves ``state`` (host arrays or a flax struct) as ``step``.
+
+    The checksum goes first: a step that exists always has one; a checksum
+    whose step never got written is harmless and dropped by the next save.
+    """
     tree = flax.serialization.to_state_dict(state)
-    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
-    self._manager.wait_until_finished()
+    kept = set(self._manager.all_steps())
     checksums = {s: c for s, c in self._read_checksums().items()
-                 if int(s) in self._manager.all_steps()}
+                 if int(s) in kept}
     checksums[str(step)] = tree_checksum(tree)
     self._write_checksums(checksums)
+    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    self._manager.wait_until_finished()
 
   def steps(self) -> list:
     return sorted(self._manager.all_steps())
@@ -88,27 +101,44 @@ class Checkpointer:
 
     Returns ``(None, None)`` when there is no valid step.
     """
+    self._remove_tmp_folders()
     checksums = self._read_checksums()
     target_tree = flax.serialization.to_state_dict(target)
+    found = None
     for step in reversed(self.steps()):
+      if found is not None:
+        break  # older steps stay: they are only rotated out
       expected = checksums.get(str(step))
       if expected is None:
-        log.warning('checkpoint step %d has no checksum (interrupted '
-                        'save?); skipping it', step)
+        self._remove(step, 'has no checksum (saved by an older version, or '
+                     'its checksums.json entry is lost)')
         continue
       try:
         tree = self._manager.restore(
             step, args=ocp.args.StandardRestore(target_tree))
       except Exception as e:  # pylint: disable=broad-except
-        log.warning('checkpoint step %d does not load (%s); falling back '
-                        'to an older step', step, type(e).__name__)
+        self._remove(step, f'does not load ({type(e).__name__})')
         continue
       if tree_checksum(tree) != expected:
-        log.warning('checkpoint step %d fails its checksum (corrupted '
-                        'bytes); falling back to an older step', step)
+        self._remove(step, 'fails its checksum (corrupted bytes)')
         continue
-      return flax.serialization.from_state_dict(target, tree), step
-    return None, None
+      found = flax.serialization.from_state_dict(target, tree), step
+    return found or (None, None)
+
+  def _remove(self, step: int, why: str) -> None:
+    """Deletes an unusable step so that training can write it again."""
+    log.warning('checkpoint step %d %s: removed it, falling back to an '
+                'older step', step, why)
+    if jax.process_index() == 0:
+      self._manager.delete(step)
+    self._manager.reload()
+
+  def _remove_tmp_folders(self) -> None:
+    for path in glob.glob(os.path.join(self.directory, TMP_PATTERN)):
+      log.warning('removing %s, the temporary folder of an interrupted '
+                  'checkpoint save', path)
+      if jax.process_index() == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
   def close(self) -> None:
     self._manager.close()
