@@ -64,7 +64,8 @@ def summary_lines(results: Dict[str, Any]) -> Iterable[str]:
 def autoattack_lines(report: Dict[str, Any]) -> Iterable[str]:
   """Summary lines of ``loop.evaluate_workdir``'s report."""
   n = report['num_examples']
-  yield (f"AutoAttack {report['version']}, model "
+  backend = report.get('backend', 'torch')
+  yield (f"AutoAttack {report['version']} ({backend} backend), model "
          f"{report.get('model_randomness', '')}, {n} test points")
   for eps, r in report['eps'].items():
     yield (f"eps={format_eps(float(eps))}: clean accuracy "
