@@ -29,6 +29,7 @@ from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import torch_bridge
+from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
@@ -83,7 +84,8 @@ def main(argv):
     print(f'stopped: finished eps are in {FLAGS.workdir}/{reporting.RESULTS}; '
           'rerun the same command to finish')
     sys.exit(stop.exit_code())
-  except (ImportError, loop.TrainingError, data.DataError, ValueError) as e:
+  except (ImportError, loop.TrainingError, data.DataError, ValueError,
+          workdir_lock.WorkdirError) as e:
     cli.fail(str(e))
   for line in reporting.autoattack_lines(report):
     print(line)

@@ -26,6 +26,7 @@ from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import reporting
 from uta_jax import torch_bridge
+from uta_jax import workdir_lock
 
 PRESETS = ('quick', 'paper')
 
@@ -61,7 +62,7 @@ _CONFIG_FLAGS = ('data_dir', 'epochs', 'max_train_examples',
 
 # Exceptions the library raises with a message naming the fix.
 USER_ERRORS = (configs.ConfigError, data.DataError, loop.TrainingError,
-               ImportError)
+               workdir_lock.WorkdirError, ImportError)
 
 
 def start(script: str) -> str:

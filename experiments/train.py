@@ -28,6 +28,7 @@ from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
+from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'mnist_embedded',
@@ -120,7 +121,8 @@ def main(argv):
           f'{reporting.RESULTS}; rerun the same command to finish')
     sys.exit(stop.exit_code())
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
-          loop.TrainingError, ImportError, ValueError) as e:
+          loop.TrainingError, workdir_lock.WorkdirError, ImportError,
+          ValueError) as e:
     cli.fail(str(e))
   if results['status'] == 'preempted':
     print(f'preempted at step {results["step"]}: checkpoint saved in '

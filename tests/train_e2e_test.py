@@ -170,6 +170,21 @@ class FaultToleranceTest(absltest.TestCase):
         self.assertTrue(os.path.exists(os.path.join(workdir,
                                                     'results.json')))
 
+  def test_a_second_run_on_the_same_workdir_is_refused(self):
+    workdir = self.create_tempdir().full_path
+    first = subprocess.Popen(
+        train_command(workdir, '--epochs=4', '--checkpoint_every=4'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.addCleanup(first.kill)
+    wait_for_checkpoint(workdir, first, min_step=4)
+    second = run_train(workdir, '--epochs=4', '--checkpoint_every=4')
+    self.assertEqual(second.returncode, 2, second.stderr[-2000:])
+    self.assertRegex(second.stderr.strip().splitlines()[-1],
+                     f'^error: workdir .* is in use by pid {first.pid} on ')
+    self.assertNotIn('Traceback', second.stderr)
+    first.kill()
+    first.wait()
+
   def test_non_finite_loss_stops_and_keeps_a_finite_checkpoint(self):
     workdir = self.create_tempdir().full_path
     proc = run_train(workdir, '--epochs=1', '--optimizer=sgd_nesterov',

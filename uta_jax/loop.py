@@ -32,6 +32,7 @@ from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import steps
+from uta_jax import workdir_lock
 
 log = logging.getLogger('uta_jax')
 
@@ -53,14 +54,18 @@ class TrainingError(RuntimeError):
   """The run cannot go on (non-finite loss, incompatible workdir)."""
 
 
-def prepare_workdir(config: configs.Config, workdir: str) -> None:
-  """Creates ``workdir`` and saves the config, or checks it matches."""
-  path = os.path.join(workdir, CONFIG)
+def _make_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise TrainingError(f'cannot create workdir {workdir!r} ({e.strerror}): '
                         'pass a writable --workdir') from e
+
+
+def prepare_workdir(config: configs.Config, workdir: str) -> None:
+  """Creates ``workdir`` and saves the config, or checks it matches."""
+  path = os.path.join(workdir, CONFIG)
+  _make_workdir(workdir)
   if os.path.exists(path):
     try:
       with open(path) as f:
@@ -100,6 +105,14 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
   """
   configs.validate(config)
   parallel.check_global_batch(config.batch_size)
+  _make_workdir(workdir)
+  with workdir_lock.hold(workdir, what='training',
+                         enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, stop_requested)
+
+
+def _train_and_evaluate(config: configs.Config, workdir: str,
+                        stop_requested: Callable[[], bool]) -> Dict[str, Any]:
   prepare_workdir(config, workdir)
   dataset = data.load_dataset(
       config.dataset, data_dir=config.data_dir,
@@ -304,6 +317,18 @@ def evaluate_workdir(workdir: str, *, version: str = 'standard',
   if config.dataset == 'toy2d':
     raise TrainingError('AutoAttack evaluates image models; toy2d points have '
                         'no pixel box')
+  with workdir_lock.hold(workdir, what='AutoAttack evaluation',
+                         enabled=jax.process_index() == 0):
+    return _evaluate_workdir(
+        workdir, config, model, variables, step, version=version,
+        backend=backend, eps=eps, num_examples=num_examples,
+        batch_size=batch_size, seed=seed, jax_pgd=jax_pgd,
+        stop_requested=stop_requested)
+
+
+def _evaluate_workdir(workdir, config, model, variables, step, *, version,
+                      backend, eps, num_examples, batch_size, seed, jax_pgd,
+                      stop_requested) -> Dict[str, Any]:
   eps = tuple(config.eval.eps if eps is None else eps)
   backend = backend or evaluation.default_backend(version)
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
