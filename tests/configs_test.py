@@ -61,6 +61,10 @@ class ValidationTest(parameterized.TestCase):
                             num_samples=5), 'attack=uta'),
       ('eval_eps', dict(eval_eps=[8.0]), r'\(0, 1\]'),
       ('epochs', dict(epochs=0), 'epochs'),
+      ('eps_above_one', dict(eps_train=1.5), 'above 1'),
+      ('negative_seed', dict(seed=-1), 'seed'),
+      ('toy_with_conv_net', dict(dataset='toy2d', model='lenet'),
+       'model=mlp'),
       ('unknown', dict(colour='red'), 'unknown settings'),
   )
   def test_bad_values_name_the_setting(self, overrides, pattern):

@@ -226,6 +226,10 @@ def validate(config: Config) -> None:
   """Raises ``ConfigError`` naming the first invalid setting and its fix."""
   _choose('dataset', config.dataset, data.DATASETS)
   _choose('model', config.model, tuple(models.MODELS))
+  if config.dataset == 'toy2d' and config.model != 'mlp':
+    raise ConfigError(f'the toy2d points are 2-D vectors, not images: use '
+                      f'--model=mlp, not {config.model}')
+  _at_least('seed', config.seed, 0)
   a = config.attack
   _choose('attack', a.name, ATTACKS)
   _choose('step_schedule', a.step_schedule, SCHEDULES)
@@ -234,6 +238,9 @@ def validate(config: Config) -> None:
   _choose('space', a.space, SPACES)
   if a.name != 'none':
     _check_eps('eps_train', a.eps)
+    if config.dataset != 'toy2d' and a.space == 'input' and a.eps > 1:
+      raise ConfigError(f'eps_train {a.eps} is above 1: images are in [0, 1],'
+                        ' so the ball would cover every image')
     _at_least('num_steps', a.num_steps, 1)
     _check_eps('step_size', a.step_size)
   _at_least('num_samples', a.num_samples, 1)
