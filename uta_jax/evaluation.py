@@ -176,14 +176,14 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
         robust[robust] = restart['correct']
     out['pgd_correct'] = gather(robust)
     out['pgd_entropy'] = gather(entropy)
-    results.setdefault('clean_accuracy', 100.0 * out['clean_correct'].mean())
+    results.setdefault('clean_accuracy',
+                       100.0 * float(out['clean_correct'].mean()))
     results.setdefault('clean_entropy', float(out['clean_entropy'].mean()))
     for attack in EVAL_ATTACKS:
       results['robust_accuracy'][attack][str(eps)] = (
           100.0 * float(out[f'{attack}_correct'].mean()))
       results['attacked_entropy'][attack][str(eps)] = float(
           out[f'{attack}_entropy'].mean())
-  results['clean_accuracy'] = float(results['clean_accuracy'])
   return results
 
 
