@@ -75,9 +75,10 @@ class JaxAutoAttackTest(absltest.TestCase):
     np.testing.assert_array_equal(one['robust_points'], four['robust_points'])
     self.assertEqual(one['per_attack'], four['per_attack'])
 
-  def test_seed_is_the_key(self):
+  def test_same_seed_same_points(self):
     a, b = self.autoattack(seed=5), self.autoattack(seed=5)
     np.testing.assert_array_equal(a['robust_points'], b['robust_points'])
+    self.assertEqual(a['per_attack'], b['per_attack'])
 
   def test_stop_and_bad_settings(self):
     with self.assertRaises(parallel.Stopped):

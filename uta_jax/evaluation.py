@@ -72,6 +72,15 @@ def _step_size(eps, eval_config: configs.EvalConfig):
       eval_config.pgd_step_size)
 
 
+def _example_runner(split: data.Split, devices: Tuple[Any, ...],
+                    stop_requested: StopFn):
+  """``run(fn, indices, batch_size=...)``: ``parallel.map_examples`` over
+  ``devices`` on examples of ``split``."""
+  return functools.partial(
+      parallel.map_examples, fetch=lambda idx: data.get_batch(split, idx),
+      num_devices=len(devices), stop_requested=stop_requested)
+
+
 def _deterministic_attacks(variables, batch, eps, *, model, ensemble,
                            eval_config, bounds) -> Dict[str, jax.Array]:
   """Per-example clean, UTA and FGSM correctness and entropies [B]."""
@@ -150,10 +159,8 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   replicated = parallel.replicate(variables, devices)
   n = len(split)
   ids = parallel.host_indices(n)
-  run = functools.partial(
-      parallel.map_examples, fetch=lambda idx: data.get_batch(split, idx),
-      num_devices=len(devices), batch_size=ec.batch_size,
-      stop_requested=stop_requested)
+  run = functools.partial(_example_runner(split, devices, stop_requested),
+                          batch_size=ec.batch_size)
   gather = lambda v: parallel.gather_examples(v, n)
   results = {'num_examples': n,
              'robust_accuracy': {a: {} for a in EVAL_ATTACKS},
@@ -325,9 +332,7 @@ def _autoattack_jax(model, variables, split, *, eps, ensemble, version,
   replicated = parallel.replicate(variables, devices)
   n = len(split)
   ids = parallel.host_indices(n)
-  run = functools.partial(
-      parallel.map_examples, fetch=lambda idx: data.get_batch(split, idx),
-      num_devices=len(devices), stop_requested=stop_requested)
+  run = _example_runner(split, devices, stop_requested)
   logger.info('using apgd version including %s (JAX backend, %d devices '
               'x %d hosts)', ', '.join(APGD_ATTACKS), len(devices),
               jax.process_count())
