@@ -194,5 +194,32 @@ class StepTest(chex.TestCase):
     self.assertTrue(np.isfinite(ma['loss']))
 
 
+class ModelHeadTest(absltest.TestCase):
+
+  def test_every_models_head_has_its_datasets_class_count(self):
+    # toy2d has 2 classes; a 10-way head would make UTA maximise a 10-way
+    # entropy on a 2-class problem.
+    for dataset in data.DATASETS:
+      config = configs.get_config(dataset)
+      for ensemble in (False, True):
+        if ensemble:
+          config = configs.get_config(dataset, attack='uta',
+                                      uncertainty='ensemble', num_samples=2)
+        model = steps.create_model(config)
+        state = steps.create_train_state(
+            config, model, optax.sgd(0.1), data.INPUT_SHAPES[dataset])
+        x = jnp.zeros((3, *data.INPUT_SHAPES[dataset]), jnp.float32)
+        logits = steps.predict_logits(model, steps.variables_of(state), x,
+                                      ensemble=ensemble)
+        self.assertEqual(logits.shape, (3, data.NUM_CLASSES[dataset]),
+                         (dataset, ensemble))
+
+  def test_class_count_matches_the_labels_of_the_offline_datasets(self):
+    for dataset in ('toy2d', 'mnist_embedded'):
+      ds = data.load_dataset(dataset)
+      self.assertEqual(ds.num_classes, data.NUM_CLASSES[dataset])
+      self.assertEqual(len(np.unique(ds.train.labels)), ds.num_classes)
+
+
 if __name__ == '__main__':
   absltest.main()

