@@ -1,11 +1,11 @@
 r"""JAX APGD vs the reference AutoAttack on the same models and points.
 
   python experiments/apgd_agreement.py                 # 3 models x 2 eps
-  python experiments/apgd_agreement.py --num_examples=200 --eps=0.1
+  python experiments/apgd_agreement.py --num_examples=200 --eps_test=0.1
 
 Trains (or reuses) three models: a Fashion-MNIST LeNet with PGD-AT and one
-with UTA-AT (eps_train 0.2, the first 10k training images, 3 epochs, as
-table1.py's quick preset) and the MNIST MLP of the main job (UTA-AT on the
+with UTA-AT (eps_train 0.2, the first 10k training images, 3 epochs: table1.py's
+earlier quick preset) and the MNIST MLP of the main job (UTA-AT on the
 embedded MNIST, 30 epochs). On the first --num_examples test points it runs
 AutoAttack's APGD-CE + APGD-T (version ``apgd``) twice per eps: natively in
 JAX (``uta_jax.apgd``) and the reference ``pyautoattack`` through the bridge.
@@ -35,7 +35,7 @@ from uta_jax import reporting
 from uta_jax import torch_bridge
 
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
-flags.DEFINE_list('eps', ['0.1', '0.2'], 'AutoAttack radii')
+flags.DEFINE_list('eps_test', ['0.1', '0.2'], 'AutoAttack radii')
 
 FLAGS = flags.FLAGS
 
@@ -91,7 +91,8 @@ def compare(name, workdir, eps_values):
   return rows
 
 
-def markdown(rows) -> str:
+def markdown(payload: dict) -> str:
+  rows = payload['rows']
   header = ['model', 'eps', 'clean', 'JAX apgd', 'reference apgd',
             'difference', 'same verdict', 'JAX s', 'reference s']
   table = [[r['model'], f"{r['eps']:g}", r['clean_accuracy'],
@@ -111,23 +112,27 @@ def markdown(rows) -> str:
 def main(argv):
   del argv
   out = sweep.start('apgd_agreement')
-  eps_values = cli.parse_floats(FLAGS.eps, 'eps')
+  eps_values = cli.parse_floats(FLAGS.eps_test, 'eps_test')
   for e in eps_values:
     if not 0 < e <= 1:
-      cli.fail(f'--eps {e} is outside (0, 1]')
+      cli.fail(f'--eps_test {e} is outside (0, 1]')
   try:
     torch_bridge.require_torch().set_num_threads(1)
     rows = []
-    for name, (dataset, overrides) in MODELS.items():
-      config = configs.get_config(dataset, **sweep.overrides(overrides))
-      workdir = os.path.join(out, 'runs', name)
-      sweep.train(config, workdir)
-      rows += compare(name, workdir, eps_values)
+    seeds = sweep.seeds((0,))
+    for seed in seeds:
+      for name, (dataset, overrides) in MODELS.items():
+        config = configs.get_config(dataset,
+                                    **sweep.overrides(overrides, seed))
+        workdir = sweep.seed_dir(os.path.join(out, 'runs', name), seed)
+        sweep.train(config, workdir)
+        rows += [dict(r, seed=seed)
+                 for r in compare(name, workdir, eps_values)]
   except sweep.USER_ERRORS as e:
     cli.fail(str(e))
-  sweep.write_outputs(out, 'apgd_agreement', markdown=markdown(rows),
+  sweep.write_outputs(out, 'apgd_agreement', markdown=markdown,
                       payload={'rows': rows, 'num_examples': FLAGS.num_examples,
-                               'eps': eps_values})
+                               'eps': eps_values, 'seeds': seeds})
 
 
 if __name__ == '__main__':

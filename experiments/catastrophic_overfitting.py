@@ -1,6 +1,7 @@
 r"""Catastrophic overfitting (Fig. 4, Fig. 9): one-step AT, accuracy curves.
 
   python experiments/catastrophic_overfitting.py              # F-MNIST LeNet
+  python experiments/catastrophic_overfitting.py --seeds=0,1,2 --epochs=15
   python experiments/catastrophic_overfitting.py --preset=paper \
       --settings=fmnist_lenet,cifar10_resnet18
 
@@ -9,13 +10,13 @@ Trains each method with ``loop.train_and_evaluate`` and evaluates every
 accuracy and PGD accuracy (F-MNIST: PGD-20, step 0.01, eps 0.2 as in Fig. 4;
 CIFAR-10: PGD-10, step eps/4, eps 8/255 as in Fig. 9). The script flags the
 iteration where PGD accuracy collapses (``evaluation.collapse_step``: it
-falls below a quarter of its best value and never recovers). Writes
-catastrophic_overfitting.md / .json / .png.
+falls below a quarter of its best value and never recovers). One run per
+method and seed; ``verdicts`` tests Fig. 4's claims over the seeds. Writes
+catastrophic_overfitting.md / .json / .png (every seed's curves).
 """
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -56,6 +57,10 @@ PAPER = {'fmnist_lenet': dict(epochs=30, max_eval_examples=1000,
                               eval_every_steps=100),
          'cifar10_resnet18': dict(epochs=30, max_eval_examples=1000,
                                   eval_every_steps=200)}
+SEEDS = (0, 1, 2)  # both presets; the paper averages 3 runs
+# PGD accuracy (%) under which a run counts as catastrophically overfitted
+# once it has passed its peak (the paper: "approaches 0").
+COLLAPSED_PGD = 5.0
 
 flags.DEFINE_list('settings', None, f'subset of {",".join(SETTINGS)}; '
                   'default: the preset\'s (quick has no CIFAR-10 offline)')
@@ -64,7 +69,7 @@ flags.DEFINE_integer('eval_every_steps', None, 'override: iterations between '
 FLAGS = flags.FLAGS
 
 
-def run_setting(name: str, preset: dict, out: str) -> list:
+def run_setting(name: str, preset: dict, out: str, seed: int) -> list:
   dataset, shared, methods = SETTINGS[name]
   rows = []
   for method in sweep.methods(methods, methods):
@@ -72,8 +77,8 @@ def run_setting(name: str, preset: dict, out: str) -> list:
     values = dict(preset, **shared, **method_overrides)
     if FLAGS.eval_every_steps:
       values['eval_every_steps'] = FLAGS.eval_every_steps
-    config = configs.get_config(dataset, **sweep.overrides(values))
-    workdir = os.path.join(out, 'runs', name, method)
+    config = configs.get_config(dataset, **sweep.overrides(values, seed))
+    workdir = sweep.seed_dir(os.path.join(out, 'runs', name, method), seed)
     results = sweep.train(config, workdir)
     curve = [r for r in reporting.read_metrics(
         os.path.join(workdir, reporting.METRICS)) if r.get('kind') == 'eval']
@@ -81,12 +86,14 @@ def run_setting(name: str, preset: dict, out: str) -> list:
     pgd = [r['pgd_accuracy'] for r in curve]
     best = max(range(len(pgd)), key=pgd.__getitem__)
     rows.append({
-        'setting': name, 'method': method, 'eps': config.eval.eps[0],
+        'setting': name, 'method': method, 'seed': seed,
+        'eps': config.eval.eps[0], 'epochs': config.epochs,
         'steps': steps,
         'clean': [r['clean_accuracy'] for r in curve],
         'fgsm': [r['fgsm_accuracy'] for r in curve],
         'pgd': pgd,
         'best_pgd': pgd[best], 'best_pgd_step': steps[best],
+        'lowest_pgd_after_best': min(pgd[best:]),
         'final': {'clean': results['clean_accuracy'],
                   'fgsm': curve[-1]['fgsm_accuracy'],
                   'pgd': curve[-1]['pgd_accuracy']},
@@ -98,30 +105,80 @@ def run_setting(name: str, preset: dict, out: str) -> list:
   return rows
 
 
-def markdown(rows: list) -> str:
+def verdicts(rows: list) -> list:
+  """Fig. 4 / Fig. 9's claims as rules over one setting's per-seed rows."""
+  setting = rows[0]['setting']
+  by = reporting.group_rows(rows, 'method')
+  fgsm, uta = by.get(('fgsm',)), by.get(('uta1',)) or by.get(('uta1_mc5',))
+  if not fgsm or not uta:
+    return []
+  lows = lambda rs: '/'.join(f"{r['lowest_pgd_after_best']:.1f}" for r in rs)
+  collapsed = lambda r: r['lowest_pgd_after_best'] < COLLAPSED_PGD
+  pairs = [(f['final']['clean'], u['final']['clean']) for f in fgsm
+           for u in uta if f['seed'] == u['seed']]
+  return [
+      reporting.verdict(
+          f'{setting}: FGSM-AT overfits catastrophically: its PGD accuracy '
+          'approaches 0 (Fig. 4 left)',
+          f'after its peak, FGSM-AT\'s PGD accuracy falls below '
+          f'{COLLAPSED_PGD:g}% in at least one seed',
+          any(collapsed(r) for r in fgsm),
+          f'lowest PGD accuracy after the peak per seed: {lows(fgsm)}%'),
+      reporting.verdict(
+          f'{setting}: single-step UTA does not overfit catastrophically '
+          '(Fig. 4 right, §5.3)',
+          f'after its peak, UTA\'s PGD accuracy stays >= {COLLAPSED_PGD:g}% '
+          'in every seed', not any(collapsed(r) for r in uta),
+          f'lowest PGD accuracy after the peak per seed: {lows(uta)}%'),
+      reporting.verdict(
+          f'{setting}: single-step UTA ends with a higher clean accuracy '
+          'than FGSM-AT (Fig. 4)',
+          'final clean(UTA) > final clean(FGSM-AT) in every seed',
+          all(u > f for f, u in pairs),
+          'UTA ' + '/'.join(f'{u:.1f}' for _, u in pairs) + ' vs FGSM-AT ' +
+          '/'.join(f'{f:.1f}' for f, _ in pairs)),
+  ]
+
+
+def markdown(payload: dict) -> str:
+  rows = payload['rows']
+  ms = reporting.format_mean_std
   header = ['setting', 'method', 'eps', 'final clean', 'final FGSM',
-            'final PGD', 'best PGD (step)', 'PGD collapse at step']
-  table = [[r['setting'], r['method'], f"{r['eps']:.4g}", r['final']['clean'],
-            r['final']['fgsm'], r['final']['pgd'],
-            f"{r['best_pgd']:.1f} ({r['best_pgd_step']})",
-            r['collapse_step'] if r['collapse_step'] is not None else 'none']
-           for r in rows]
-  return (f"Accuracies in % on {rows[0]['eval_examples']} test points; PGD "
-          'with 1 restart during training.\n\n' +
+            'final PGD', 'best PGD', 'lowest PGD after best',
+            'PGD collapse at step (per seed)', 'seeds']
+  table = []
+  for (setting, method), rs in reporting.group_rows(rows, 'setting',
+                                                    'method').items():
+    table.append([
+        setting, method, f"{rs[0]['eps']:.4g}",
+        ms(r['final']['clean'] for r in rs), ms(r['final']['fgsm'] for r in rs),
+        ms(r['final']['pgd'] for r in rs), ms(r['best_pgd'] for r in rs),
+        ms(r['lowest_pgd_after_best'] for r in rs),
+        ', '.join(str(r['collapse_step']) if r['collapse_step'] is not None
+                  else 'none' for r in rs), len(rs)])
+  return (f"Accuracies in % on {rows[0]['eval_examples']} test points, mean "
+          f"± std over seeds {payload['seeds']}; {rows[0]['epochs']} epochs;"
+          ' PGD with 1 restart during training.\n\n' +
           reporting.markdown_table(header, table))
 
 
-def figure(rows: list):
+def figure(payload: dict):
+  """Clean, FGSM and PGD accuracy against iteration; a thin line per seed."""
+  groups = reporting.group_rows(payload['rows'], 'setting', 'method')
   plt = sweep.pyplot()
-  fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.5),
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5),
                            squeeze=False, sharey=True)
-  for ax, r in zip(axes[0], rows):
-    ax.plot(r['steps'], r['clean'], label='clean')
-    ax.plot(r['steps'], r['fgsm'], label='FGSM')
-    ax.plot(r['steps'], r['pgd'], label='PGD')
-    if r['collapse_step'] is not None:
-      ax.axvline(r['collapse_step'], color='k', ls=':', label='PGD collapse')
-    ax.set(title=f"{r['setting']}: {r['method']}", xlabel='iteration',
+  for ax, ((setting, method), rs) in zip(axes[0], groups.items()):
+    for key, label, color in (('clean', 'clean', 'tab:blue'),
+                              ('fgsm', 'FGSM', 'tab:orange'),
+                              ('pgd', 'PGD', 'tab:green')):
+      for i, r in enumerate(rs):
+        ax.plot(r['steps'], r[key], color=color, lw=1, alpha=0.8,
+                label=label if i == 0 else None)
+    for r in rs:
+      if r['collapse_step'] is not None:
+        ax.axvline(r['collapse_step'], color='k', ls=':', lw=1)
+    ax.set(title=f'{setting}: {method} ({len(rs)} seeds)', xlabel='iteration',
            ylabel='test accuracy (%)')
     ax.legend()
   fig.tight_layout()
@@ -133,20 +190,23 @@ def main(argv):
   out = sweep.start('catastrophic_overfitting')
   preset = QUICK if FLAGS.preset == 'quick' else PAPER
   names = FLAGS.settings or list(preset)
-  t0 = time.time()
+  seeds = sweep.seeds(SEEDS)
   rows = []
   try:
     for name in names:
       if name not in SETTINGS:
         cli.fail(f'unknown setting {name!r}; choose from {list(SETTINGS)}')
-      rows += run_setting(name, preset.get(name, PAPER[name]), out)
+    for seed in seeds:
+      for name in names:
+        rows += run_setting(name, preset.get(name, PAPER[name]), out, seed)
   except sweep.USER_ERRORS as e:
     cli.fail(str(e))
-  sweep.write_outputs(out, 'catastrophic_overfitting', markdown=markdown(rows),
-                      payload={'preset': FLAGS.preset, 'rows': rows,
-                               'wall_seconds_this_invocation':
-                                   time.time() - t0},
-                      figure=figure(rows))
+  payload = {'preset': FLAGS.preset, 'seeds': seeds, 'rows': rows,
+             'verdicts': [v for name in names for v in verdicts(
+                 [r for r in rows if r['setting'] == name])],
+             'compute_seconds': sweep.compute_seconds(rows)}
+  sweep.write_outputs(out, 'catastrophic_overfitting', payload=payload,
+                      markdown=markdown, figure=figure(payload))
 
 
 if __name__ == '__main__':

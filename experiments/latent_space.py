@@ -2,6 +2,7 @@ r"""Table 2 and Fig. 13: latent-space PGD-AT vs latent-space UTA-AT.
 
   python experiments/latent_space.py                  # quick: embedded MNIST
   python experiments/latent_space.py --preset=paper   # full MNIST
+  python experiments/latent_space.py --seeds=0,1,2 --methods=ls_pgd
 
 LeNet split into encoder (convolutions + first fc layer, latent 120) and
 classifier (last two fc layers), §5.2. LS-PGD-AT perturbs the code of one
@@ -10,13 +11,13 @@ member moving its own code (``steps.perturb``). Both use the triangular step
 size (10 steps) at eps_train 0.1-0.4 and train encoder and classifier
 together. Evaluation is in input space: the standard AutoAttack at eps_test
 0.05-0.3 (cell = mean of clean and robust accuracy, paper in parentheses)
-and JAX PGD-20 with restarts (Fig. 13, right). Writes latent_space.md /
+and JAX PGD-20 with restarts (Fig. 13, right). One run per seed;
+``verdicts`` tests Table 2's claims over the seeds. Writes latent_space.md /
 .json / .png.
 """
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
+from uta_jax import reporting
 
 EPS_TRAIN = (0.1, 0.2, 0.3, 0.4)
 METHODS = {
@@ -39,6 +41,8 @@ QUICK = dict(dataset='mnist_embedded', aa_examples=100,
              config=dict(epochs=15, max_eval_examples=200,
                          eval_pgd_restarts=1))
 PAPER = dict(dataset='mnist', aa_examples=1000, config=dict(epochs=20))
+SEEDS = (0, 1, 2)
+COLLAPSED_CLEAN = 20.0  # clean accuracy (%) of a collapsed run; chance 10%
 # Table 2 of the paper (MNIST): (method, eps_train) -> scores per eps_test.
 PAPER_TABLE2 = {
     ('ls_pgd', 0.1): (27.9, 22.7, 18.9, 18.9),
@@ -54,20 +58,81 @@ PAPER_TABLE2 = {
 FLAGS = flags.FLAGS
 
 
-def figure(rows: list):
-  """Fig. 13: clean accuracy against eps_train; JAX PGD against eps_test."""
+def verdicts(rows: list) -> list:
+  """Table 2 / Fig. 13's claims as rules over the per-seed rows."""
+  cells = reporting.group_rows(rows, 'method', 'eps_train')
+  pgd = {e: rs for (m, e), rs in cells.items() if m == 'ls_pgd'}
+  uta = {e: rs for (m, e), rs in cells.items() if m == 'ls_uta'}
+  shared = sorted(set(pgd) & set(uta))
+  if not shared:
+    return []
+  clean = lambda rs: [r['clean_accuracy'] for r in rs]
+  seq = lambda vs: '/'.join(f'{v:.1f}' for v in vs)
+  large = [e for e in shared if e >= 0.2]
+  mean = lambda rs, i: reporting.mean_std(r['score'][i] for r in rs)['mean']
+  score_cells = [(e, i, mean(uta[e], i), mean(pgd[e], i)) for e in shared
+                 for i in range(len(rows[0]['eps_test']))]
+  return [
+      reporting.verdict(
+          'latent space: LS-PGD-AT collapses at eps_train >= 0.2 (Table 2: '
+          '11.3 everywhere)',
+          f'clean(LS-PGD-AT) < {COLLAPSED_CLEAN:g}% at every eps_train >= 0.2,'
+          ' in every seed',
+          bool(large) and all(c < COLLAPSED_CLEAN for e in large
+                              for c in clean(pgd[e])),
+          '; '.join(f'{e:g}: {seq(clean(pgd[e]))}' for e in large)),
+      reporting.verdict(
+          'latent space: LS-UTA-AT keeps a higher clean accuracy than '
+          'LS-PGD-AT (Fig. 13 left)',
+          'clean(LS-UTA-AT) > clean(LS-PGD-AT) at every eps_train, in every '
+          'seed',
+          all(u > p for e in shared for p in clean(pgd[e])
+              for u in clean(uta[e])),
+          '; '.join(f'{e:g}: UTA {seq(clean(uta[e]))} vs PGD '
+                    f'{seq(clean(pgd[e]))}' for e in shared)),
+      reporting.verdict(
+          'latent space: LS-UTA-AT scores higher than LS-PGD-AT (Table 2)',
+          'seed-mean score LS-UTA-AT > LS-PGD-AT in every (eps_train, '
+          'eps_test) cell',
+          all(u > p for _, _, u, p in score_cells),
+          f'{sum(u > p for _, _, u, p in score_cells)} of {len(score_cells)} '
+          'cells; smallest difference '
+          f'{min(u - p for _, _, u, p in score_cells):+.1f}'),
+  ]
+
+
+def markdown(payload: dict) -> str:
+  rows = payload['rows']
+  return (f"### {payload['dataset']}, LeNet, latent dimension 120: (clean "
+          '+ input-space AutoAttack robust) / 2, %, mean ± std over seeds '
+          f"{payload['seeds']}; paper (MNIST) in parentheses; AutoAttack "
+          f"({rows[0]['aa_version']}, {rows[0]['aa_backend']}) on "
+          f"{rows[0]['aa_examples']} test points\n\n" +
+          sweep.score_table(rows))
+
+
+def figure(payload: dict):
+  """Fig. 13: clean accuracy against eps_train (mean ± std over seeds);
+  JAX PGD against eps_test (seed means)."""
+  rows = payload['rows']
   plt = sweep.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
   for method, style in (('ls_pgd', '-'), ('ls_uta', '-.')):
-    rs = [r for r in rows if r['method'] == method]
-    if not rs:
+    cells = {e: rs for (m, e), rs in reporting.group_rows(
+        rows, 'method', 'eps_train').items() if m == method}
+    if not cells:
       continue
-    left.plot([r['eps_train'] for r in rs], [r['clean_accuracy'] for r in rs],
-              marker='o', ls=style, label=method)
-    for r in rs:
-      pgd = r['jax_pgd_accuracy']
-      right.plot([float(e) for e in pgd], list(pgd.values()), marker='.',
-                 ls=style, label=f"{method} eps_train={r['eps_train']:g}")
+    stats = [reporting.mean_std(r['clean_accuracy'] for r in rs)
+             for rs in cells.values()]
+    left.errorbar(list(cells), [s['mean'] for s in stats],
+                  yerr=[s['std'] for s in stats], marker='o', ls=style,
+                  capsize=3, label=method)
+    for eps, rs in cells.items():
+      eps_test = list(rs[0]['jax_pgd_accuracy'])
+      right.plot([float(e) for e in eps_test],
+                 [reporting.mean_std(r['jax_pgd_accuracy'][e] for r in rs)[
+                     'mean'] for e in eps_test], marker='.', ls=style,
+                 label=f'{method} eps_train={eps:g}')
   left.set(xlabel='eps_train (latent)', ylabel='clean accuracy (%)')
   right.set(xlabel='eps_test (input)', ylabel='PGD-20 accuracy (%)')
   left.legend()
@@ -80,31 +145,31 @@ def main(argv):
   del argv
   out = sweep.start('latent_space')
   preset = QUICK if FLAGS.preset == 'quick' else PAPER
-  t0 = time.time()
   rows = []
   try:
-    for method in sweep.methods(METHODS, METHODS):
-      for eps in sweep.eps_grid(EPS_TRAIN):
-        config = configs.get_config(preset['dataset'], eps_train=eps,
-                                    **sweep.overrides(dict(
-                                        preset['config'], **SHARED,
-                                        **METHODS[method])))
-        workdir = os.path.join(out, 'runs', f'{method}_eps{eps:g}')
-        row = sweep.train_and_attack(
-            config, workdir,
-            aa_examples=sweep.aa_examples(preset['aa_examples']))
-        paper = PAPER_TABLE2.get((method, eps))
-        rows.append(dict(row, method=method,
-                         paper_score=list(paper) if paper else None))
+    for seed in sweep.seeds(SEEDS):
+      for method in sweep.methods(METHODS, METHODS):
+        for eps in sweep.eps_grid(EPS_TRAIN):
+          config = configs.get_config(preset['dataset'], eps_train=eps,
+                                      **sweep.overrides(dict(
+                                          preset['config'], **SHARED,
+                                          **METHODS[method]), seed))
+          workdir = sweep.seed_dir(os.path.join(out, 'runs',
+                                                f'{method}_eps{eps:g}'), seed)
+          row = sweep.train_and_attack(
+              config, workdir,
+              aa_examples=sweep.aa_examples(preset['aa_examples']))
+          paper = PAPER_TABLE2.get((method, eps))
+          rows.append(dict(row, method=method,
+                           paper_score=list(paper) if paper else None))
   except sweep.USER_ERRORS as e:
     cli.fail(str(e))
-  markdown = (f"### {preset['dataset']}, LeNet, latent dimension 120: (clean "
-              '+ input-space AutoAttack robust) / 2, %; paper (MNIST) in '
-              f"parentheses; AutoAttack ({rows[0]['aa_version']}) on "
-              f"{rows[0]['aa_examples']} test points\n\n" + sweep.score_table(rows))
-  sweep.write_outputs(out, 'latent_space', markdown=markdown, payload={
-      'preset': FLAGS.preset, 'rows': rows,
-      'wall_seconds_this_invocation': time.time() - t0}, figure=figure(rows))
+  payload = {'preset': FLAGS.preset, 'dataset': preset['dataset'],
+             'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
+             'verdicts': verdicts(rows),
+             'compute_seconds': sweep.compute_seconds(rows)}
+  sweep.write_outputs(out, 'latent_space', payload=payload, markdown=markdown,
+                      figure=figure(payload))
 
 
 if __name__ == '__main__':

@@ -1,21 +1,27 @@
 """What the paper-reproduction scripts share: presets, run-or-reuse, outputs.
 
-Each script builds one ``configs.Config`` per run of its sweep and calls
+Each script builds one ``configs.Config`` per run and seed of its sweep
+(``--seeds``; a workdir per seed, ``seed_dir``) and calls
 ``train(config, workdir)``: a workdir whose ``results.json`` already holds a
 finished run of the same config is reused, an unfinished one resumes from its
 checkpoint (``loop.train_and_evaluate``), a new one trains.
 ``autoattack(workdir, ...)`` likewise reuses every eps of a stored report on
-the same points (quick presets: APGD-CE + APGD-T natively in JAX). ``write_outputs`` writes the script's markdown table, JSON and
-PNG into ``--output_dir``.
+the same points (quick presets: APGD-CE + APGD-T natively in JAX).
+``write_outputs`` writes the script's JSON (per-seed rows, ``seeds``, the
+``verdicts`` of its claims, the command), its markdown (rendered from that
+JSON alone, so ``report.py`` can rebuild it) and its PNG into
+``--output_dir``. The JSON holds nothing that depends on the invocation
+but the flags: rerunning reproduces it.
 
 ``--preset=quick`` runs on 2 CPU cores in minutes; ``--preset=paper`` is the
 paper's full setting (for a GPU). Flags set here override either preset.
 """
 
+import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from absl import flags
 
@@ -49,7 +55,8 @@ flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
 flags.DEFINE_enum('aa_backend', None, ['jax', 'torch'],
                   'AutoAttack backend; default: jax for apgd (native, every '
                   'device), torch (the reference, bridged) otherwise')
-flags.DEFINE_integer('seed', 0, 'seed of every run')
+flags.DEFINE_list('seeds', None, 'seeds of the runs, e.g. 0,1,2 (one run '
+                  'per seed); default: the preset\'s')
 flags.DEFINE_list('methods', None, 'subset of the script\'s methods; '
                   'default: the preset\'s')
 flags.DEFINE_list('eps_train', None, 'override the script\'s eps_train grid')
@@ -77,10 +84,31 @@ def start(script: str) -> str:
   return out
 
 
-def overrides(preset_values: Dict[str, Any]) -> Dict[str, Any]:
-  """``configs.get_config`` overrides: the preset's, then the flags'."""
+def seeds(default: Sequence[int]) -> List[int]:
+  """--seeds as distinct non-negative integers, else ``default``."""
+  if FLAGS.seeds is None:
+    return list(default)
+  chosen = []
+  for text in FLAGS.seeds:
+    if not text.strip().isdigit():
+      cli.fail(f'--seeds takes non-negative integers like 0,1,2; got '
+               f'{text!r}')
+    if int(text) not in chosen:
+      chosen.append(int(text))
+  if not chosen:
+    cli.fail('--seeds needs at least one seed')
+  return chosen
+
+
+def seed_dir(folder: str, seed: int) -> str:
+  """The workdir of one seed of a sweep cell."""
+  return os.path.join(folder, f'seed{seed}')
+
+
+def overrides(preset_values: Dict[str, Any], seed: int) -> Dict[str, Any]:
+  """``configs.get_config`` overrides: the preset's, the seed, the flags'."""
   merged = dict(preset_values)
-  merged['seed'] = FLAGS.seed
+  merged['seed'] = seed
   for name in _CONFIG_FLAGS:
     if getattr(FLAGS, name) is not None:
       merged[name] = getattr(FLAGS, name)
@@ -171,6 +199,10 @@ def train_and_attack(config: configs.Config, workdir: str, *,
                       version=aa_version())
   cells = [aa_cell(report, e) for e in config.eval.eps]
   return {
+      'seed': config.seed,
+      'epochs': config.epochs,
+      'train_examples': results.get('train_examples',
+                                    config.max_train_examples),
       'eps_train': config.attack.eps,
       'eps_test': list(config.eval.eps),
       'clean_accuracy': results['clean_accuracy'],
@@ -189,32 +221,62 @@ def train_and_attack(config: configs.Config, workdir: str, *,
 
 
 def score_table(rows: List[Dict[str, Any]]) -> str:
-  """Markdown: a row per (method, eps_train), a score column per eps_test,
-  the paper's score in parentheses where ``row['paper_score']`` has it."""
+  """Markdown: a row per (method, eps_train) with the mean ± std over its
+  seeds of each eps_test's score, the paper's score in parentheses where
+  ``row['paper_score']`` has it, the clean accuracies and the seeds."""
   header = ['method', 'eps_train'] + [f'eps_test {e:g}'
                                       for e in rows[0]['eps_test']]
-  header += ['clean (AA points)', 'clean (eval points)']
+  header += ['clean (AA points)', 'clean (eval points)', 'seeds']
   table = []
-  for r in rows:
-    paper = r.get('paper_score') or [None] * len(r['score'])
-    table.append([r['method'], f"{r['eps_train']:g}"] + [
-        f'{s:.1f}' + (f' ({p:.1f})' if p is not None else '')
-        for s, p in zip(r['score'], paper)] + [
-            r['aa_clean_accuracy'], r['clean_accuracy']])
+  for (method, eps), rs in reporting.group_rows(
+      rows, 'method', 'eps_train').items():
+    paper = rs[0].get('paper_score') or [None] * len(rs[0]['score'])
+    table.append([method, f'{eps:g}'] + [
+        reporting.format_mean_std(r['score'][i] for r in rs) +
+        (f' ({p:.1f})' if p is not None else '')
+        for i, p in enumerate(paper)] + [
+            reporting.format_mean_std(r['aa_clean_accuracy'] for r in rs),
+            reporting.format_mean_std(r['clean_accuracy'] for r in rs),
+            len(rs)])
   return reporting.markdown_table(header, table)
 
 
-def write_outputs(out: str, stem: str, *, markdown: str,
-                  payload: Dict[str, Any], figure: Optional[Any] = None
-                 ) -> None:
-  """``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` in ``out``."""
-  with open(os.path.join(out, f'{stem}.md'), 'w') as f:
-    f.write(markdown)
+def compute_seconds(rows: List[Dict[str, Any]]) -> float:
+  """Training plus AutoAttack time stored with the runs of ``rows``."""
+  return sum((r.get('train_seconds') or 0) + (r.get('autoattack_seconds') or 0)
+             for r in rows)
+
+
+def command() -> str:
+  """The command line of this invocation, as a user would type it."""
+  script = os.path.relpath(os.path.abspath(sys.argv[0]))
+  return ' '.join(['python', script] + sys.argv[1:])
+
+
+def render(markdown: Callable[[Dict[str, Any]], str],
+           payload: Dict[str, Any]) -> str:
+  """A script's markdown from its JSON payload: tables, then verdicts."""
+  text = markdown(payload)
+  if payload.get('verdicts'):
+    text += ('\n#### Verdicts (rules over the per-seed results)\n\n' +
+             reporting.verdicts_markdown(payload['verdicts']))
+  return text
+
+
+def write_outputs(out: str, stem: str, *, payload: Dict[str, Any],
+                  markdown: Callable[[Dict[str, Any]], str],
+                  figure: Optional[Any] = None) -> None:
+  """``<stem>.json`` (``payload`` plus the script and command), ``<stem>.md``
+  (``render``ed from it) and ``<stem>.png`` in ``out``."""
+  payload = dict(payload, script=stem, command=command())
   reporting.write_json(os.path.join(out, f'{stem}.json'), payload)
+  text = render(markdown, payload)
+  with open(os.path.join(out, f'{stem}.md'), 'w') as f:
+    f.write(text)
   if figure is not None:
     figure.savefig(os.path.join(out, f'{stem}.png'), dpi=110,
                    bbox_inches='tight')
-  print(markdown)
+  print(text)
   print(f'wrote {os.path.join(out, stem)}.md, .json' +
         (', .png' if figure is not None else ''))
 
@@ -225,3 +287,23 @@ def pyplot():
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def cached(path: str, settings: Dict[str, Any],
+           compute: Callable[[], Dict[str, Any]]) -> tuple:
+  """(result, seconds): the stored result of ``compute`` when ``path`` holds
+  one for the same ``settings``, else computed now and stored. For the
+  scripts whose runs are not training workdirs (the 2D toy)."""
+  settings = json.loads(json.dumps(settings))  # tuples -> lists
+  if os.path.exists(path):
+    stored = reporting.read_json(path)
+    if stored.get('settings') == settings:
+      loop.log.info('reusing %s', path)
+      return stored['result'], stored['seconds']
+  start_time = time.time()
+  result = compute()
+  seconds = time.time() - start_time
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  reporting.write_json(path, {'settings': settings, 'result': result,
+                              'seconds': seconds})
+  return result, seconds

@@ -2,21 +2,23 @@ r"""Table 1 and Fig. 2: PGD-AT vs UTA-AT for each eps_train, AutoAttack.
 
   python experiments/table1.py                       # quick: F-MNIST, MNIST
   python experiments/table1.py --preset=paper        # + full MNIST, SVHN
-  python experiments/table1.py --datasets=mnist_embedded --methods=pgd,uta
+  python experiments/table1.py --datasets=mnist_embedded --methods=pgd,uta \
+      --seeds=0,1,2
 
 For each dataset, method and eps_train (§5.1: MNIST / Fashion-MNIST
 K = eps/0.01 steps of 0.01; SVHN triangular steps) one run is trained with
-``loop.train_and_evaluate``, then the standard AutoAttack (through the torch
-bridge) attacks it at each eps_test. A cell is the mean of clean and robust
-accuracy, as in the paper; the paper's number is shown beside it. Methods:
-``pgd``, ``uta`` (single model) and ``uta_ensemble`` (5 models, App. C).
-Writes table1.md / .json / .png (Fig. 2: clean accuracy against eps_train).
+``loop.train_and_evaluate`` per seed, then AutoAttack attacks it at each
+eps_test (quick: APGD-CE + APGD-T in JAX; paper: the standard version). A
+cell is the mean of clean and robust accuracy, as in the paper, averaged
+over seeds (± std); the paper's number is shown beside it. Methods: ``pgd``,
+``uta`` (single model) and ``uta_ensemble`` (5 models, App. C). ``verdicts``
+tests the paper's claims as rules over the per-seed rows. Writes table1.md /
+.json / .png (Fig. 2: clean accuracy against eps_train, mean ± std).
 Rerunning reuses finished runs and AutoAttack reports.
 """
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
+from uta_jax import reporting
 
 METHODS = ('pgd', 'uta', 'uta_ensemble')
 EPS_TRAIN = {
@@ -36,19 +39,26 @@ EPS_TRAIN = {
 }
 # Per dataset: config overrides, AutoAttack points and methods of a preset.
 QUICK = {
-    'fashion_mnist': dict(config=dict(max_train_examples=10000, epochs=3,
-                                      max_eval_examples=500,
+    'fashion_mnist': dict(config=dict(max_train_examples=20000, epochs=2,
+                                      max_eval_examples=1000,
                                       eval_pgd_restarts=2),
-                          aa_examples=200, methods=('pgd', 'uta')),
+                          aa_examples=500, methods=('pgd', 'uta'),
+                          seeds=(0, 1, 2)),
     'mnist_embedded': dict(config=dict(max_eval_examples=500,
                                        eval_pgd_restarts=2),
-                           aa_examples=500, methods=METHODS),
+                           aa_examples=500, methods=METHODS,
+                           seeds=(0, 1, 2)),
 }
 PAPER = {
-    'fashion_mnist': dict(config={}, aa_examples=1000, methods=METHODS),
-    'mnist': dict(config={}, aa_examples=1000, methods=('pgd', 'uta')),
-    'svhn': dict(config={}, aa_examples=1000, methods=('pgd', 'uta')),
+    'fashion_mnist': dict(config={}, aa_examples=1000, methods=METHODS,
+                          seeds=(0, 1, 2)),
+    'mnist': dict(config={}, aa_examples=1000, methods=('pgd', 'uta'),
+                  seeds=(0, 1, 2)),
+    'svhn': dict(config={}, aa_examples=1000, methods=('pgd', 'uta'),
+                 seeds=(0, 1, 2)),
 }
+# Clean accuracy under which a run counts as collapsed (chance is 10%).
+COLLAPSED_CLEAN = 20.0
 # Table 1 of the paper: (dataset, method, eps_train) -> scores per eps_test.
 PAPER_TABLE1 = {
     ('fashion_mnist', 'pgd', 0.1): (79.6, 75.1, 44.6, 41.2),
@@ -94,48 +104,140 @@ def method_overrides(method: str) -> dict:
 
 
 def run_dataset(dataset: str, setting: dict, out: str) -> list:
-  """Trains and AutoAttacks every (method, eps_train); returns row dicts."""
+  """Trains and AutoAttacks every (seed, method, eps_train); row dicts.
+
+  Seeds are the outer loop, so a stopped sweep has whole seeds done."""
   rows = []
-  for method in sweep.methods(setting['methods'], METHODS):
-    for eps in sweep.eps_grid(EPS_TRAIN[dataset]):
-      config = configs.get_config(dataset, eps_train=eps, **sweep.overrides(
-          dict(setting['config'], **method_overrides(method))))
-      workdir = os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}')
-      row = sweep.train_and_attack(
-          config, workdir,
-          aa_examples=sweep.aa_examples(setting['aa_examples']))
-      paper = PAPER_TABLE1.get(
-          (PAPER_DATASET.get(dataset, dataset), method, eps))
-      rows.append(dict(row, dataset=dataset, method=method,
-                       paper_score=list(paper) if paper else None))
+  for seed in sweep.seeds(setting['seeds']):
+    for method in sweep.methods(setting['methods'], METHODS):
+      for eps in sweep.eps_grid(EPS_TRAIN[dataset]):
+        config = configs.get_config(dataset, eps_train=eps, **sweep.overrides(
+            dict(setting['config'], **method_overrides(method)), seed))
+        workdir = sweep.seed_dir(
+            os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}'), seed)
+        row = sweep.train_and_attack(
+            config, workdir,
+            aa_examples=sweep.aa_examples(setting['aa_examples']))
+        paper = PAPER_TABLE1.get(
+            (PAPER_DATASET.get(dataset, dataset), method, eps))
+        rows.append(dict(row, dataset=dataset, method=method,
+                         paper_score=list(paper) if paper else None))
   return rows
 
 
-def markdown(rows: list) -> str:
+def _by(rows: list, method: str) -> dict:
+  """eps_train -> the per-seed rows of ``method``."""
+  return {eps: rs for (m, eps), rs in reporting.group_rows(
+      rows, 'method', 'eps_train').items() if m == method}
+
+
+def _means(rows: list, key: str, index=None) -> float:
+  values = [r[key] if index is None else r[key][index] for r in rows]
+  return reporting.mean_std(values)['mean']
+
+
+def verdicts(rows: list) -> list:
+  """The paper's Table 1 / Fig. 2 claims as rules over one dataset's
+  per-seed rows (a rule needs both of its methods; seeds are paired)."""
+  dataset = rows[0]['dataset']
+  pgd, uta, ens = (_by(rows, m) for m in METHODS)
+  out = []
+  shared = sorted(set(pgd) & set(uta))
+  if shared:
+    pairs = {eps: [(p['clean_accuracy'], u['clean_accuracy'])
+                   for p in pgd[eps] for u in uta[eps]
+                   if p['seed'] == u['seed']] for eps in shared}
+    out.append(reporting.verdict(
+        f'{dataset}: UTA-AT keeps a higher clean accuracy than PGD-AT '
+        '(Fig. 2)',
+        'clean(UTA-AT) > clean(PGD-AT) at every eps_train, in every seed',
+        all(u > p for ps in pairs.values() for p, u in ps),
+        '; '.join(f'{eps:g}: UTA ' + '/'.join(f'{u:.1f}' for _, u in ps) +
+                  ' vs PGD ' + '/'.join(f'{p:.1f}' for p, _ in ps)
+                  for eps, ps in pairs.items())))
+    gap = {eps: _means(uta[eps], 'clean_accuracy') -
+                _means(pgd[eps], 'clean_accuracy') for eps in shared}
+    out.append(reporting.verdict(
+        f'{dataset}: the clean-accuracy gap UTA-AT minus PGD-AT widens with '
+        'eps_train (Fig. 2)',
+        'mean gap at the largest eps_train > mean gap at the smallest',
+        len(shared) > 1 and gap[shared[-1]] > gap[shared[0]],
+        ', '.join(f'{eps:g}: {g:+.1f}' for eps, g in gap.items())))
+    top = shared[-1]
+    pgd_top = [r['clean_accuracy'] for r in pgd[top]]
+    uta_top = [r['clean_accuracy'] for r in uta[top]]
+    out.append(reporting.verdict(
+        f'{dataset}: at the largest eps_train PGD-AT collapses and UTA-AT '
+        'does not (§5.1)',
+        f'at eps_train {top:g}: clean(PGD-AT) < {COLLAPSED_CLEAN:g}% in every '
+        f'seed and clean(UTA-AT) >= {COLLAPSED_CLEAN:g}% in every seed',
+        all(c < COLLAPSED_CLEAN for c in pgd_top) and
+        all(c >= COLLAPSED_CLEAN for c in uta_top),
+        'PGD-AT ' + '/'.join(f'{c:.1f}' for c in pgd_top) + ', UTA-AT ' +
+        '/'.join(f'{c:.1f}' for c in uta_top)))
+    eps_test = rows[0]['eps_test']
+    best = lambda cells, i: max(_means(rs, 'score', i)
+                                for rs in cells.values())
+    wins = [(e, best(uta, i), best(pgd, i)) for i, e in enumerate(eps_test)]
+    out.append(reporting.verdict(
+        f'{dataset}: the best UTA-AT model beats the best PGD-AT model at '
+        'every eps_test (Table 1)',
+        'max over eps_train of the seed-mean score: UTA-AT > PGD-AT at '
+        'every eps_test',
+        all(u > p for _, u, p in wins),
+        ', '.join(f'{e:g}: {u:.1f} vs {p:.1f}' for e, u, p in wins)))
+  if ens and uta:
+    cells = [(eps, i, _means(ens[eps], 'score', i),
+              _means(uta[eps], 'score', i))
+             for eps in sorted(set(ens) & set(uta))
+             for i in range(len(rows[0]['eps_test']))]
+    out.append(reporting.verdict(
+        f'{dataset}: a 5-model UTA ensemble scores at least as well as '
+        'single-model UTA-AT (App. C)',
+        'seed-mean score(ensemble) >= seed-mean score(UTA-AT) in every '
+        '(eps_train, eps_test) cell',
+        all(e >= u for _, _, e, u in cells),
+        f'{sum(e >= u for _, _, e, u in cells)} of {len(cells)} cells; '
+        'differences ' + ', '.join(f'{e - u:+.1f}' for _, _, e, u in cells)))
+  return out
+
+
+def markdown(payload: dict) -> str:
+  rows = payload['rows']
   parts = []
   for dataset in dict.fromkeys(r['dataset'] for r in rows):
     rs = [r for r in rows if r['dataset'] == dataset]
+    train = rs[0]['train_examples'] or 'all'
     parts.append(
-        f'### {dataset}: (clean + AutoAttack robust) / 2, %; paper in '
-        f"parentheses; AutoAttack ({rs[0]['aa_version']}) on "
-        f"{rs[0]['aa_examples']} test points\n\n"
-        + sweep.score_table(rs))
+        f'### {dataset}: (clean + AutoAttack robust) / 2, %, mean ± std '
+        f'over seeds {sorted({r["seed"] for r in rs})}; paper in '
+        f"parentheses; {train} training images, {rs[0]['epochs']} epochs; "
+        f"AutoAttack ({rs[0]['aa_version']}, {rs[0]['aa_backend']}) on "
+        f"{rs[0]['aa_examples']} test points\n\n" + sweep.score_table(rs))
   return '\n'.join(parts)
 
 
-def figure(rows: list):
-  """Fig. 2: clean accuracy against eps_train, one panel per dataset."""
+def figure(payload: dict):
+  """Fig. 2: clean accuracy against eps_train (mean ± std over seeds), one
+  panel per dataset; every seed as a faint dot."""
+  rows = payload['rows']
   plt = sweep.pyplot()
   datasets = list(dict.fromkeys(r['dataset'] for r in rows))
   fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets),
                                                       3.5), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     for method in METHODS:
-      rs = [r for r in rows if r['dataset'] == dataset and r['method'] ==
-            method]
-      if rs:
-        ax.plot([r['eps_train'] for r in rs],
-                [r['clean_accuracy'] for r in rs], marker='o', label=method)
+      cells = _by([r for r in rows if r['dataset'] == dataset], method)
+      if not cells:
+        continue
+      stats = [reporting.mean_std(r['clean_accuracy'] for r in rs)
+               for rs in cells.values()]
+      line = ax.errorbar(list(cells), [s['mean'] for s in stats],
+                         yerr=[s['std'] for s in stats], marker='o',
+                         capsize=3, label=method)
+      for eps, rs in cells.items():
+        ax.scatter([eps] * len(rs), [r['clean_accuracy'] for r in rs], s=8,
+                   alpha=0.4, color=line[0].get_color())
     ax.set(title=dataset, xlabel='eps_train', ylabel='clean accuracy (%)')
     ax.legend()
   fig.tight_layout()
@@ -147,7 +249,6 @@ def main(argv):
   out = sweep.start('table1')
   preset = QUICK if FLAGS.preset == 'quick' else PAPER
   datasets = FLAGS.datasets or list(preset)
-  t0 = time.time()
   rows = []
   try:
     for dataset in datasets:
@@ -158,9 +259,14 @@ def main(argv):
       rows += run_dataset(dataset, setting, out)
   except sweep.USER_ERRORS as e:
     cli.fail(str(e))
-  sweep.write_outputs(out, 'table1', markdown=markdown(rows), payload={
-      'preset': FLAGS.preset, 'rows': rows,
-      'wall_seconds_this_invocation': time.time() - t0}, figure=figure(rows))
+  payload = {
+      'preset': FLAGS.preset, 'seeds': sorted({r['seed'] for r in rows}),
+      'rows': rows,
+      'verdicts': [v for d in datasets
+                   for v in verdicts([r for r in rows if r['dataset'] == d])],
+      'compute_seconds': sweep.compute_seconds(rows)}
+  sweep.write_outputs(out, 'table1', payload=payload, markdown=markdown,
+                      figure=figure(payload))
 
 
 if __name__ == '__main__':

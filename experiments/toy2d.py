@@ -1,7 +1,9 @@
-r"""Fig. 1 (§4.1, App. A): PGD vs UTA on the non-isotropic 2D toy set.
+r"""Fig. 1 (§4.1, App. A): PGD vs UTA on the non-isotropic 2D toy set, and a
+sweep over the toy's geometry beyond the paper.
 
-  python experiments/toy2d.py                  # quick (~2 min on 2 cores)
-  python experiments/toy2d.py --preset=paper   # finer grid
+  python experiments/toy2d.py                  # quick: 5 seeds (~15 min)
+  python experiments/toy2d.py --preset=paper   # finer grid, more points
+  python experiments/toy2d.py --seeds=0 --nogeometry
 
 The classes lie 0.3 apart on the left and 3.0 apart on the right
 (``uta_jax.toy``); eps = 0.5 breaks AT-Asm on the left only.
@@ -10,15 +12,24 @@ and UTA (the predictive entropy of a 10-model ensemble; also of the single
 model) for 1 and 20 steps of 0.05: how many perturbed points cross the
 decision boundary? (c) PGD-AT and UTA-AT with eps = 0.5, k = 15, alpha = 0.05
 (``steps.fit``, the library's train step): decision boundaries and clean
-accuracy. (d) The boundary-oscillation map: for each grid point, how many
-times the prediction changed over the training updates (``toy``).
-Writes toy2d.md / .json / .png.
+accuracy per region. (d) The boundary-oscillation map: for each grid point,
+how many times the prediction changed over the training updates (``toy``).
+
+Geometry sweep (not in the paper, which fixes one geometry): the near
+region's gap as a multiple of eps (``--ratios``) and the cluster shape
+(uniform strips as in the paper, Gaussian blobs). Per cell and seed: the
+crossing fraction of 20-step PGD and single-model UTA on a clean model, the
+clean accuracy per region after PGD-AT and UTA-AT, and their oscillations.
+
+Every seed's (and cell's) result is stored under ``<output_dir>/runs`` and
+reused by reruns with the same settings. ``verdicts`` tests the paper's toy
+claims over the seeds. Writes toy2d.md / .json / .png (Fig. 1 of the first
+seed) and toy2d_geometry.png (heat maps, mean over seeds).
 """
 
 import functools
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -39,20 +50,32 @@ from uta_jax import toy
 from uta_jax import uncertainty
 
 GRID_LO, GRID_HI = (-3.5, -2.5), (3.5, 2.5)
-QUICK = dict(resolution=100, ensemble_size=10, attack_points=256, seeds=3)
-PAPER = dict(resolution=250, ensemble_size=10, attack_points=512, seeds=5)
+QUICK = dict(resolution=100, ensemble_size=10, attack_points=256,
+             seeds=(0, 1, 2, 3, 4))
+PAPER = dict(resolution=250, ensemble_size=10, attack_points=512,
+             seeds=(0, 1, 2, 3, 4))
+# Near-region gap / eps of the geometry sweep: below 2 the near classes are
+# closer than 2 eps, so an eps-ball around a point reaches past the middle.
+RATIOS = (0.4, 0.6, 1.0, 2.0, 3.0)
+GEOMETRY_RESOLUTION = 60  # grid of the oscillation count in the sweep
+CROSSING_STEPS = (1, 20)
+# Clean accuracy within this many points of standard training counts as kept.
+KEPT_POINTS = 2.0
 
 flags.DEFINE_float('eps', 0.5, 'attack and training radius (violates AT-Asm '
                    'on the left, where the classes are 0.3 apart)')
 flags.DEFINE_float('alpha', 0.05, 'attack step size')
 flags.DEFINE_integer('train_steps', 15, 'attack steps k during training')
+flags.DEFINE_bool('geometry', True, 'also sweep the toy\'s geometry')
+flags.DEFINE_list('ratios', None, 'near gap / eps of the geometry sweep; '
+                  f'default {",".join(map(str, RATIOS))}')
 FLAGS = flags.FLAGS
 
 
 def toy_config(seed: int, **overrides) -> configs.Config:
   values = sweep.overrides(dict(eps_train=FLAGS.eps, step_size=FLAGS.alpha,
-                                num_steps=FLAGS.train_steps))
-  values.update(overrides, seed=seed)
+                                num_steps=FLAGS.train_steps), seed)
+  values.update(overrides)
   return configs.get_config('toy2d', **values)
 
 
@@ -60,56 +83,76 @@ def num_updates(config: configs.Config, split: data.Split) -> int:
   return config.epochs * data.steps_per_epoch(len(split), config.batch_size)
 
 
-def attack_panels(ds, setting: dict, seed: int) -> dict:
-  """(a, b): attacks on a fixed model; crossing fractions and point sets."""
+def geometry_dataset(shape: str, ratio: float, seed: int) -> data.Dataset:
+  """The toy with the near gap ``ratio * eps`` and clusters of ``shape``."""
+  make = functools.partial(toy.make_toy2d, near_gap=ratio * FLAGS.eps,
+                           shape=shape)
+  return data.Dataset(
+      'toy2d', data.Split(*make(data.TOY_TRAIN_SIZE, seed=seed)),
+      data.Split(*make(data.TOY_TEST_SIZE, seed=seed + 1)),
+      data.NUM_CLASSES['toy2d'], f'toy2d {shape}, near gap {ratio:g} eps')
+
+
+def attack_panels(ds, setting: dict, seed: int, *, ensemble: bool = True,
+                  figure_data: bool = True) -> dict:
+  """(a, b): attacks on a fixed, cleanly trained model: the fraction of
+  perturbed points whose class flipped; with ``figure_data`` also the
+  points, their perturbations and the grid maps of the figure."""
   clean = toy_config(seed, attack='none')
   model, fixed = steps.fit(clean, ds.train,
                            num_steps=num_updates(clean, ds.train))
-  members = toy_config(seed, attack='none', uncertainty='ensemble',
-                       num_samples=setting['ensemble_size'])
-  _, ensemble = steps.fit(members, ds.train,
-                          num_steps=num_updates(members, ds.train))
   x = jnp.asarray(ds.test.images[:setting['attack_points']])
   y = jnp.asarray(ds.test.labels[:setting['attack_points']])
-  single_logits = functools.partial(steps.predict_logits, model, fixed,
-                                    ensemble=False)
-  single_samples = functools.partial(steps.member_logits, model, fixed,
-                                     ensemble=False)
-  ens_logits = functools.partial(steps.predict_logits, model, ensemble,
-                                 ensemble=True)
-  ens_samples = functools.partial(steps.member_logits, model, ensemble,
-                                  ensemble=True)
+  logits = {'single': functools.partial(steps.predict_logits, model, fixed,
+                                        ensemble=False)}
+  samples = {'single': functools.partial(steps.member_logits, model, fixed,
+                                         ensemble=False)}
+  if ensemble:
+    members = toy_config(seed, attack='none', uncertainty='ensemble',
+                         num_samples=setting['ensemble_size'])
+    _, stacked = steps.fit(members, ds.train,
+                           num_steps=num_updates(members, ds.train))
+    logits['ensemble'] = functools.partial(steps.predict_logits, model,
+                                           stacked, ensemble=True)
+    samples['ensemble'] = functools.partial(steps.member_logits, model,
+                                            stacked, ensemble=True)
   predict = lambda fn, inputs: np.asarray(jnp.argmax(fn(inputs), -1))
   common = dict(eps=FLAGS.eps, step_size=FLAGS.alpha, bounds=None)
-  out = {'points': np.asarray(x).tolist(), 'labels': np.asarray(y).tolist(),
-         'clean_accuracy_fixed': 100 * float(np.mean(predict(
-             single_logits, x) == np.asarray(y))),
-         'clean_accuracy_ensemble': 100 * float(np.mean(predict(
-             ens_logits, x) == np.asarray(y))),
+  test_pred = predict(logits['single'], jnp.asarray(ds.test.images))
+  out = {'clean_accuracy_fixed': 100 * float(np.mean(
+             test_pred == ds.test.labels)),
+         'region_accuracy_fixed': toy.region_accuracy(
+             ds.test.images, ds.test.labels, test_pred),
          'crossing': {}, 'perturbed': {}}
-  for k in (1, 20):
-    runs = {
-        'pgd': (attacks.pgd(single_logits, x, y, num_steps=k, **common),
-                single_logits),
-        'uta_ensemble': (attacks.uta(ens_samples, x, num_steps=k, **common),
-                         ens_logits),
-        'uta_single': (attacks.uta(single_samples, x, num_steps=k, **common),
-                       single_logits),
-    }
-    for name, (x_adv, logits_fn) in runs.items():
+  for k in CROSSING_STEPS:
+    runs = {'pgd': (lambda: attacks.pgd(logits['single'], x, y, num_steps=k,
+                                        **common), 'single')}
+    for name in samples:
+      runs[f'uta_{name}'] = (functools.partial(
+          attacks.uta, samples[name], x, num_steps=k, **common), name)
+    for name, (run, model_name) in runs.items():
+      x_adv = run()
       out['crossing'][f'{name}_{k}'] = toy.crossing_fraction(
-          predict(logits_fn, x), predict(logits_fn, x_adv))
+          predict(logits[model_name], x), predict(logits[model_name], x_adv))
       out['perturbed'][f'{name}_{k}'] = np.asarray(x_adv).tolist()
+  if not figure_data:
+    del out['perturbed']
+    return out
   g = jnp.asarray(toy.grid(GRID_LO, GRID_HI, setting['resolution']))
-  out['fixed_prob'] = np.asarray(jax.nn.softmax(single_logits(g))[:, 1])
-  out['ensemble_entropy'] = np.asarray(uncertainty.predictive_entropy(
-      ens_samples(g)))
+  out.update(
+      points=np.asarray(x).tolist(), labels=np.asarray(y).tolist(),
+      clean_accuracy_ensemble=100 * float(np.mean(
+          predict(logits['ensemble'], x) == np.asarray(y))),
+      fixed_prob=np.asarray(jax.nn.softmax(logits['single'](g))[:, 1]).tolist(),
+      ensemble_entropy=np.asarray(uncertainty.predictive_entropy(
+          samples['ensemble'](g))).tolist())
   return out
 
 
-def train_panels(ds, setting: dict, seed: int) -> dict:
-  """(c, d): PGD-AT and UTA-AT with the large eps; boundaries, oscillation."""
-  g = jnp.asarray(toy.grid(GRID_LO, GRID_HI, setting['resolution']))
+def train_panels(ds, resolution: int, seed: int) -> dict:
+  """(c, d): PGD-AT and UTA-AT with the large eps: clean accuracy (all and
+  per region), boundary map and oscillation counts on a grid."""
+  g = jnp.asarray(toy.grid(GRID_LO, GRID_HI, resolution))
   out = {}
   for method in ('pgd', 'uta'):
     config = toy_config(seed, attack=method)
@@ -125,47 +168,187 @@ def train_panels(ds, setting: dict, seed: int) -> dict:
         variables, jnp.asarray(ds.test.images)), -1))
     out[method] = {
         'clean_accuracy': 100 * float(np.mean(test_pred == ds.test.labels)),
+        'region_accuracy': toy.region_accuracy(ds.test.images,
+                                               ds.test.labels, test_pred),
         'updates': len(predictions),
         'mean_oscillations': float(counts.mean()),
         'max_oscillations': int(counts.max()),
-        'oscillations': counts,
-        'prob': np.asarray(jax.nn.softmax(model.apply(variables, g))[:, 1]),
+        'oscillations': counts.tolist(),
+        'prob': np.asarray(jax.nn.softmax(model.apply(variables, g))[:, 1]
+                          ).tolist(),
     }
   return out
 
 
-def mean_std(values) -> str:
-  return f'{np.mean(values):.1f} ± {np.std(values):.1f}'
+GRIDS = ('oscillations', 'prob', 'fixed_prob', 'ensemble_entropy', 'points',
+         'labels', 'perturbed')
 
 
-def markdown(per_seed: list) -> str:
-  seeds = len(per_seed)
-  cross = lambda key: mean_std([100 * s['crossing'][key] for s in per_seed])
+def summary(result: dict) -> dict:
+  """A stored seed or cell without its figure arrays (for the JSON)."""
+  if isinstance(result, dict):
+    return {k: summary(v) for k, v in result.items() if k not in GRIDS}
+  return result
+
+
+def paper_seed(setting: dict, seed: int) -> dict:
+  ds = data.load_dataset('toy2d', seed=seed)
+  return {'seed': seed, 'attack': attack_panels(ds, setting, seed),
+          'training': train_panels(ds, setting['resolution'], seed)}
+
+
+def geometry_cell(setting: dict, shape: str, ratio: float, seed: int) -> dict:
+  ds = geometry_dataset(shape, ratio, seed)
+  return summary({'seed': seed, 'shape': shape, 'ratio': ratio,
+                  'near_gap': ratio * FLAGS.eps,
+                  'attack': attack_panels(ds, setting, seed, ensemble=False,
+                                          figure_data=False),
+                  'training': train_panels(ds, GEOMETRY_RESOLUTION, seed)})
+
+
+def _values(rows: list, *path) -> list:
+  out = []
+  for row in rows:
+    for key in path:
+      row = row[key]
+    out.append(row)
+  return out
+
+
+def verdicts(per_seed: list) -> list:
+  """The paper's toy claims (§4.1, §4.3, Fig. 1) as rules over the seeds."""
+  ms = reporting.format_mean_std
+  out = []
+  for uta in ('uta_ensemble', 'uta_single'):
+    held, evidence = True, []
+    for k in CROSSING_STEPS:
+      u = [100 * c for c in _values(per_seed, 'attack', 'crossing',
+                                    f'{uta}_{k}')]
+      p = [100 * c for c in _values(per_seed, 'attack', 'crossing',
+                                    f'pgd_{k}')]
+      held &= all(a < b for a, b in zip(u, p))
+      evidence.append(f'{k} step(s): UTA {ms(u)}% vs PGD {ms(p)}%')
+    who = ('a 10-model ensemble' if uta == 'uta_ensemble' else
+           'the single model')
+    out.append(reporting.verdict(
+        f'toy: UTA-perturbed points (entropy of {who}) cross the decision '
+        'boundary less often than PGD-perturbed ones (Fig. 1a-b, §4.3)',
+        f'crossing({uta}) < crossing(PGD) at {" and ".join(map(str, CROSSING_STEPS))} '
+        'steps, in every seed', held, '; '.join(evidence)))
+  clean = lambda m: _values(per_seed, 'training', m, 'clean_accuracy')
+  standard = _values(per_seed, 'attack', 'clean_accuracy_fixed')
+  kept = (reporting.mean_std(clean('uta'))['mean'] >=
+          reporting.mean_std(standard)['mean'] - KEPT_POINTS)
+  out.append(reporting.verdict(
+      'toy: UTA-AT with the large eps keeps the clean accuracy of standard '
+      'training (Fig. 1c, §4.3)',
+      f'mean clean(UTA-AT) >= mean clean(standard training) - '
+      f'{KEPT_POINTS:g} points', kept,
+      f'UTA-AT {ms(clean("uta"))}%, standard {ms(standard)}%, PGD-AT '
+      f'{ms(clean("pgd"))}%'))
+  out.append(reporting.verdict(
+      'toy: UTA-AT ends with a higher clean accuracy than PGD-AT (Fig. 1c)',
+      'clean(UTA-AT) > clean(PGD-AT) in every seed',
+      all(u > p for u, p in zip(clean('uta'), clean('pgd'))),
+      'UTA-AT ' + '/'.join(f'{v:.1f}' for v in clean('uta')) + ' vs PGD-AT '
+      + '/'.join(f'{v:.1f}' for v in clean('pgd'))))
+  osc = lambda m: _values(per_seed, 'training', m, 'mean_oscillations')
+  out.append(reporting.verdict(
+      'toy: the decision boundary oscillates less during UTA-AT than during '
+      'PGD-AT (Fig. 1d)',
+      'mean prediction changes per grid point: UTA-AT < PGD-AT in every seed',
+      all(u < p for u, p in zip(osc('uta'), osc('pgd'))),
+      f'UTA-AT {ms(osc("uta"), 2)} vs PGD-AT {ms(osc("pgd"), 2)}'))
+  return out
+
+
+def markdown(payload: dict) -> str:
+  per_seed = payload['per_seed']
+  ms = reporting.format_mean_std
+  seeds = payload['seeds']
+  cross = lambda key: ms([100 * s['attack']['crossing'][key]
+                          for s in per_seed])
   rows = [[name.replace('_', ' '), cross(f'{name}_1'), cross(f'{name}_20')]
           for name in ('pgd', 'uta_single', 'uta_ensemble')]
   part1 = ('(a, b) Perturbed test points whose predicted class flipped, % '
-           f"(eps {FLAGS.eps:g}, step {FLAGS.alpha:g}; "
-           f"{per_seed[0]['attack_points']} points; mean ± std over {seeds} "
-           'seeds; fixed models\' clean accuracy '
-           f"{mean_std([s['clean_accuracy_fixed'] for s in per_seed])}%)\n\n"
+           f"(eps {payload['eps']:g}, step {payload['alpha']:g}; "
+           f"{payload['attack_points']} points; mean ± std over seeds "
+           f"{seeds}; fixed models\' clean accuracy "
+           f"{ms(_values(per_seed, 'attack', 'clean_accuracy_fixed'))}%)\n\n"
            + reporting.markdown_table(['attack', '1 step', '20 steps'], rows))
-  train = lambda m, k: [s['training'][m][k] for s in per_seed]
-  rows = [[m.upper() + '-AT', mean_std(train(m, 'clean_accuracy')),
-           mean_std(train(m, 'mean_oscillations')),
+  train = lambda m, *k: _values(per_seed, 'training', m, *k)
+  rows = [[m.upper() + '-AT', ms(train(m, 'clean_accuracy')),
+           ms(train(m, 'region_accuracy', 'near')),
+           ms(train(m, 'region_accuracy', 'far')),
+           ms(train(m, 'mean_oscillations'), 2),
            max(train(m, 'max_oscillations')), train(m, 'updates')[0]]
           for m in ('pgd', 'uta')]
-  part2 = (f'\n(c, d) Training with eps {FLAGS.eps:g}, k = '
-           f'{FLAGS.train_steps}, alpha = {FLAGS.alpha:g}; mean ± std over '
-           f'{seeds} seeds\n\n' +
+  rows.insert(0, ['standard training', ms(_values(
+      per_seed, 'attack', 'clean_accuracy_fixed')), ms(_values(
+          per_seed, 'attack', 'region_accuracy_fixed', 'near')), ms(_values(
+              per_seed, 'attack', 'region_accuracy_fixed', 'far')), '', '',
+                  ''])
+  part2 = (f"\n(c, d) Training with eps {payload['eps']:g}, k = "
+           f"{payload['train_steps']}, alpha = {payload['alpha']:g}; mean ± "
+           f'std over seeds {seeds}\n\n' +
            reporting.markdown_table(
-               ['training', 'clean test accuracy (%)',
-                'mean prediction changes per grid point', 'max', 'updates'],
-               rows))
-  return part1 + part2
+               ['training', 'clean test accuracy (%)', 'near region',
+                'far region', 'mean prediction changes per grid point',
+                'max', 'updates'], rows))
+  return part1 + part2 + geometry_markdown(payload)
 
 
-def figure(ds, a: dict, c: dict, resolution: int):
+def geometry_markdown(payload: dict) -> str:
+  """The geometry sweep's table and where UTA-AT keeps clean accuracy."""
+  cells = payload.get('geometry')
+  if not cells:
+    return ''
+  ms = reporting.format_mean_std
+  rows, kept = [], []
+  for (shape, ratio), rs in reporting.group_rows(cells, 'shape',
+                                                 'ratio').items():
+    near = lambda m: _values(rs, 'training', m, 'region_accuracy', 'near')
+    standard = _values(rs, 'attack', 'region_accuracy_fixed', 'near')
+    keeps = {m: reporting.mean_std(near(m))['mean'] >=
+                reporting.mean_std(standard)['mean'] - KEPT_POINTS
+             for m in ('pgd', 'uta')}
+    kept.append((shape, ratio, keeps))
+    rows.append([
+        shape, f'{ratio:g}',
+        ms([100 * c for c in _values(rs, 'attack', 'crossing', 'pgd_20')]),
+        ms([100 * c for c in _values(rs, 'attack', 'crossing',
+                                     'uta_single_20')]),
+        ms(standard), ms(near('pgd')), ms(near('uta')),
+        ms(_values(rs, 'training', 'pgd', 'region_accuracy', 'far')),
+        ms(_values(rs, 'training', 'uta', 'region_accuracy', 'far')),
+        ms(_values(rs, 'training', 'pgd', 'mean_oscillations'), 2),
+        ms(_values(rs, 'training', 'uta', 'mean_oscillations'), 2),
+        '/'.join('yes' if keeps[m] else 'no' for m in ('pgd', 'uta')),
+        len(rs)])
+  table = reporting.markdown_table(
+      ['shape', 'near gap / eps', 'crossing PGD-20 (%)', 'crossing UTA-20',
+       'near clean: standard', 'near: PGD-AT', 'near: UTA-AT',
+       'far: PGD-AT', 'far: UTA-AT', 'oscillations PGD-AT', 'UTA-AT',
+       'near kept PGD/UTA', 'seeds'], rows)
+  where = lambda m, ok: ', '.join(f'{s} {r:g}' for s, r, k in kept
+                                  if k[m] == ok) or 'none'
+  return (f"\n### Geometry sweep (beyond the paper): eps {payload['eps']:g}, "
+          'near gap = ratio x eps, far gap 3.0; single-model attacks; mean ± '
+          'std over seeds\n\n' + table +
+          f'\n"Kept" = near-region clean accuracy within {KEPT_POINTS:g} '
+          'points of standard training (seed means).\n\n'
+          f"- UTA-AT keeps it at (shape ratio): {where('uta', True)}; "
+          f"not at: {where('uta', False)}.\n"
+          f"- PGD-AT keeps it at: {where('pgd', True)}; not at: "
+          f"{where('pgd', False)}.\n")
+
+
+def figure(payload: dict, shown: dict):
+  """Fig. 1 for the first seed (``shown``: its stored result with arrays)."""
   plt = sweep.pyplot()
+  ds = data.load_dataset('toy2d', seed=shown['seed'])
+  a, c = shown['attack'], shown['training']
+  resolution = payload['resolution']
   extent = (GRID_LO[0], GRID_HI[0], GRID_LO[1], GRID_HI[1])
   img = lambda v: np.asarray(v).reshape(resolution, resolution)
   fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
@@ -174,7 +357,7 @@ def figure(ds, a: dict, c: dict, resolution: int):
   for row, (attack, background, cmap) in enumerate((
       ('pgd', a['fixed_prob'], 'RdBu_r'),
       ('uta_ensemble', a['ensemble_entropy'], 'Greens'))):
-    for col, k in enumerate((1, 20)):
+    for col, k in enumerate(CROSSING_STEPS):
       ax = axes[row, col]
       ax.imshow(img(background), origin='lower', extent=extent, cmap=cmap,
                 alpha=0.6, aspect='auto')
@@ -195,14 +378,51 @@ def figure(ds, a: dict, c: dict, resolution: int):
     train_colors = np.where(ds.train.labels == 1, 'tab:red', 'tab:blue')
     ax.scatter(ds.train.images[:, 0], ds.train.images[:, 1], s=4,
                c=train_colors)
-    ax.set_title(f"{method.upper()}-AT eps={FLAGS.eps:g}: clean "
+    ax.set_title(f"{method.upper()}-AT eps={payload['eps']:g}: clean "
                  f"{c[method]['clean_accuracy']:.1f}%")
     ax = axes[row, 3]
-    shown = ax.imshow(img(c[method]['oscillations']), origin='lower',
-                      extent=extent, cmap='magma', aspect='auto')
-    fig.colorbar(shown, ax=ax)
+    shown_map = ax.imshow(img(c[method]['oscillations']), origin='lower',
+                          extent=extent, cmap='magma', aspect='auto')
+    fig.colorbar(shown_map, ax=ax)
     ax.set_title(f"{method.upper()}-AT prediction changes (mean "
                  f"{c[method]['mean_oscillations']:.2f})")
+  fig.tight_layout()
+  return fig
+
+
+def geometry_figure(payload: dict):
+  """Heat maps over (shape, near gap / eps), seed means: crossing, near
+  region clean accuracy and oscillations, PGD beside UTA."""
+  plt = sweep.pyplot()
+  cells = reporting.group_rows(payload['geometry'], 'shape', 'ratio')
+  shapes = list(dict.fromkeys(s for s, _ in cells))
+  ratios = list(dict.fromkeys(r for _, r in cells))
+  panels = (('crossing, 20 steps (%)', lambda rs, m: 100 * np.mean(_values(
+                rs, 'attack', 'crossing', f'{m}_20')), ('pgd', 'uta_single')),
+            ('near-region clean accuracy (%)', lambda rs, m: np.mean(_values(
+                rs, 'training', m, 'region_accuracy', 'near')),
+             ('pgd', 'uta')),
+            ('mean prediction changes', lambda rs, m: np.mean(_values(
+                rs, 'training', m, 'mean_oscillations')), ('pgd', 'uta')))
+  fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.2 * len(panels)),
+                           squeeze=False)
+  for row, (title, value, methods) in enumerate(panels):
+    maps = [np.array([[value(cells[(s, r)], m) if (s, r) in cells else np.nan
+                       for r in ratios] for s in shapes]) for m in methods]
+    lo, hi = np.nanmin(maps), np.nanmax(maps)
+    for col, (m, grid) in enumerate(zip(methods, maps)):
+      ax = axes[row, col]
+      shown = ax.imshow(grid, cmap='viridis', vmin=lo, vmax=hi,
+                        aspect='auto')
+      for i in range(len(shapes)):
+        for j in range(len(ratios)):
+          ax.text(j, i, f'{grid[i, j]:.1f}', ha='center', va='center',
+                  color='w', fontsize=8)
+      ax.set(xticks=range(len(ratios)), xticklabels=[f'{r:g}' for r in ratios],
+             yticks=range(len(shapes)), yticklabels=shapes,
+             xlabel='near gap / eps',
+             title=f"{m.split('_')[0].upper()}{'-AT' if row else ''}: {title}")
+      fig.colorbar(shown, ax=ax)
   fig.tight_layout()
   return fig
 
@@ -211,30 +431,42 @@ def main(argv):
   del argv
   out = sweep.start('toy2d')
   setting = QUICK if FLAGS.preset == 'quick' else PAPER
-  t0 = time.time()
-  per_seed, shown = [], None
+  seeds = sweep.seeds(setting['seeds'])
+  ratios = cli.parse_floats(FLAGS.ratios, 'ratios') or list(RATIOS)
+  runs = os.path.join(out, 'runs')
+  base = dict(setting, seeds=None, eps=FLAGS.eps, alpha=FLAGS.alpha,
+              config=configs.to_json(toy_config(0)))
+  per_seed, geometry, seconds, shown = [], [], 0.0, None
   try:
-    for seed in range(FLAGS.seed, FLAGS.seed + setting['seeds']):
-      ds = data.load_dataset('toy2d', seed=seed)
-      a = attack_panels(ds, setting, seed)
-      c = train_panels(ds, setting, seed)
-      per_seed.append({
-          'seed': seed, 'attack_points': len(a['labels']),
-          'crossing': a['crossing'],
-          'clean_accuracy_fixed': a['clean_accuracy_fixed'],
-          'clean_accuracy_ensemble': a['clean_accuracy_ensemble'],
-          'training': {m: {k: v for k, v in r.items()
-                           if k not in ('oscillations', 'prob')}
-                       for m, r in c.items()}})
-      shown = shown or (ds, a, c)  # the figure shows the first seed
+    for seed in seeds:
+      result, took = sweep.cached(
+          os.path.join(runs, f'paper_seed{seed}.json'), dict(base, seed=seed),
+          functools.partial(paper_seed, setting, seed))
+      per_seed.append(summary(result))
+      seconds += took
+      shown = shown or result
+    for seed in seeds if FLAGS.geometry else ():
+      for shape in toy.SHAPES:
+        for ratio in ratios:
+          result, took = sweep.cached(
+              os.path.join(runs, f'geometry_{shape}_{ratio:g}_seed{seed}.json'),
+              dict(base, seed=seed, shape=shape, ratio=ratio),
+              functools.partial(geometry_cell, setting, shape, ratio, seed))
+          geometry.append(summary(result))
+          seconds += took
   except sweep.USER_ERRORS as e:
     cli.fail(str(e))
   payload = {'preset': FLAGS.preset, 'eps': FLAGS.eps, 'alpha': FLAGS.alpha,
-             'train_steps': FLAGS.train_steps, 'per_seed': per_seed,
-             'wall_seconds': time.time() - t0}
-  sweep.write_outputs(out, 'toy2d', markdown=markdown(per_seed),
-                      payload=payload,
-                      figure=figure(*shown, setting['resolution']))
+             'train_steps': FLAGS.train_steps, 'seeds': seeds,
+             'attack_points': setting['attack_points'],
+             'resolution': setting['resolution'], 'per_seed': per_seed,
+             'geometry': geometry, 'ratios': ratios,
+             'verdicts': verdicts(per_seed), 'compute_seconds': seconds}
+  sweep.write_outputs(out, 'toy2d', payload=payload, markdown=markdown,
+                      figure=figure(payload, shown))
+  if geometry:
+    geometry_figure(payload).savefig(os.path.join(out, 'toy2d_geometry.png'),
+                                     dpi=110, bbox_inches='tight')
 
 
 if __name__ == '__main__':

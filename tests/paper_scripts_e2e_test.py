@@ -2,7 +2,8 @@
 
 Each script runs as users run it, on real offline data (embedded MNIST,
 Debian's Fashion-MNIST, the 2D toy) with tiny overrides, and must write its
-markdown table, JSON and PNG; rerunning must reuse the finished runs.
+markdown table, JSON (per-seed rows, seeds, verdicts) and PNG; rerunning
+must reuse the finished runs and reproduce the JSON.
 """
 
 import json
@@ -34,11 +35,25 @@ class PaperScriptsTest(absltest.TestCase):
   def test_table1_scores_are_aa_means_and_a_rerun_reuses_the_runs(self):
     out = self.create_tempdir().full_path
     args = ['--datasets=mnist_embedded', '--methods=pgd,uta',
-            '--eps_train=0.1', f'--output_dir={out}', *TINY]
+            '--eps_train=0.1', '--seeds=0,1', f'--output_dir={out}', *TINY]
     proc = run_script('table1', *args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    rows = self.outputs(out, 'table1')['rows']
-    self.assertEqual([r['method'] for r in rows], ['pgd', 'uta'])
+    payload = self.outputs(out, 'table1')
+    rows = payload['rows']
+    self.assertEqual([(r['seed'], r['method']) for r in rows],
+                     [(0, 'pgd'), (0, 'uta'), (1, 'pgd'), (1, 'uta')])
+    self.assertEqual(payload['seeds'], [0, 1])
+    self.assertTrue(rows[0]['workdir'].endswith(os.path.join(
+        'pgd_eps0.1', 'seed0')))
+    # Different seeds train different models.
+    self.assertNotEqual(rows[0]['clean_accuracy'], rows[2]['clean_accuracy'])
+    self.assertEqual([v['claim'].split(':')[0] for v in payload['verdicts']],
+                     ['mnist_embedded'] * 4)
+    for v in payload['verdicts']:
+      self.assertEqual(set(v), {'claim', 'rule', 'holds', 'evidence'})
+    clean = {(r['seed'], r['method']): r['clean_accuracy'] for r in rows}
+    self.assertEqual(payload['verdicts'][0]['holds'],
+                     all(clean[s, 'uta'] > clean[s, 'pgd'] for s in (0, 1)))
     # The quick AutoAttack: the standard APGD-CE and APGD-T only, in JAX.
     self.assertIn('including apgd-ce, apgd-t (JAX backend', proc.stderr)
     self.assertIn('robust accuracy after APGD-T', proc.stderr)
@@ -53,17 +68,18 @@ class PaperScriptsTest(absltest.TestCase):
         self.assertLessEqual(robust, r['aa_clean_accuracy'])
         self.assertAlmostEqual(score, (robust + r['aa_clean_accuracy']) / 2)
       self.assertEqual(len(r['paper_score']), 4)  # the paper's MNIST row
+    with open(os.path.join(out, 'table1.md')) as f:
+      self.assertIn('± ', f.read())  # mean ± std over the 2 seeds
     rerun = run_script('table1', *args)
     self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
-    self.assertEqual(rerun.stderr.count('reusing finished run'), 2)
+    self.assertEqual(rerun.stderr.count('reusing finished run'), 4)
     self.assertNotIn('robust accuracy after', rerun.stderr)  # AA reused
-    self.assertEqual(self.outputs(out, 'table1')['rows'][0]['score'],
-                     rows[0]['score'])
+    self.assertEqual(self.outputs(out, 'table1'), payload)
 
   def test_latent_space_trains_the_ensemble_and_attacks_in_input_space(self):
     out = self.create_tempdir().full_path
     proc = run_script('latent_space', '--methods=ls_uta', '--eps_train=0.2',
-                      f'--output_dir={out}', *TINY)
+                      '--seeds=0', f'--output_dir={out}', *TINY)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     (row,) = self.outputs(out, 'latent_space')['rows']
     with open(os.path.join(row['workdir'], 'config.json')) as f:
@@ -77,47 +93,85 @@ class PaperScriptsTest(absltest.TestCase):
   def test_catastrophic_overfitting_writes_curves(self):
     out = self.create_tempdir().full_path
     proc = run_script('catastrophic_overfitting', '--max_train_examples=512',
-                      '--epochs=1', '--eval_every_steps=2',
+                      '--epochs=1', '--eval_every_steps=2', '--seeds=3',
                       '--max_eval_examples=32', f'--output_dir={out}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    rows = self.outputs(out, 'catastrophic_overfitting')['rows']
+    payload = self.outputs(out, 'catastrophic_overfitting')
+    rows = payload['rows']
     self.assertEqual([r['method'] for r in rows], ['fgsm', 'uta1'])
     for r in rows:
+      self.assertEqual(r['seed'], 3)
       self.assertEqual(r['steps'], [2, 4])  # 4 steps: one mid-run, one final
       self.assertLen(r['fgsm'], 2)
       self.assertIn('collapse_step', r)
+      self.assertEqual(r['lowest_pgd_after_best'],
+                       min(r['pgd'][r['pgd'].index(r['best_pgd']):]))
+    fgsm_collapsed, uta_kept, _ = payload['verdicts']
+    self.assertEqual(fgsm_collapsed['holds'],
+                     rows[0]['lowest_pgd_after_best'] < 5)
+    self.assertEqual(uta_kept['holds'], rows[1]['lowest_pgd_after_best'] >= 5)
 
-  def test_toy2d_reports_crossing_and_oscillations(self):
+  def test_toy2d_reports_crossing_oscillations_and_geometry(self):
     out = self.create_tempdir().full_path
-    proc = run_script('toy2d', '--epochs=2', f'--output_dir={out}')
+    args = ['--epochs=2', '--seeds=0,1', '--ratios=0.6,2',
+            f'--output_dir={out}']
+    proc = run_script('toy2d', *args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     result = self.outputs(out, 'toy2d')
-    self.assertLen(result['per_seed'], 3)
+    self.assertTrue(os.path.exists(os.path.join(out, 'toy2d_geometry.png')))
+    self.assertEqual(result['seeds'], [0, 1])
+    self.assertLen(result['per_seed'], 2)
     for seed in result['per_seed']:
-      for fraction in seed['crossing'].values():
+      for fraction in seed['attack']['crossing'].values():
         self.assertBetween(fraction, 0.0, 1.0)
       for method in ('pgd', 'uta'):
         training = seed['training'][method]
         self.assertEqual(training['updates'], 16)  # 2 epochs x 512 / 64
-        self.assertBetween(training['mean_oscillations'], 0.0, 15.0)
+        self.assertEqual(set(training['region_accuracy']), {'near', 'far'})
+    # 2 seeds x 2 shapes x 2 ratios; the strips at ratio 0.6 are the
+    # paper's toy (near gap 0.3 at eps 0.5), so they repeat its numbers.
+    cells = result['geometry']
+    self.assertLen(cells, 8)
+    paper_cell = [c for c in cells if c['shape'] == 'strips' and
+                  c['ratio'] == 0.6 and c['seed'] == 0][0]
+    for method in ('pgd', 'uta'):  # (the oscillation grid is coarser)
+      for key in ('clean_accuracy', 'region_accuracy'):
+        self.assertEqual(paper_cell['training'][method][key],
+                         result['per_seed'][0]['training'][method][key])
+    self.assertEqual(paper_cell['attack']['crossing']['pgd_20'],
+                     result['per_seed'][0]['attack']['crossing']['pgd_20'])
+    osc = [s['training'][m]['mean_oscillations'] for s in result['per_seed']
+           for m in ('pgd', 'uta')]
+    oscillation_verdict = result['verdicts'][-1]
+    self.assertEqual(oscillation_verdict['holds'],
+                     osc[1] < osc[0] and osc[3] < osc[2])
+    rerun = run_script('toy2d', *args)
+    self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
+    self.assertEqual(rerun.stderr.count('reusing'), 10)
+    self.assertEqual(self.outputs(out, 'toy2d'), result)
 
   def test_visual_appearance_grid(self):
     out = self.create_tempdir().full_path
     proc = run_script('visual_appearance', '--max_train_examples=256',
-                      '--epochs=1', '--max_eval_examples=32',
+                      '--epochs=1', '--max_eval_examples=32', '--seeds=0',
                       '--attack_steps=50', f'--output_dir={out}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     result = self.outputs(out, 'visual_appearance')
-    self.assertEqual(result['labels'], list(range(10)))
-    for row in ('uta', 'pgd'):
-      self.assertLen(result[row]['predictions'], 10)
-      self.assertBetween(result[row]['mean_linf'], 0.0, 50 * 0.001 + 1e-6)
+    (row,) = result['rows']
+    self.assertEqual(row['labels'], list(range(10)))
+    for name in ('uta', 'pgd'):
+      self.assertLen(row[name]['predictions'], 10)
+      self.assertBetween(row[name]['mean_linf'], 0.0, 50 * 0.001 + 1e-6)
+    (v,) = result['verdicts']
+    self.assertEqual(v['holds'], row['uta']['mean_l2'] < row['pgd']['mean_l2'])
 
   def test_bad_flags_give_one_line_errors(self):
     out = self.create_tempdir().full_path
     for script, flag in (('table1', '--datasets=cifar100'),
                          ('latent_space', '--methods=ls_fgsm'),
-                         ('catastrophic_overfitting', '--settings=imagenet')):
+                         ('catastrophic_overfitting', '--settings=imagenet'),
+                         ('toy2d', '--seeds=0,x'),
+                         ('table1', '--seeds=-1')):
       proc = run_script(script, flag, f'--output_dir={out}')
       self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
       self.assertEqual(proc.stderr.strip().count('\n'), 0, proc.stderr)

@@ -1,6 +1,7 @@
 """Tests of uta_jax.reporting's pure helpers."""
 
 from absl.testing import absltest
+import numpy as np
 
 from uta_jax import reporting
 
@@ -22,6 +23,33 @@ class ReportingTest(absltest.TestCase):
     self.assertLen(records, 2)
     self.assertEqual([r.get('loss') for r in records if r['kind'] == 'train'],
                      [2.0])
+
+
+  def test_mean_std_is_numpys_sample_std(self):
+    values = [71.4, 63.6, 52.0, 10.4]
+    stats = reporting.mean_std(values)
+    self.assertAlmostEqual(stats['mean'], np.mean(values))
+    self.assertAlmostEqual(stats['std'], np.std(values, ddof=1))
+    self.assertEqual(stats['n'], 4)
+    self.assertEqual(reporting.mean_std([5.0]), {'mean': 5.0, 'std': 0.0,
+                                                 'n': 1})
+    self.assertEqual(reporting.format_mean_std([1.0, 2.0, 3.0]), '2.0 ± 1.0')
+    self.assertEqual(reporting.format_mean_std([0.123], 2), '0.12')
+
+  def test_group_rows_keeps_first_seen_order(self):
+    rows = [{'m': 'pgd', 'e': 0.1, 'seed': 0}, {'m': 'uta', 'e': 0.1,
+                                                 'seed': 0},
+            {'m': 'pgd', 'e': 0.1, 'seed': 1}]
+    groups = reporting.group_rows(rows, 'm', 'e')
+    self.assertEqual(list(groups), [('pgd', 0.1), ('uta', 0.1)])
+    self.assertEqual([r['seed'] for r in groups[('pgd', 0.1)]], [0, 1])
+
+  def test_verdict_and_its_table(self):
+    v = reporting.verdict('c', 'r', 0 > 1, 'e')
+    self.assertEqual(v, {'claim': 'c', 'rule': 'r', 'holds': False,
+                         'evidence': 'e'})
+    self.assertIn('| c | r | **no** | e |',
+                  reporting.verdicts_markdown([v]))
 
 
 if __name__ == '__main__':

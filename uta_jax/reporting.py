@@ -112,3 +112,48 @@ def markdown_table(header: List[str], rows: Iterable[List[Any]]) -> str:
            '| ' + ' | '.join('---' for _ in header) + ' |']
   lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
+
+
+# ------------------------------------------------- seeds and verdicts
+
+
+def mean_std(values: Iterable[float]) -> Dict[str, float]:
+  """Mean, sample standard deviation (0 for one value) and count."""
+  values = [float(v) for v in values]
+  n = len(values)
+  mean = sum(values) / n
+  var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+  return {'mean': mean, 'std': var ** 0.5, 'n': n}
+
+
+def format_mean_std(values: Iterable[float], digits: int = 1) -> str:
+  """'71.4 ± 2.3' over seeds; a lone value is written without the spread."""
+  s = mean_std(values)
+  if s['n'] == 1:
+    return f"{s['mean']:.{digits}f}"
+  return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def group_rows(rows: Iterable[Dict[str, Any]], *keys: str
+              ) -> Dict[tuple, List[Dict[str, Any]]]:
+  """Per-seed rows grouped by the values of ``keys``, in first-seen order."""
+  groups: Dict[tuple, List[Dict[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+  return groups
+
+
+def verdict(claim: str, rule: str, holds: bool, evidence: str
+           ) -> Dict[str, Any]:
+  """A paper claim, the rule over per-seed results that tests it, whether
+  the rule holds on the stored data, and the numbers it was decided on."""
+  return {'claim': claim, 'rule': rule, 'holds': bool(holds),
+          'evidence': evidence}
+
+
+def verdicts_markdown(verdicts: List[Dict[str, Any]]) -> str:
+  """The verdicts as a markdown table (claim, rule, holds, evidence)."""
+  return markdown_table(
+      ['claim', 'rule', 'holds', 'evidence'],
+      [[v['claim'], v['rule'], 'yes' if v['holds'] else '**no**',
+        v['evidence']] for v in verdicts])
