@@ -19,9 +19,32 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+class _RaisedInMainThread(std_logging.Filter):
+  """Drops orbax's log of an exception in its writer thread (a traceback):
+  orbax raises the same error in the main thread, where the script turns it
+  into one line (a full disk, say)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not ('orbax' in record.pathname and
+                'raised an exception' in record.getMessage())
+
+
+def _unraisablehook(unraisable):
+  """After a failed checkpoint write, tensorstore's pending writes call back
+  into orbax's finished event loop; Python reports each 'Event loop is
+  closed' as an unraisable exception (a traceback): noise after the
+  one-line error. Everything else is reported as usual."""
+  if (unraisable.exc_type is RuntimeError and
+      str(unraisable.exc_value) == 'Event loop is closed'):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def show_logs(stream, *, timestamps: bool) -> None:
   """User-facing loggers to ``stream``; libraries (orbax, absl) at WARNING."""
   logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(_RaisedInMainThread())
+  sys.unraisablehook = _unraisablehook
   fmt = '%(asctime)s %(message)s' if timestamps else '%(message)s'
   for name in USER_LOGGERS:
     handler = std_logging.StreamHandler(stream)

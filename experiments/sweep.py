@@ -269,13 +269,16 @@ def write_outputs(out: str, stem: str, *, payload: Dict[str, Any],
   """``<stem>.json`` (``payload`` plus the script and command), ``<stem>.md``
   (``render``ed from it) and ``<stem>.png`` in ``out``."""
   payload = dict(payload, script=stem, command=command())
-  reporting.write_json(os.path.join(out, f'{stem}.json'), payload)
   text = render(markdown, payload)
-  with open(os.path.join(out, f'{stem}.md'), 'w') as f:
-    f.write(text)
-  if figure is not None:
-    figure.savefig(os.path.join(out, f'{stem}.png'), dpi=110,
-                   bbox_inches='tight')
+  try:
+    reporting.write_json(os.path.join(out, f'{stem}.json'), payload)
+    with open(os.path.join(out, f'{stem}.md'), 'w') as f:
+      f.write(text)
+    if figure is not None:
+      figure.savefig(os.path.join(out, f'{stem}.png'), dpi=110,
+                     bbox_inches='tight')
+  except OSError as e:
+    cli.fail(str(workdir_lock.write_error(e, out)))
   print(text)
   print(f'wrote {os.path.join(out, stem)}.md, .json' +
         (', .png' if figure is not None else ''))
@@ -303,7 +306,10 @@ def cached(path: str, settings: Dict[str, Any],
   start_time = time.time()
   result = compute()
   seconds = time.time() - start_time
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  reporting.write_json(path, {'settings': settings, 'result': result,
-                              'seconds': seconds})
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    reporting.write_json(path, {'settings': settings, 'result': result,
+                                'seconds': seconds})
+  except OSError as e:
+    raise workdir_lock.write_error(e, os.path.dirname(path)) from e
   return result, seconds

@@ -123,6 +123,47 @@ class CheckpointerTest(absltest.TestCase):
         self.assertEqual(ck.restore_latest(self.state)[1], 20)
         ck.close()
 
+  def test_a_failed_write_keeps_the_older_steps_and_raises_its_errno(self):
+    # What orbax raises when the disk fills up while it writes a step.
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "params" in OCDBT '
+                      'database: Failed to write 1499382 bytes to file 15: '
+                      "No space left on device [os_error_code='28']")
+    ck = checkpointing.Checkpointer(self.dir)
+    ck.save(10, self.state)
+    save = ck._manager.save  # pylint: disable=protected-access
+
+    def fails_half_way(step, **kwargs):
+      del kwargs
+      os.makedirs(os.path.join(self.dir, f'{step}.orbax-checkpoint-tmp'))
+      raise full
+
+    ck._manager.save = fails_half_way  # pylint: disable=protected-access
+    with self.assertRaises(OSError) as raised:
+      ck.save(20, self.later)
+    self.assertEqual(raised.exception.errno, 28)
+    self.assertEqual(raised.exception.filename, self.dir)
+    self.assertIs(raised.exception.__cause__, full)
+    self.assertEqual(os.listdir(self.dir).count('20.orbax-checkpoint-tmp'), 0)
+    self.assertEqual(ck.restore_latest(self.state)[1], 10)
+    ck._manager.save = save  # pylint: disable=protected-access
+    ck.save(20, self.later)  # space freed: the same step saves
+    restored, step = ck.restore_latest(self.state)
+    self.assertEqual(step, 20)
+    chex.assert_trees_all_equal(restored, self.later)
+    ck.close()
+
+  def test_other_save_errors_pass_through(self):
+    ck = checkpointing.Checkpointer(self.dir)
+
+    def broken(*args, **kwargs):
+      del args, kwargs
+      raise TypeError('not a pytree')
+
+    ck._manager.save = broken  # pylint: disable=protected-access
+    with self.assertRaisesRegex(TypeError, 'not a pytree'):
+      ck.save(10, self.state)
+    ck.close()
+
   def test_temporary_folders_of_interrupted_saves_are_removed(self):
     ck = checkpointing.Checkpointer(self.dir)
     ck.save(10, self.state)

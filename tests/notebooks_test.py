@@ -26,6 +26,19 @@ class NotebooksTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       (os.path.basename(p).replace('.ipynb', ''), p) for p in NOTEBOOKS)
+  def test_is_committed_executed_so_it_renders_on_a_code_host(self, path):
+    notebook = nbformat.read(path, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == 'code']
+    self.assertTrue(all(c.get('execution_count') for c in code),
+                    f'{path} has unexecuted cells: see the README\'s '
+                    'notebook command')
+    self.assertTrue(any('image/png' in o.get('data', {}) for c in code
+                        for o in c.get('outputs', [])))
+    self.assertFalse(any(o.get('output_type') == 'error' for c in code
+                         for o in c.get('outputs', [])))
+
+  @parameterized.named_parameters(
+      (os.path.basename(p).replace('.ipynb', ''), p) for p in NOTEBOOKS)
   def test_runs_without_errors(self, path):
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(

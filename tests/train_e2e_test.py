@@ -142,6 +142,38 @@ class FaultToleranceTest(absltest.TestCase):
     chex.assert_trees_all_equal(a.params, b.params)
     chex.assert_trees_all_equal(a.opt_state, b.opt_state)
 
+  def test_disk_full_in_a_checkpoint_is_one_line_and_resumes_when_freed(self):
+    mount = self.create_tempdir().full_path
+    if os.geteuid() != 0 or subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', mount],
+        capture_output=True).returncode != 0:
+      self.skipTest('needs root to mount a small tmpfs (checkpointing_test '
+                    'simulates the full disk)')
+    self.addCleanup(subprocess.run, ['umount', '-l', mount])
+    # The MLP's state (parameters + Adam moments) is ~2.4 MB: step 10 fits
+    # in 3 MB, step 20 does not.
+    args = ('--epochs=2', '--checkpoint_every=10')
+    workdir = os.path.join(mount, 'run')
+    proc = run_train(workdir, *args)
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertNotIn('Traceback', proc.stderr)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+    self.assertLen(errors, 1)
+    self.assertIn('No space left on device', errors[0])
+    self.assertIn('rerun the same command to resume', errors[0])
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, 'checkpoints'))),
+                     ['10', 'checksums.json'])  # the failed step is gone
+    subprocess.run(['mount', '-o', 'remount,size=40m', mount], check=True)
+    resumed = run_train(workdir, *args)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+    self.assertIn('resumed from step 10', resumed.stderr)
+    reference = self.create_tempdir().full_path
+    self.assertEqual(run_train(reference, *args).returncode, 0)
+    a, step_a = final_state(reference)
+    b, step_b = final_state(workdir)
+    self.assertEqual(step_a, step_b)
+    chex.assert_trees_all_equal(a.params, b.params)
+
   def test_sigterm_and_ctrl_c_checkpoint_exit_cleanly_and_resume(self):
     # SIGTERM is preemption (exit 0); Ctrl-C exits 130, as shells expect.
     for sig, code in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
@@ -246,6 +278,8 @@ class BadInputTest(parameterized.TestCase):
       ('eval_eps_range', ['--eval_eps=8'], r'outside \(0, 1\]'),
       ('offline_tfds', ['--dataset=svhn', '--data_dir=/tmp'],
        'TFDS_DATA_DIR'),
+      ('workdir_under_a_file', ['--workdir=/etc/hostname/run'],
+       'part of the path is a file'),
   )
   def test_one_line_and_exit_code_2(self, args, message):
     workdir = self.create_tempdir().full_path

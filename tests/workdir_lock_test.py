@@ -1,5 +1,6 @@
 """Tests of uta_jax.workdir_lock: one holder, named; released on any exit."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -49,6 +50,25 @@ class WorkdirLockTest(absltest.TestCase):
                                 'cannot write to workdir'):
       with workdir_lock.hold('/nonexistent/dir'):
         pass
+
+
+  def test_write_errors_name_the_file_and_the_fix(self):
+    cases = (
+        (OSError(errno.ENOSPC, 'No space left on device', '/w/checkpoints'),
+         "cannot write '/w/checkpoints' (No space left on device): free disk "
+         'space, then rerun the same command to resume'),
+        (OSError(errno.EROFS, 'Read-only file system', '/w/config.json.tmp'),
+         'read-only: use a writable --workdir'),
+        (OSError(errno.ENOTDIR, 'Not a directory', '/etc/hostname/run'),
+         'part of the path is a file'),
+        (OSError(errno.ENOSPC, 'No space left on device'),
+         "cannot write to workdir '/w' (No space left on device)"),
+    )
+    for error, message in cases:
+      e = workdir_lock.write_error(error, '/w')
+      self.assertIsInstance(e, workdir_lock.WorkdirError)
+      self.assertIn(message, str(e))
+      self.assertNotIn('\n', str(e))
 
 
 if __name__ == '__main__':

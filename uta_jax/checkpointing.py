@@ -16,11 +16,13 @@ temporary folders of interrupted saves; the newest valid step is used.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Optional, Tuple
 
@@ -90,8 +92,16 @@ class Checkpointer:
                  if int(s) in kept}
     checksums[str(step)] = tree_checksum(tree)
     self._write_checksums(checksums)
-    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax reports a failed write (disk full, ...) as a ValueError from
+      # tensorstore; drop the half-written step so that the older ones stay
+      # the newest, and raise an OSError the caller can explain.
+      self._remove_tmp_folders()
+      self._manager.reload()
+      raise _as_os_error(e, self.directory) from e
 
   def steps(self) -> list:
     return sorted(self._manager.all_steps())
@@ -142,3 +152,17 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _as_os_error(e: Exception, directory: str) -> Exception:
+  """``e`` if it is not a write failure, else an ``OSError`` with its errno
+  (orbax's tensorstore errors carry it as ``[os_error_code='28']``)."""
+  if isinstance(e, OSError):
+    return e
+  code = re.search(r"os_error_code='?(\d+)", str(e))
+  if code:
+    number = int(code.group(1))
+    return OSError(number, os.strerror(number), directory)
+  if 'RESOURCE_EXHAUSTED' in str(e):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
+  return e

@@ -58,8 +58,7 @@ def _make_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise TrainingError(f'cannot create workdir {workdir!r} ({e.strerror}): '
-                        'pass a writable --workdir') from e
+    raise workdir_lock.write_error(e, workdir) from e
 
 
 def prepare_workdir(config: configs.Config, workdir: str) -> None:
@@ -108,7 +107,10 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
   _make_workdir(workdir)
   with workdir_lock.hold(workdir, what='training',
                          enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, stop_requested)
+    try:
+      return _train_and_evaluate(config, workdir, stop_requested)
+    except OSError as e:
+      raise workdir_lock.write_error(e, workdir) from e
 
 
 def _train_and_evaluate(config: configs.Config, workdir: str,
@@ -319,11 +321,14 @@ def evaluate_workdir(workdir: str, *, version: str = 'standard',
                         'no pixel box')
   with workdir_lock.hold(workdir, what='AutoAttack evaluation',
                          enabled=jax.process_index() == 0):
-    return _evaluate_workdir(
-        workdir, config, model, variables, step, version=version,
-        backend=backend, eps=eps, num_examples=num_examples,
-        batch_size=batch_size, seed=seed, jax_pgd=jax_pgd,
-        stop_requested=stop_requested)
+    try:
+      return _evaluate_workdir(
+          workdir, config, model, variables, step, version=version,
+          backend=backend, eps=eps, num_examples=num_examples,
+          batch_size=batch_size, seed=seed, jax_pgd=jax_pgd,
+          stop_requested=stop_requested)
+    except OSError as e:
+      raise workdir_lock.write_error(e, workdir) from e
 
 
 def _evaluate_workdir(workdir, config, model, variables, step, *, version,

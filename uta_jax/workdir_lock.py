@@ -1,4 +1,5 @@
-"""One writer per workdir: an exclusive lock file naming its holder.
+"""One writer per workdir: an exclusive lock file naming its holder; and
+the one error for a workdir that cannot be written.
 
 A run (``loop.train_and_evaluate``) and an AutoAttack evaluation
 (``loop.evaluate_workdir``) hold ``<workdir>/.lock`` while they write; a
@@ -10,11 +11,17 @@ process. In a multi-host run only process 0 takes it.
 
   >>> with hold(workdir):
   ...   train()
+
+``write_error(e, workdir)`` turns an ``OSError`` met while writing a run
+(disk full, read-only file system, no permission, a file where a folder
+should be) into a ``WorkdirError`` whose one-line message names the file and
+the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -31,6 +38,27 @@ class WorkdirError(RuntimeError):
 
 class WorkdirBusy(WorkdirError):
   """Another live process holds the workdir; the message names it."""
+
+
+_FIXES = {
+    errno.ENOSPC: 'free disk space, then rerun the same command to resume '
+                  'from the newest checkpoint',
+    errno.EDQUOT: 'free space in your quota, then rerun the same command to '
+                  'resume from the newest checkpoint',
+    errno.EROFS: 'the file system is read-only: use a writable --workdir',
+    errno.EACCES: 'make it writable or use another --workdir',
+    errno.EPERM: 'make it writable or use another --workdir',
+    errno.ENOTDIR: 'part of the path is a file, not a folder: use another '
+                   '--workdir',
+}
+
+
+def write_error(e: OSError, workdir: str) -> WorkdirError:
+  """A one-line ``WorkdirError`` for an ``OSError`` met writing ``workdir``."""
+  where = repr(e.filename) if e.filename else f'to workdir {workdir!r}'
+  reason = e.strerror or str(e)
+  fix = _FIXES.get(e.errno, 'check the folder, then rerun the same command')
+  return WorkdirError(f'cannot write {where} ({reason}): {fix}')
 
 
 def _holder(fd: int) -> str:
