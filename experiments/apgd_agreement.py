@@ -111,7 +111,7 @@ def markdown(payload: dict) -> str:
 
 def main(argv):
   del argv
-  out = sweep.start('apgd_agreement')
+  out = sweep.start('apgd_agreement', unused=sweep.SELECTION_FLAGS)
   eps_values = cli.parse_floats(FLAGS.eps_test, 'eps_test')
   for e in eps_values:
     if not 0 < e <= 1:

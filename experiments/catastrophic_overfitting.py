@@ -187,7 +187,8 @@ def figure(payload: dict):
 
 def main(argv):
   del argv
-  out = sweep.start('catastrophic_overfitting')
+  out = sweep.start('catastrophic_overfitting', unused=(
+      'eps_train', 'aa_examples', 'aa_version', 'aa_backend'))
   preset = QUICK if FLAGS.preset == 'quick' else PAPER
   names = FLAGS.settings or list(preset)
   seeds = sweep.seeds(SEEDS)

@@ -94,12 +94,12 @@ def section(module, title: str, folder: str, payload: dict) -> str:
     return head + (
         'This JSON predates per-seed results and verdicts, so it is not '
         f'shown; rerun `python experiments/{stem}.py` to regenerate it.\n')
-  lines = [f"Command: `{payload.get('command', f'python experiments/{stem}.py')}`"
-           f" — seeds {payload['seeds']}"]
+  command = payload.get('command', f'python experiments/{stem}.py')
+  line = f"Command: `{command}` — seeds {payload['seeds']}"
   if payload.get('compute_seconds'):
-    lines[0] += f", stored compute {payload['compute_seconds'] / 60:.1f} min"
+    line += f", stored compute {payload['compute_seconds'] / 60:.1f} min"
   figures = sorted(glob.glob(os.path.join(folder, '*.png')))
-  text = head + lines[0] + '\n\n'
+  text = head + line + '\n\n'
   text += ''.join(f'![{os.path.basename(f)}]({rel}/{os.path.basename(f)})\n'
                   for f in figures)
   return text + '\n' + sweep.render(module.markdown, payload)
@@ -112,7 +112,8 @@ def verdict_rows(found: list, *, link: str) -> str:
       rel = os.path.basename(folder)
       title = dict(SECTIONS)[module]
       rows.append([v['claim'], 'yes' if v['holds'] else '**no**',
-                   str(payload['seeds']), f'[{rel}]({link}#{anchor(title, rel)})'])
+                   str(payload['seeds']),
+                   f'[{rel}]({link}#{anchor(title, rel)})'])
   if not rows:
     return 'No stored results with verdicts yet.\n'
   return reporting.markdown_table(['claim', 'holds', 'seeds', 'results'],

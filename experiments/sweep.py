@@ -30,6 +30,7 @@ from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import loop
+from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import torch_bridge
 from uta_jax import workdir_lock
@@ -67,14 +68,46 @@ FLAGS = flags.FLAGS
 _CONFIG_FLAGS = ('data_dir', 'epochs', 'max_train_examples',
                  'max_eval_examples')
 
+# Sweep flags that change what a script runs; a script that does not use
+# one refuses it (``start(..., unused=...)``) rather than ignore it.
+SELECTION_FLAGS = ('methods', 'eps_train', 'aa_examples', 'aa_version',
+                   'aa_backend')
+NOT_FOR_GENERATED_DATA = ('data_dir', 'max_train_examples',
+                          'max_eval_examples')
+
 # Exceptions the library raises with a message naming the fix.
 USER_ERRORS = (configs.ConfigError, data.DataError, loop.TrainingError,
                workdir_lock.WorkdirError, ImportError)
 
 
-def start(script: str) -> str:
-  """Logs to stderr; returns the output folder (created)."""
+class _Stop:
+  """SIGTERM / Ctrl-C during a sweep (``cli.StopSignals``, installed by
+  ``start``): runs checkpoint and the script exits, to resume on a rerun."""
+  signals: Optional[cli.StopSignals] = None
+
+
+def stop_requested() -> bool:
+  return _Stop.signals is not None and _Stop.signals()
+
+
+def exit_if_stopped() -> None:
+  """Ends the script (exit 0 after SIGTERM, 130 after Ctrl-C) once a stop
+  was asked for; finished runs and AutoAttack eps stay stored."""
+  if stop_requested():
+    print('stopped: finished runs are stored and the run in progress is '
+          'checkpointed; rerun the same command to resume', file=sys.stderr)
+    sys.exit(_Stop.signals.exit_code())
+
+
+def start(script: str, *, unused: Sequence[str] = ()) -> str:
+  """Logs to stderr, stops cleanly on SIGTERM / Ctrl-C, refuses the sweep
+  flags in ``unused`` (they would be silently ignored); returns the output
+  folder (created)."""
   cli.show_logs(sys.stderr, timestamps=True)
+  for name in unused:
+    if FLAGS[name].present:
+      cli.fail(f'--{name} has no effect on {script}.py; drop it')
+  _Stop.signals = cli.StopSignals()
   out = FLAGS.output_dir or os.path.join('results',
                                          f'{script}_{FLAGS.preset}')
   try:
@@ -151,7 +184,9 @@ def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
       loop.log.info('reusing finished run %s', workdir)
       return results
   start_time = time.time()
-  results = loop.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir,
+                                    stop_requested=stop_requested)
+  exit_if_stopped()
   if results['status'] != 'finished':
     raise loop.TrainingError(f'run {workdir} stopped at step '
                              f'{results["step"]}; rerun to resume')
@@ -173,9 +208,13 @@ def autoattack(workdir: str, *, eps, num_examples: int,
   backend = aa_backend(version)
   if backend == 'torch':
     torch_bridge.require_torch().set_num_threads(1)
-  return loop.evaluate_workdir(workdir, version=version, backend=backend,
-                               eps=tuple(eps), num_examples=num_examples,
-                               jax_pgd=False)
+  try:
+    return loop.evaluate_workdir(workdir, version=version, backend=backend,
+                                 eps=tuple(eps), num_examples=num_examples,
+                                 jax_pgd=False, stop_requested=stop_requested)
+  except parallel.Stopped:
+    exit_if_stopped()
+    raise
 
 
 def aa_cell(report: Dict[str, Any], eps: float) -> Dict[str, float]:
@@ -306,6 +345,7 @@ def cached(path: str, settings: Dict[str, Any],
   start_time = time.time()
   result = compute()
   seconds = time.time() - start_time
+  exit_if_stopped()  # a result computed after the signal may be cut short
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     reporting.write_json(path, {'settings': settings, 'result': result,

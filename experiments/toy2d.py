@@ -233,8 +233,9 @@ def verdicts(per_seed: list) -> list:
     out.append(reporting.verdict(
         f'toy: UTA-perturbed points (entropy of {who}) cross the decision '
         'boundary less often than PGD-perturbed ones (Fig. 1a-b, §4.3)',
-        f'crossing({uta}) < crossing(PGD) at {" and ".join(map(str, CROSSING_STEPS))} '
-        'steps, in every seed', held, '; '.join(evidence)))
+        f'crossing({uta}) < crossing(PGD) at '
+        f'{" and ".join(map(str, CROSSING_STEPS))} steps, in every seed',
+        held, '; '.join(evidence)))
   clean = lambda m: _values(per_seed, 'training', m, 'clean_accuracy')
   standard = _values(per_seed, 'attack', 'clean_accuracy_fixed')
   kept = (reporting.mean_std(clean('uta'))['mean'] >=
@@ -429,7 +430,8 @@ def geometry_figure(payload: dict):
 
 def main(argv):
   del argv
-  out = sweep.start('toy2d')
+  out = sweep.start('toy2d', unused=sweep.SELECTION_FLAGS +
+                    sweep.NOT_FOR_GENERATED_DATA)
   setting = QUICK if FLAGS.preset == 'quick' else PAPER
   seeds = sweep.seeds(setting['seeds'])
   ratios = cli.parse_floats(FLAGS.ratios, 'ratios') or list(RATIOS)

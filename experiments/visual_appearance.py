@@ -128,7 +128,7 @@ def markdown(payload: dict) -> str:
 
 def main(argv):
   del argv
-  out = sweep.start('visual_appearance')
+  out = sweep.start('visual_appearance', unused=sweep.SELECTION_FLAGS)
   preset = QUICK if FLAGS.preset == 'quick' else PAPER
   rows, shown = [], None
   try:

@@ -6,10 +6,13 @@ markdown table, JSON (per-seed rows, seeds, verdicts) and PNG; rerunning
 must reuse the finished runs and reproduce the JSON.
 """
 
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl.testing import absltest
 
@@ -171,11 +174,42 @@ class PaperScriptsTest(absltest.TestCase):
                          ('latent_space', '--methods=ls_fgsm'),
                          ('catastrophic_overfitting', '--settings=imagenet'),
                          ('toy2d', '--seeds=0,x'),
-                         ('table1', '--seeds=-1')):
+                         ('table1', '--seeds=-1'),
+                         ('toy2d', '--methods=pgd'),
+                         ('catastrophic_overfitting', '--eps_train=0.1'),
+                         ('visual_appearance', '--aa_examples=10')):
       proc = run_script(script, flag, f'--output_dir={out}')
       self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
       self.assertEqual(proc.stderr.strip().count('\n'), 0, proc.stderr)
       self.assertTrue(proc.stderr.startswith('error: '), proc.stderr)
+
+  def test_ctrl_c_checkpoints_the_run_and_a_rerun_finishes_the_sweep(self):
+    out = self.create_tempdir().full_path
+    args = ['--datasets=mnist_embedded', '--methods=uta', '--eps_train=0.1',
+            '--seeds=0', '--max_train_examples=1024', '--epochs=30',
+            '--max_eval_examples=32', '--aa_examples=16',
+            f'--output_dir={out}']
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'experiments', 'table1.py'),
+         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT)
+    checkpoints = os.path.join(out, 'runs', 'mnist_embedded', 'uta_eps0.1',
+                               'seed0', 'checkpoints')
+    deadline = time.time() + 300
+    while not glob.glob(os.path.join(checkpoints, '[0-9]*')):
+      self.assertIsNone(proc.poll(), 'finished before it could be stopped')
+      self.assertLess(time.time(), deadline)
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 130, stderr[-2000:])
+    self.assertNotIn('Traceback', stderr)
+    self.assertIn('rerun the same command to resume', stderr)
+    self.assertFalse(os.path.exists(os.path.join(out, 'table1.json')))
+    rerun = run_script('table1', *args)
+    self.assertEqual(rerun.returncode, 0, rerun.stderr[-2000:])
+    self.assertIn('resumed from step', rerun.stderr)
+    self.assertTrue(os.path.exists(os.path.join(out, 'table1.json')))
 
 
 if __name__ == '__main__':
