@@ -17,6 +17,7 @@ but the flags: rerunning reproduces it.
 paper's full setting (for a GPU). Flags set here override either preset.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -82,8 +83,10 @@ USER_ERRORS = (configs.ConfigError, data.DataError, loop.TrainingError,
 
 class _Stop:
   """SIGTERM / Ctrl-C during a sweep (``cli.StopSignals``, installed by
-  ``start``): runs checkpoint and the script exits, to resume on a rerun."""
+  ``start``): runs checkpoint and the script exits, to resume on a rerun.
+  ``lock`` holds the output folder's workdir lock until the process ends."""
   signals: Optional[cli.StopSignals] = None
+  lock: Optional[contextlib.ExitStack] = None
 
 
 def stop_requested() -> bool:
@@ -102,7 +105,8 @@ def exit_if_stopped() -> None:
 def start(script: str, *, unused: Sequence[str] = ()) -> str:
   """Logs to stderr, stops cleanly on SIGTERM / Ctrl-C, refuses the sweep
   flags in ``unused`` (they would be silently ignored); returns the output
-  folder (created)."""
+  folder, created and locked for this process (a second script on the same
+  folder stops at once, naming this one)."""
   cli.show_logs(sys.stderr, timestamps=True)
   for name in unused:
     if FLAGS[name].present:
@@ -114,6 +118,11 @@ def start(script: str, *, unused: Sequence[str] = ()) -> str:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     cli.fail(f'cannot create --output_dir {out!r} ({e.strerror})')
+  _Stop.lock = contextlib.ExitStack()
+  try:
+    _Stop.lock.enter_context(workdir_lock.hold(out, what=f'{script}.py'))
+  except workdir_lock.WorkdirError as e:
+    cli.fail(str(e).replace('--workdir', '--output_dir'))
   return out
 
 

@@ -200,6 +200,11 @@ class PaperScriptsTest(absltest.TestCase):
       self.assertIsNone(proc.poll(), 'finished before it could be stopped')
       self.assertLess(time.time(), deadline)
       time.sleep(0.2)
+    # One writer per output folder: a second sweep there stops at once.
+    second = run_script('toy2d', f'--output_dir={out}', '--seeds=0')
+    self.assertEqual(second.returncode, 2, second.stderr[-2000:])
+    self.assertRegex(second.stderr.strip(),
+                     r'^error: workdir .* is in use by pid \d+ .*table1\.py')
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     self.assertEqual(proc.returncode, 130, stderr[-2000:])
