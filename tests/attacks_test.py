@@ -3,7 +3,6 @@
 import functools
 import inspect
 
-from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import jax
@@ -252,6 +251,3 @@ class ScheduleTest(parameterized.TestCase):
     sched = attacks.triangular_schedule(num_steps=4, eps=0.2)
     self.assertIs(attacks.as_schedule(sched), sched)
 
-
-if __name__ == '__main__':
-  absltest.main()

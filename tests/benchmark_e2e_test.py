@@ -6,8 +6,13 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testutil import ROOT  # pylint: disable=g-bad-import-order
+
+
+# End-to-end: subprocesses, minutes. Deselect with -m "not slow".
+pytestmark = pytest.mark.slow
 
 
 class BenchmarkTest(absltest.TestCase):

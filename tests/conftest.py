@@ -10,27 +10,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
 from uta_jax import models
 
+from testutil import synthetic_images  # pylint: disable=g-bad-import-order
+
 # absltest helpers (create_tempdir) read flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
-
-
-def synthetic_images(num: int, *, seed: int, shape=(28, 28, 1),
-                     num_classes: int = 10):
-  """Learnable images: a fixed random prototype per class plus noise, in [0, 1]."""
-  prototypes = np.random.default_rng(1234).uniform(
-      size=(num_classes, *shape)).astype(np.float32)
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, num_classes, size=num)
-  noise = rng.normal(scale=0.3, size=(num, *shape)).astype(np.float32)
-  images = np.clip(prototypes[labels] + noise, 0.0, 1.0)
-  return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
 
 
 @pytest.fixture(scope='session')

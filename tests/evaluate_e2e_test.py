@@ -10,10 +10,14 @@ import tempfile
 import time
 
 from absl.testing import absltest
+import pytest
 
-from train_e2e_test import ROOT, run_train  # pylint: disable=g-bad-import-order
+from testutil import ROOT, run_train  # pylint: disable=g-bad-import-order
 
 EVALUATE = os.path.join(ROOT, 'experiments', 'evaluate.py')
+
+# End-to-end: subprocesses, minutes. Deselect with -m "not slow".
+pytestmark = pytest.mark.slow
 
 
 def run_evaluate(*args):

@@ -15,12 +15,16 @@ import time
 
 from absl.testing import absltest
 import chex
+import pytest
 
-from train_e2e_test import final_state, run_train, train_command  # pylint: disable=g-bad-import-order
+from testutil import final_state, run_train, train_command  # pylint: disable=g-bad-import-order
 from uta_jax import checkpointing
 from uta_jax import loop
 
 ARGS = ('--epochs=2', '--checkpoint_every=1', '--eval_pgd_restarts=1')
+
+# End-to-end: subprocesses, minutes. Deselect with -m "not slow".
+pytestmark = pytest.mark.slow
 
 
 def newest_step(workdir):

@@ -12,9 +12,14 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import nbclient
 import nbformat
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testutil import ROOT  # pylint: disable=g-bad-import-order
+
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
+
+# End-to-end: subprocesses, minutes. Deselect with -m "not slow".
+pytestmark = pytest.mark.slow
 
 
 class NotebooksTest(parameterized.TestCase):

@@ -15,16 +15,15 @@ import sys
 import time
 
 from absl.testing import absltest
+import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testutil import ROOT, run_script  # pylint: disable=g-bad-import-order
+
 TINY = ['--max_train_examples=256', '--max_eval_examples=32',
         '--aa_examples=16', '--epochs=1']
 
-
-def run_script(name, *args, timeout=600):
-  return subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'experiments', f'{name}.py'),
-       *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+# End-to-end: subprocesses, minutes. Deselect with -m "not slow".
+pytestmark = pytest.mark.slow
 
 
 class PaperScriptsTest(absltest.TestCase):

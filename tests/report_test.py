@@ -9,7 +9,8 @@ import sys
 
 from absl.testing import absltest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testutil import ROOT  # pylint: disable=g-bad-import-order
+
 REPORT = os.path.join(ROOT, 'experiments', 'report.py')
 
 

@@ -15,7 +15,7 @@ from uta_jax import parallel
 from uta_jax import steps
 from uta_jax import uncertainty
 
-from conftest import synthetic_images  # pylint: disable=g-bad-import-order
+from testutil import synthetic_images  # pylint: disable=g-bad-import-order
 
 
 def _setup(tx=None, **overrides):
@@ -184,14 +184,26 @@ class StepTest(chex.TestCase):
         seen[0][1]['params']['fc1']['Dense_0']['kernel'],
         seen[1][1]['params']['fc1']['Dense_0']['kernel']))
 
-  def test_mc_dropout_uta_step_and_fixed_key_determinism(self):
+  def test_mc_dropout_masks_come_from_the_key_and_repeat_with_it(self):
     config, model, tx, state, batch = _setup(
         attack='uta', eps_train=0.1, uncertainty='mc_dropout', num_samples=5)
-    step = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
-    a, ma = step(state, batch)
-    b, mb = step(state, batch)
-    chex.assert_trees_all_equal(a.params, b.params)
-    self.assertTrue(np.isfinite(ma['loss']))
+    variables = steps.variables_of(state)
+    perturb = lambda attack, key: steps.perturb(
+        attack, model, variables, batch['image'], batch['label'], key,
+        ensemble=False, bounds=(0.0, 1.0))
+    key = jax.random.PRNGKey(0)
+    a = perturb(config.attack, key)
+    # The same key in a separate computation: the same masks, the same point.
+    chex.assert_trees_all_equal(a, jax.jit(perturb, static_argnums=0)(
+        config.attack, jax.random.PRNGKey(0)))
+    # Another key draws other masks; one sample is another objective.
+    self.assertFalse(np.allclose(a, perturb(config.attack,
+                                            jax.random.PRNGKey(1))))
+    one = dataclasses.replace(config.attack, num_samples=1)
+    self.assertFalse(np.allclose(a, perturb(one, key)))
+    new, metrics = jax.jit(steps.make_train_step(
+        config, model, tx, axis_name=None))(state, batch)
+    self.assertTrue(np.isfinite(metrics['loss']))
 
 
 class ModelHeadTest(absltest.TestCase):

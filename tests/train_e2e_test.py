@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from unittest import mock
 
@@ -19,54 +18,18 @@ from absl.testing import parameterized
 import chex
 import jax
 import numpy as np
+import pytest
 
-from uta_jax import checkpointing
 from uta_jax import configs
 from uta_jax import loop
-from uta_jax import steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, 'experiments', 'train.py')
-QUICK = ['--max_train_examples=512', '--max_eval_examples=64',
-         '--batch_size=32', '--eval_pgd_restarts=2', '--eval_pgd_steps=5',
-         '--eval_eps=0.1,0.2', '--eps_train=0.1', '--log_every=4']
+from testutil import final_state  # pylint: disable=g-bad-import-order
+from testutil import run_train
+from testutil import train_command
+from testutil import wait_for_checkpoint
 
-
-def train_command(workdir, *args):
-  return [sys.executable, TRAIN, f'--workdir={workdir}', *QUICK, *args]
-
-
-def run_train(workdir, *args, env=None, timeout=300):
-  return subprocess.run(train_command(workdir, *args), capture_output=True,
-                        text=True, timeout=timeout, env=env)
-
-
-def final_state(workdir, **overrides):
-  """The newest valid checkpoint of a quick MNIST-MLP run in ``workdir``."""
-  config = configs.get_config('mnist_embedded', **overrides)
-  model = steps.create_model(config)
-  tx = steps.make_optimizer(config.optimizer, 1)
-  target = jax.device_get(steps.create_train_state(config, model, tx,
-                                                   (28, 28, 1)))
-  ck = checkpointing.Checkpointer(os.path.join(workdir, loop.CHECKPOINTS))
-  state, step = ck.restore_latest(target)
-  ck.close()
-  return state, step
-
-
-def wait_for_checkpoint(workdir, proc, min_step=1, timeout=120):
-  """Polls checksums.json until a step >= ``min_step`` is recorded."""
-  path = os.path.join(workdir, loop.CHECKPOINTS, checkpointing.CHECKSUMS)
-  deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None:
-    try:
-      with open(path) as f:
-        if any(int(s) >= min_step for s in json.load(f)):
-          return
-    except (OSError, ValueError):
-      pass
-    time.sleep(0.005)
-  raise AssertionError(f'no checkpoint >= {min_step} before the run ended')
+# End-to-end: subprocesses, minutes. Deselect with -m "not slow".
+pytestmark = pytest.mark.slow
 
 
 class MainJobTest(absltest.TestCase):

@@ -142,10 +142,19 @@ class SamplersTest(chex.TestCase):
     for m in range(1, 5):
       self.assertFalse(np.allclose(out[0], out[m]))
 
-  def test_without_mc_dropout_the_model_is_deterministic(self):
-    a = self.model.apply(self.variables, self.x)
-    b = self.model.apply(self.variables, self.x)
-    chex.assert_trees_all_equal(a, b)
+  def test_without_mc_dropout_no_unit_is_dropped(self):
+    # Eval mode must equal the same weights without dropout, even when a
+    # dropout key is passed; only mc_dropout=True draws masks.
+    no_dropout = models.LeNet(dropout_rate=0.0)
+    reference = no_dropout.apply(self.variables, self.x)
+    key = {'dropout': jax.random.PRNGKey(4)}
+    chex.assert_trees_all_close(self.model.apply(self.variables, self.x),
+                                reference, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(
+        self.model.apply(self.variables, self.x, rngs=key), reference,
+        rtol=1e-6, atol=1e-6)
+    self.assertFalse(np.allclose(self.model.apply(
+        self.variables, self.x, mc_dropout=True, rngs=key), reference))
 
   @chex.all_variants(with_pmap=False)
   def test_ensemble_equals_loop_over_members(self):

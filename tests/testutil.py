@@ -1,0 +1,82 @@
+"""Helpers the tests share: paths, subprocess runs of the scripts, data.
+
+Imported after ``conftest`` has set XLA_FLAGS (4 fake CPU devices), which
+the scripts run here as subprocesses inherit.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uta_jax import checkpointing
+from uta_jax import configs
+from uta_jax import loop
+from uta_jax import steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, 'experiments', 'train.py')
+QUICK = ['--max_train_examples=512', '--max_eval_examples=64',
+         '--batch_size=32', '--eval_pgd_restarts=2', '--eval_pgd_steps=5',
+         '--eval_eps=0.1,0.2', '--eps_train=0.1', '--log_every=4']
+
+
+def train_command(workdir, *args):
+  return [sys.executable, TRAIN, f'--workdir={workdir}', *QUICK, *args]
+
+
+def run_train(workdir, *args, env=None, timeout=300):
+  return subprocess.run(train_command(workdir, *args), capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+def final_state(workdir, **overrides):
+  """The newest valid checkpoint of a quick MNIST-MLP run in ``workdir``."""
+  config = configs.get_config('mnist_embedded', **overrides)
+  model = steps.create_model(config)
+  tx = steps.make_optimizer(config.optimizer, 1)
+  target = jax.device_get(steps.create_train_state(config, model, tx,
+                                                   (28, 28, 1)))
+  ck = checkpointing.Checkpointer(os.path.join(workdir, loop.CHECKPOINTS))
+  state, step = ck.restore_latest(target)
+  ck.close()
+  return state, step
+
+
+def wait_for_checkpoint(workdir, proc, min_step=1, timeout=120):
+  """Polls checksums.json until a step >= ``min_step`` is recorded."""
+  path = os.path.join(workdir, loop.CHECKPOINTS, checkpointing.CHECKSUMS)
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      with open(path) as f:
+        if any(int(s) >= min_step for s in json.load(f)):
+          return
+    except (OSError, ValueError):
+      pass
+    time.sleep(0.005)
+  raise AssertionError(f'no checkpoint >= {min_step} before the run ended')
+
+
+def run_script(name, *args, timeout=600):
+  """``python experiments/<name>.py args`` from the repository root."""
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', f'{name}.py'),
+       *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def synthetic_images(num: int, *, seed: int, shape=(28, 28, 1),
+                     num_classes: int = 10):
+  """Learnable images: a fixed random prototype per class plus noise, in [0, 1]."""
+  prototypes = np.random.default_rng(1234).uniform(
+      size=(num_classes, *shape)).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, size=num)
+  noise = rng.normal(scale=0.3, size=(num, *shape)).astype(np.float32)
+  images = np.clip(prototypes[labels] + noise, 0.0, 1.0)
+  return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
