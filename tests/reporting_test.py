@@ -1,5 +1,9 @@
 """Tests of uta_jax.reporting's pure helpers."""
 
+import glob
+import os
+import struct
+
 from absl.testing import absltest
 import numpy as np
 
@@ -50,6 +54,44 @@ class ReportingTest(absltest.TestCase):
                          'evidence': 'e'})
     self.assertIn('| c | r | **no** | e |',
                   reporting.verdicts_markdown([v]))
+
+
+  def test_tensorboard_events_hold_each_metric_once_per_step(self):
+    folder = self.create_tempdir().full_path
+    path = os.path.join(folder, 'metrics.jsonl')
+    for record in ({'kind': 'train', 'step': 20, 'loss': 3.0},
+                   {'kind': 'train', 'step': 40, 'loss': 2.5,
+                    'accuracy': 0.5},
+                   {'kind': 'train', 'step': 40, 'loss': 2.0,  # replayed
+                    'accuracy': 0.6},
+                   {'kind': 'eval', 'step': 40, 'pgd_accuracy': 41.0}):
+      reporting.append_metrics(path, record)
+    board = os.path.join(folder, 'tensorboard')
+    self.assertTrue(reporting.write_tensorboard(path, board))
+    self.assertTrue(reporting.write_tensorboard(path, board))  # rewrites
+    (events_file,) = glob.glob(os.path.join(board, 'events.out.tfevents.*'))
+    scalars = sorted(_read_scalars(events_file))
+    self.assertEqual(scalars, [('eval/pgd_accuracy', 40, 41.0),
+                               ('train/accuracy', 40, 0.6),
+                               ('train/loss', 20, 3.0),
+                               ('train/loss', 40, 2.0)])
+
+
+def _read_scalars(path):
+  """(tag, step, value) of an event file, read as TFRecords (no TF)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = []
+  with open(path, 'rb') as f:
+    data = f.read()
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    payload = data[offset + 12:offset + 12 + length]
+    offset += 12 + length + 4  # length, its crc, the record, its crc
+    event = event_pb2.Event.FromString(payload)
+    for value in event.summary.value:
+      out.append((value.tag, event.step, round(value.simple_value, 6)))
+  return out
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ Every run here uses the 4 fake CPU devices that conftest sets in XLA_FLAGS
 settings.
 """
 
+import glob
 import json
 import os
 import signal
@@ -65,6 +66,8 @@ class MainJobTest(absltest.TestCase):
     self.assertEqual([e['step'] for e in evals], [16, 32])
     self.assertGreater(os.path.getsize(
         os.path.join(workdir, 'training_curves.png')), 1000)
+    self.assertLen(glob.glob(os.path.join(workdir, 'tensorboard',
+                                          'events.out.tfevents.*')), 1)
 
   def test_svhn_command_on_tfds_mock_data(self):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

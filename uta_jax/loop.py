@@ -150,6 +150,9 @@ def _train_and_evaluate(config: configs.Config, workdir: str,
           f'non-finite parameters at step {step}; stopped without saving them, '
           f'last good checkpoint kept. Lower --learning_rate or --eps_train')
     checkpointer.save(step, host_state)
+    if jax.process_index() == 0:
+      reporting.write_tensorboard(
+          metrics_path, os.path.join(workdir, reporting.TENSORBOARD))
 
   step = int(state.step)
   start_step, t0 = step, time.time()
@@ -245,6 +248,8 @@ def _train_and_evaluate(config: configs.Config, workdir: str,
     reporting.write_json(os.path.join(workdir, reporting.RESULTS), results)
     reporting.plot_training_curves(metrics_path,
                                    os.path.join(workdir, reporting.CURVES))
+    reporting.write_tensorboard(metrics_path,
+                                os.path.join(workdir, reporting.TENSORBOARD))
   return results
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Dict, Iterable, List
 
 METRICS = 'metrics.jsonl'
 RESULTS = 'results.json'
 CURVES = 'training_curves.png'
+TENSORBOARD = 'tensorboard'  # event files: tensorboard --logdir <workdir>
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -42,6 +44,27 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
         record = json.loads(line)
         by_step[(record.get('kind'), record.get('step'))] = record
   return sorted(by_step.values(), key=lambda r: r.get('step', 0))
+
+
+def write_tensorboard(metrics_path: str, folder: str) -> bool:
+  """Rewrites ``folder`` as TensorBoard event files holding every numeric
+  metric of ``metrics.jsonl`` (``train/loss``, ``eval/pgd_accuracy``, ...).
+
+  Written from the JSONL, so a resumed run shows each step once. Needs
+  ``tensorboardX`` (no TensorFlow); returns False without it.
+  """
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  shutil.rmtree(folder, ignore_errors=True)
+  with SummaryWriter(folder) as writer:
+    for record in read_metrics(metrics_path):
+      for key, value in record.items():
+        if key not in ('kind', 'step') and isinstance(value, (int, float)):
+          writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value,
+                            global_step=record['step'])
+  return True
 
 
 def format_eps(eps: float) -> str:
