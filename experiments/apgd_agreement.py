@@ -30,8 +30,8 @@ import numpy as np
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
-from uta_jax import loop
 from uta_jax import reporting
+from uta_jax import runs
 from uta_jax import torch_bridge
 
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
@@ -51,7 +51,7 @@ MODELS = {
 
 def compare(name, workdir, eps_values):
   """Both backends on one trained model; a row per eps."""
-  config, model, variables, _ = loop.load_run(workdir)
+  config, model, variables, _ = runs.load_run(workdir)
   ds = data.load_dataset(config.dataset, data_dir=config.data_dir,
                          max_eval_examples=FLAGS.num_examples)
   rows = []

@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 from uta_jax import data
 from uta_jax import evaluation
-from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
+from uta_jax import runs
 from uta_jax import torch_bridge
 from uta_jax import workdir_lock
 
@@ -76,7 +76,7 @@ def main(argv):
     if backend == 'torch':
       torch = torch_bridge.require_torch()
       torch.set_num_threads(FLAGS.torch_threads)
-    report = loop.evaluate_workdir(
+    report = runs.evaluate_workdir(
         FLAGS.workdir, version=FLAGS.version, backend=backend, eps=eps,
         num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd, stop_requested=stop)
@@ -84,7 +84,7 @@ def main(argv):
     print(f'stopped: finished eps are in {FLAGS.workdir}/{reporting.RESULTS}; '
           'rerun the same command to finish')
     sys.exit(stop.exit_code())
-  except (ImportError, loop.TrainingError, data.DataError, ValueError,
+  except (ImportError, runs.RunError, data.DataError, ValueError,
           workdir_lock.WorkdirError) as e:
     cli.fail(str(e))
   for line in reporting.autoattack_lines(report):

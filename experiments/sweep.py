@@ -33,6 +33,7 @@ from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
+from uta_jax import runs
 from uta_jax import torch_bridge
 from uta_jax import workdir_lock
 
@@ -77,7 +78,7 @@ NOT_FOR_GENERATED_DATA = ('data_dir', 'max_train_examples',
                           'max_eval_examples')
 
 # Exceptions the library raises with a message naming the fix.
-USER_ERRORS = (configs.ConfigError, data.DataError, loop.TrainingError,
+USER_ERRORS = (configs.ConfigError, data.DataError, runs.RunError,
                workdir_lock.WorkdirError, ImportError)
 
 
@@ -185,22 +186,17 @@ def aa_version() -> str:
 
 def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
   """The finished run's ``results.json``: reused, resumed or trained."""
-  path = os.path.join(workdir, reporting.RESULTS)
-  wanted = loop.json_config(config)
-  if os.path.exists(path):
-    results = reporting.read_json(path)
-    if results.get('status') == 'finished' and results.get('config') == wanted:
-      loop.log.info('reusing finished run %s', workdir)
-      return results
-  start_time = time.time()
+  results = runs.read_results(workdir)
+  if (results.get('status') == 'finished' and
+      results.get('config') == runs.json_config(config)):
+    loop.log.info('reusing finished run %s', workdir)
+    return results
   results = loop.train_and_evaluate(config, workdir,
                                     stop_requested=stop_requested)
   exit_if_stopped()
   if results['status'] != 'finished':
-    raise loop.TrainingError(f'run {workdir} stopped at step '
-                             f'{results["step"]}; rerun to resume')
-  results['timings']['wall_seconds'] = time.time() - start_time
-  reporting.write_json(path, results)
+    raise runs.RunError(f'run {workdir} stopped at step {results["step"]}; '
+                        'rerun to resume')
   return results
 
 
@@ -212,13 +208,13 @@ def aa_backend(version: str) -> str:
 
 def autoattack(workdir: str, *, eps, num_examples: int,
                version: str = 'standard') -> Dict[str, Any]:
-  """``loop.evaluate_workdir``'s AutoAttack report; it reuses every eps
+  """``runs.evaluate_workdir``'s AutoAttack report; it reuses every eps
   already stored with the same settings."""
   backend = aa_backend(version)
   if backend == 'torch':
     torch_bridge.require_torch().set_num_threads(1)
   try:
-    return loop.evaluate_workdir(workdir, version=version, backend=backend,
+    return runs.evaluate_workdir(workdir, version=version, backend=backend,
                                  eps=tuple(eps), num_examples=num_examples,
                                  jax_pgd=False, stop_requested=stop_requested)
   except parallel.Stopped:

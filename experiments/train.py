@@ -28,6 +28,7 @@ from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
+from uta_jax import runs
 from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
@@ -112,7 +113,7 @@ def main(argv):
     results = loop.train_and_evaluate(config, workdir, stop_requested=stop)
     autoattack = None
     if FLAGS.autoattack and results['status'] == 'finished':
-      autoattack = loop.evaluate_workdir(
+      autoattack = runs.evaluate_workdir(
           workdir, eps=aa_eps, num_examples=FLAGS.autoattack_examples,
           version=FLAGS.autoattack_version, backend=FLAGS.aa_backend,
           jax_pgd=False, stop_requested=stop)
@@ -121,7 +122,7 @@ def main(argv):
           f'{reporting.RESULTS}; rerun the same command to finish')
     sys.exit(stop.exit_code())
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
-          loop.TrainingError, workdir_lock.WorkdirError, ImportError,
+          runs.RunError, workdir_lock.WorkdirError, ImportError,
           ValueError) as e:
     cli.fail(str(e))
   if results['status'] == 'preempted':

@@ -31,8 +31,8 @@ import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import attacks
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import loop
 from uta_jax import reporting
+from uta_jax import runs
 from uta_jax import steps
 
 QUICK = dict(dataset='fashion_mnist', config=dict(
@@ -57,7 +57,7 @@ def one_per_class(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:
 def attack_seed(workdir: str) -> tuple:
   """(images, row): clean, UTA- and PGD-perturbed test images of the run in
   ``workdir`` (one per class) and their statistics."""
-  config, model, variables, _ = loop.load_run(workdir)
+  config, model, variables, _ = runs.load_run(workdir)
   if config.dataset == 'toy2d':
     raise configs.ConfigError(f'{workdir} holds a toy2d run; Fig. 8 needs an '
                               'image model')

@@ -19,7 +19,7 @@ import pytest
 
 from testutil import final_state, run_train, train_command  # pylint: disable=g-bad-import-order
 from uta_jax import checkpointing
-from uta_jax import loop
+from uta_jax import runs
 
 ARGS = ('--epochs=2', '--checkpoint_every=1', '--eval_pgd_restarts=1')
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def newest_step(workdir):
-  path = os.path.join(workdir, loop.CHECKPOINTS, checkpointing.CHECKSUMS)
+  path = os.path.join(workdir, runs.CHECKPOINTS, checkpointing.CHECKSUMS)
   try:
     with open(path) as f:
       return max((int(s) for s in json.load(f)), default=-1)

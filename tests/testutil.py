@@ -16,7 +16,7 @@ import numpy as np
 
 from uta_jax import checkpointing
 from uta_jax import configs
-from uta_jax import loop
+from uta_jax import runs
 from uta_jax import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def final_state(workdir, **overrides):
   tx = steps.make_optimizer(config.optimizer, 1)
   target = jax.device_get(steps.create_train_state(config, model, tx,
                                                    (28, 28, 1)))
-  ck = checkpointing.Checkpointer(os.path.join(workdir, loop.CHECKPOINTS))
+  ck = checkpointing.Checkpointer(os.path.join(workdir, runs.CHECKPOINTS))
   state, step = ck.restore_latest(target)
   ck.close()
   return state, step
@@ -50,7 +50,7 @@ def final_state(workdir, **overrides):
 
 def wait_for_checkpoint(workdir, proc, min_step=1, timeout=120):
   """Polls checksums.json until a step >= ``min_step`` is recorded."""
-  path = os.path.join(workdir, loop.CHECKPOINTS, checkpointing.CHECKSUMS)
+  path = os.path.join(workdir, runs.CHECKPOINTS, checkpointing.CHECKSUMS)
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
     try:

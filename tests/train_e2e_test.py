@@ -23,6 +23,7 @@ import pytest
 
 from uta_jax import configs
 from uta_jax import loop
+from uta_jax import runs
 
 from testutil import final_state  # pylint: disable=g-bad-import-order
 from testutil import run_train
@@ -263,7 +264,7 @@ class BadInputTest(parameterized.TestCase):
     self.assertEqual(proc.returncode, 2)
     self.assertRegex(proc.stderr, r'error: .*other settings \(model\).*new '
                      '--workdir')
-    with open(os.path.join(workdir, loop.CONFIG), 'w') as f:
+    with open(os.path.join(workdir, runs.CONFIG), 'w') as f:
       f.write('{garbage')
     proc = run_train(workdir, '--epochs=1')
     self.assertEqual(proc.returncode, 2)

@@ -1,10 +1,12 @@
 """``train_and_evaluate(config, workdir)``: the main job.
 
 Loads the data, restores the newest valid checkpoint in ``workdir`` (or
-starts fresh), trains with the pmapped step over every local device, logs
-progress, checkpoints every ``checkpoint_every`` steps, at the end and when
-``stop_requested()`` turns true (preemption), then evaluates and writes
-``results.json``, ``metrics.jsonl`` and ``training_curves.png``.
+starts fresh), trains with the pmapped step over every local device
+(``_train``: logs progress, checkpoints every ``checkpoint_every`` steps, at
+the end and when ``stop_requested()`` turns true), then evaluates and
+reports (``_report``: ``results.json`` through ``runs.update_results``,
+``metrics.jsonl``, ``training_curves.png``, TensorBoard events). What the
+workdir holds and how it is read back is ``runs``.
 
 Step s always sees global batch s of the (seed, epoch) order, and every
 random draw is ``fold_in(key, s)``: a killed and resumed run ends with the
@@ -13,14 +15,12 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
 import time
 import zlib
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict
 
 import jax
 import numpy as np
@@ -31,14 +31,11 @@ from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import reporting
+from uta_jax import runs
 from uta_jax import steps
 from uta_jax import workdir_lock
 
 log = logging.getLogger('uta_jax')
-
-CONFIG = 'config.json'
-CHECKPOINTS = 'checkpoints'
-
 
 # Named stream of the evaluation's random draws (PGD random starts), folded
 # into the run's key: evaluations depend on --seed, never on training draws.
@@ -50,40 +47,8 @@ def eval_key(run_key: jax.Array, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(run_key, EVAL_STREAM), step)
 
 
-class TrainingError(RuntimeError):
-  """The run cannot go on (non-finite loss, incompatible workdir)."""
-
-
-def _make_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise workdir_lock.write_error(e, workdir) from e
-
-
-def prepare_workdir(config: configs.Config, workdir: str) -> None:
-  """Creates ``workdir`` and saves the config, or checks it matches."""
-  path = os.path.join(workdir, CONFIG)
-  _make_workdir(workdir)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = configs.from_json(f.read())
-    except (OSError, configs.ConfigError) as e:
-      raise TrainingError(f'{path} is unreadable ({e}); delete it or use a new '
-                          '--workdir') from e
-    diff = configs.incompatibilities(saved, config)
-    if diff:
-      raise TrainingError(
-          f'workdir {workdir!r} holds a run with other settings ({", ".join(diff)}'
-          '): rerun with the same flags to resume, or use a new --workdir')
-  if jax.process_index() == 0:
-    reporting.write_json(path, json_config(config))
-
-
-def json_config(config: configs.Config) -> Any:
-  """The config as ``config.json`` and ``results.json`` store it."""
-  return json.loads(configs.to_json(config))
+class TrainingError(runs.RunError):
+  """Training cannot go on (a non-finite loss or parameters)."""
 
 
 def _global_batch(split: data.Split, step: int, config: configs.Config):
@@ -104,18 +69,24 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
   """
   configs.validate(config)
   parallel.check_global_batch(config.batch_size)
-  _make_workdir(workdir)
+  runs.make_workdir(workdir)
   with workdir_lock.hold(workdir, what='training',
                          enabled=jax.process_index() == 0):
     try:
-      return _train_and_evaluate(config, workdir, stop_requested)
+      start = time.time()
+      trained = _train(config, workdir, stop_requested)
+      if trained['status'] != 'finished':
+        return trained
+      return _report(config, workdir, stop_requested, start=start, **trained)
     except OSError as e:
       raise workdir_lock.write_error(e, workdir) from e
 
 
-def _train_and_evaluate(config: configs.Config, workdir: str,
-                        stop_requested: Callable[[], bool]) -> Dict[str, Any]:
-  prepare_workdir(config, workdir)
+def _train(config: configs.Config, workdir: str,
+           stop_requested: Callable[[], bool]) -> Dict[str, Any]:
+  """The training loop: {'status': 'finished', 'state', 'dataset', 'model',
+  'timings'} or {'status': 'preempted', 'step'}."""
+  runs.prepare_workdir(config, workdir)
   dataset = data.load_dataset(
       config.dataset, data_dir=config.data_dir,
       max_train_examples=config.max_train_examples,
@@ -132,7 +103,8 @@ def _train_and_evaluate(config: configs.Config, workdir: str,
   tx = steps.make_optimizer(config.optimizer, steps_per_epoch)
   state = jax.device_get(steps.create_train_state(config, model, tx,
                                                   dataset.input_shape))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir,
+                                                         runs.CHECKPOINTS))
   restored, restored_step = checkpointer.restore_latest(state)
   if restored is not None:
     state = restored
@@ -211,46 +183,53 @@ def _train_and_evaluate(config: configs.Config, workdir: str,
       save(step)
   finally:
     checkpointer.close()
-  train_seconds = time.time() - t0
+  return {'status': 'finished', 'state': parallel.unreplicate(p_state),
+          'dataset': dataset, 'model': model,
+          'timings': {'train_seconds_this_run': time.time() - t0,
+                      'steps_this_run': step - start_step}}
 
+
+def _report(config: configs.Config, workdir: str,
+            stop_requested: Callable[[], bool], *, start: float,
+            status: str, state: steps.TrainState, dataset: data.Dataset,
+            model: Any, timings: Dict[str, Any]) -> Dict[str, Any]:
+  """The final evaluation of a trained ``state``; writes and returns the
+  results (``runs.update_results``), the last metrics, the curves."""
+  del status
+  step = int(state.step)
   t1 = time.time()
-  final_state = parallel.unreplicate(p_state)
   try:
     results_eval = evaluation.evaluate(
-        model, steps.variables_of(final_state), dataset.test, config=config,
-        key=eval_key(final_state.key, step), stop_requested=stop_requested)
+        model, steps.variables_of(state), dataset.test, config=config,
+        key=eval_key(state.key, step), stop_requested=stop_requested)
   except parallel.Stopped:
     log.info('stop requested during the final evaluation (training finished '
              'and checkpointed at step %d)', step)
     return {'status': 'preempted', 'step': step}
-  results = {
-      'status': 'finished',
-      'config': json_config(config),
-      'dataset_source': dataset.source,
-      'steps': step,
-      'evaluation': results_eval,
-      'clean_accuracy': results_eval['clean_accuracy'],
-      'robust_accuracy': results_eval['robust_accuracy'],
-      'tradeoff': {a: evaluation.tradeoff(results_eval, a)
-                   for a in ('pgd', 'uta')},
-      'timings': {
-          'train_seconds_this_run': train_seconds,
-          'steps_this_run': step - start_step,
-          'eval_seconds': time.time() - t1,
-          'devices': jax.device_count(),
-      },
-  }
+  metrics_path = os.path.join(workdir, reporting.METRICS)
   if jax.process_index() == 0:
     reporting.append_metrics(metrics_path, {
         'kind': 'eval', 'step': step,
         'clean_accuracy': results_eval['clean_accuracy'],
         **_first_eps_accuracies(results_eval)})
-    reporting.write_json(os.path.join(workdir, reporting.RESULTS), results)
     reporting.plot_training_curves(metrics_path,
                                    os.path.join(workdir, reporting.CURVES))
     reporting.write_tensorboard(metrics_path,
                                 os.path.join(workdir, reporting.TENSORBOARD))
-  return results
+  return runs.update_results(
+      workdir, replace=True,
+      status='finished',
+      config=runs.json_config(config),
+      dataset_source=dataset.source,
+      steps=step,
+      evaluation=results_eval,
+      clean_accuracy=results_eval['clean_accuracy'],
+      robust_accuracy=results_eval['robust_accuracy'],
+      tradeoff={a: evaluation.tradeoff(results_eval, a)
+                for a in ('pgd', 'uta')},
+      timings=dict(timings, eval_seconds=time.time() - t1,
+                   wall_seconds=time.time() - start,
+                   devices=jax.device_count()))
 
 
 def _eval_during_training(config, model, p_state, dataset, step,
@@ -275,122 +254,3 @@ def _first_eps_accuracies(ev: Dict[str, Any]) -> Dict[str, float]:
           for a, accs in ev['robust_accuracy'].items()}
 
 
-def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
-  """(config, model, variables, step) of the newest valid checkpoint.
-
-  Raises ``TrainingError`` naming the fix when ``workdir`` holds no run.
-  """
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
-    raise TrainingError(f'no run in {workdir!r} (no {CONFIG}): train first '
-                        f'with experiments/train.py --workdir={workdir}')
-  try:
-    with open(path) as f:
-      config = configs.from_json(f.read())
-  except (OSError, configs.ConfigError) as e:
-    raise TrainingError(f'{path} is unreadable ({e})') from e
-  model = steps.create_model(config)
-  tx = steps.make_optimizer(config.optimizer, 1)
-  target = jax.device_get(steps.create_train_state(
-      config, model, tx, data.INPUT_SHAPES[config.dataset]))
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS))
-  try:
-    state, step = checkpointer.restore_latest(target)
-  finally:
-    checkpointer.close()
-  if state is None:
-    raise TrainingError(f'no valid checkpoint in {workdir!r}: train first '
-                        f'with experiments/train.py --workdir={workdir}')
-  return config, model, steps.variables_of(state), step
-
-
-def evaluate_workdir(workdir: str, *, version: str = 'standard',
-                     backend: Optional[str] = None,
-                     eps: Optional[Sequence[float]] = None,
-                     num_examples: int = 1000, batch_size: int = 500,
-                     seed: int = 0, jax_pgd: bool = True,
-                     stop_requested: Optional[Callable[[], bool]] = None
-                    ) -> Dict[str, Any]:
-  """AutoAttack (and JAX-native PGD / UTA) on a trained workdir.
-
-  Evaluates the first ``num_examples`` test points at each ``eps`` (default:
-  the run's eval eps) and stores the report as ``'autoattack'`` in the
-  workdir's ``results.json`` after every eps, so a stop loses at most the
-  eps in progress: a rerun with the same settings (checkpoint, points,
-  seed, version, backend) skips the eps already stored. Raises
-  ``parallel.Stopped`` once ``stop_requested()`` is true.
-  """
-  config, model, variables, step = load_run(workdir)
-  if config.dataset == 'toy2d':
-    raise TrainingError('AutoAttack evaluates image models; toy2d points have '
-                        'no pixel box')
-  with workdir_lock.hold(workdir, what='AutoAttack evaluation',
-                         enabled=jax.process_index() == 0):
-    try:
-      return _evaluate_workdir(
-          workdir, config, model, variables, step, version=version,
-          backend=backend, eps=eps, num_examples=num_examples,
-          batch_size=batch_size, seed=seed, jax_pgd=jax_pgd,
-          stop_requested=stop_requested)
-    except OSError as e:
-      raise workdir_lock.write_error(e, workdir) from e
-
-
-def _evaluate_workdir(workdir, config, model, variables, step, *, version,
-                      backend, eps, num_examples, batch_size, seed, jax_pgd,
-                      stop_requested) -> Dict[str, Any]:
-  eps = tuple(config.eval.eps if eps is None else eps)
-  backend = backend or evaluation.default_backend(version)
-  dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
-                              max_eval_examples=num_examples,
-                              seed=config.seed)
-  path = os.path.join(workdir, reporting.RESULTS)
-  settings = {'checkpoint_step': step, 'num_examples': len(dataset.test),
-              'seed': seed, 'version': version, 'backend': backend}
-  stored = _read_results(path).get('autoattack') or {}
-  same = all(stored.get(k) == v for k, v in settings.items())
-  report = dict(stored if same else {}, **settings)
-  report.setdefault('eps', {})
-  report.pop('jax', None)
-  for e in eps:
-    if str(e) in report['eps']:
-      log.info('AutoAttack (%s, %s) at eps=%s: stored in %s, skipped',
-               version, backend, reporting.format_eps(e), path)
-      continue
-    log.info('AutoAttack (%s, %s backend) at eps=%s on %d test points',
-             version, backend, reporting.format_eps(e), len(dataset.test))
-    result = evaluation.autoattack(
-        model, variables, dataset.test, eps=e, ensemble=steps.is_ensemble(
-            config), version=version, backend=backend, batch_size=batch_size,
-        seed=seed, stop_requested=stop_requested)
-    result.pop('robust_points')
-    report['model_randomness'] = result.pop('model_randomness')
-    report['eps'][str(e)] = result
-    _store_autoattack(path, report)
-  if jax_pgd:
-    start = time.time()
-    eval_config = dataclasses.replace(
-        config, eval=dataclasses.replace(config.eval, eps=eps))
-    report['jax'] = evaluation.evaluate(
-        model, variables, dataset.test, config=eval_config,
-        key=jax.random.PRNGKey(seed), stop_requested=stop_requested)
-    report['jax']['seconds'] = time.time() - start
-    _store_autoattack(path, report)
-  return report
-
-
-def _read_results(path: str) -> Dict[str, Any]:
-  try:
-    return reporting.read_json(path) if os.path.exists(path) else {}
-  except (OSError, ValueError) as e:
-    raise TrainingError(f'{path} is unreadable ({e}); move it away and '
-                        'rerun') from e
-
-
-def _store_autoattack(path: str, report: Dict[str, Any]) -> None:
-  """Puts ``report`` into ``results.json`` as 'autoattack' (process 0)."""
-  if jax.process_index() != 0:
-    return
-  results = _read_results(path)
-  results['autoattack'] = report
-  reporting.write_json(path, results)

@@ -85,7 +85,7 @@ def summary_lines(results: Dict[str, Any]) -> Iterable[str]:
 
 
 def autoattack_lines(report: Dict[str, Any]) -> Iterable[str]:
-  """Summary lines of ``loop.evaluate_workdir``'s report."""
+  """Summary lines of ``runs.evaluate_workdir``'s report."""
   n = report['num_examples']
   backend = report.get('backend', 'torch')
   yield (f"AutoAttack {report['version']} ({backend} backend), model "

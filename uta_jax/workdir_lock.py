@@ -2,7 +2,7 @@
 the one error for a workdir that cannot be written.
 
 A run (``loop.train_and_evaluate``) and an AutoAttack evaluation
-(``loop.evaluate_workdir``) hold ``<workdir>/.lock`` while they write; a
+(``runs.evaluate_workdir``) hold ``<workdir>/.lock`` while they write; a
 second process on the same workdir stops at once with ``WorkdirBusy``,
 whose message names the holder's host and pid. The lock is an
 ``fcntl.flock`` on that file, so the kernel releases it when the holder

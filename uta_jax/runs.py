@@ -1,0 +1,193 @@
+"""A run's workdir: what it holds, who writes it, and what reads it back.
+
+``<workdir>/config.json`` (written by ``prepare_workdir`` when a run starts,
+checked against the flags when it resumes), ``checkpoints/`` (``Checkpointer``)
+and ``results.json``, whose one writer is ``update_results`` (the training's
+report, then each AutoAttack eps as it finishes). ``load_run`` reads a run
+back; ``evaluate_workdir`` AutoAttacks it. Training itself is ``loop``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+
+from uta_jax import checkpointing
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import evaluation
+from uta_jax import reporting
+from uta_jax import steps
+from uta_jax import workdir_lock
+
+log = logging.getLogger('uta_jax')
+
+CONFIG = 'config.json'
+CHECKPOINTS = 'checkpoints'
+
+
+class RunError(RuntimeError):
+  """A workdir cannot be used (no run, unreadable files, other settings);
+  the message names the fix."""
+
+
+def make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise workdir_lock.write_error(e, workdir) from e
+
+
+def prepare_workdir(config: configs.Config, workdir: str) -> None:
+  """Creates ``workdir`` and saves the config, or checks it matches."""
+  path = os.path.join(workdir, CONFIG)
+  make_workdir(workdir)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = configs.from_json(f.read())
+    except (OSError, configs.ConfigError) as e:
+      raise RunError(f'{path} is unreadable ({e}); delete it or use a new '
+                     '--workdir') from e
+    diff = configs.incompatibilities(saved, config)
+    if diff:
+      raise RunError(
+          f'workdir {workdir!r} holds a run with other settings ({", ".join(diff)}'
+          '): rerun with the same flags to resume, or use a new --workdir')
+  if jax.process_index() == 0:
+    reporting.write_json(path, json_config(config))
+
+
+def json_config(config: configs.Config) -> Any:
+  """The config as ``config.json`` and ``results.json`` store it."""
+  return json.loads(configs.to_json(config))
+
+
+def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
+  """(config, model, variables, step) of the newest valid checkpoint.
+
+  Raises ``RunError`` naming the fix when ``workdir`` holds no run.
+  """
+  path = os.path.join(workdir, CONFIG)
+  if not os.path.exists(path):
+    raise RunError(f'no run in {workdir!r} (no {CONFIG}): train first '
+                        f'with experiments/train.py --workdir={workdir}')
+  try:
+    with open(path) as f:
+      config = configs.from_json(f.read())
+  except (OSError, configs.ConfigError) as e:
+    raise RunError(f'{path} is unreadable ({e})') from e
+  model = steps.create_model(config)
+  tx = steps.make_optimizer(config.optimizer, 1)
+  target = jax.device_get(steps.create_train_state(
+      config, model, tx, data.INPUT_SHAPES[config.dataset]))
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS))
+  try:
+    state, step = checkpointer.restore_latest(target)
+  finally:
+    checkpointer.close()
+  if state is None:
+    raise RunError(f'no valid checkpoint in {workdir!r}: train first '
+                        f'with experiments/train.py --workdir={workdir}')
+  return config, model, steps.variables_of(state), step
+
+
+def evaluate_workdir(workdir: str, *, version: str = 'standard',
+                     backend: Optional[str] = None,
+                     eps: Optional[Sequence[float]] = None,
+                     num_examples: int = 1000, batch_size: int = 500,
+                     seed: int = 0, jax_pgd: bool = True,
+                     stop_requested: Optional[Callable[[], bool]] = None
+                    ) -> Dict[str, Any]:
+  """AutoAttack (and JAX-native PGD / UTA) on a trained workdir.
+
+  Evaluates the first ``num_examples`` test points at each ``eps`` (default:
+  the run's eval eps) and stores the report as ``'autoattack'`` in the
+  workdir's ``results.json`` after every eps, so a stop loses at most the
+  eps in progress: a rerun with the same settings (checkpoint, points,
+  seed, version, backend) skips the eps already stored. Raises
+  ``parallel.Stopped`` once ``stop_requested()`` is true.
+  """
+  config, model, variables, step = load_run(workdir)
+  if config.dataset == 'toy2d':
+    raise RunError('AutoAttack evaluates image models; toy2d points have '
+                        'no pixel box')
+  with workdir_lock.hold(workdir, what='AutoAttack evaluation',
+                         enabled=jax.process_index() == 0):
+    try:
+      return _evaluate_workdir(
+          workdir, config, model, variables, step, version=version,
+          backend=backend, eps=eps, num_examples=num_examples,
+          batch_size=batch_size, seed=seed, jax_pgd=jax_pgd,
+          stop_requested=stop_requested)
+    except OSError as e:
+      raise workdir_lock.write_error(e, workdir) from e
+
+
+def _evaluate_workdir(workdir, config, model, variables, step, *, version,
+                      backend, eps, num_examples, batch_size, seed, jax_pgd,
+                      stop_requested) -> Dict[str, Any]:
+  eps = tuple(config.eval.eps if eps is None else eps)
+  backend = backend or evaluation.default_backend(version)
+  dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
+                              max_eval_examples=num_examples,
+                              seed=config.seed)
+  settings = {'checkpoint_step': step, 'num_examples': len(dataset.test),
+              'seed': seed, 'version': version, 'backend': backend}
+  stored = read_results(workdir).get('autoattack') or {}
+  same = all(stored.get(k) == v for k, v in settings.items())
+  report = dict(stored if same else {}, **settings)
+  report.setdefault('eps', {})
+  report.pop('jax', None)
+  for e in eps:
+    if str(e) in report['eps']:
+      log.info('AutoAttack (%s, %s) at eps=%s: stored in %s, skipped',
+               version, backend, reporting.format_eps(e), workdir)
+      continue
+    log.info('AutoAttack (%s, %s backend) at eps=%s on %d test points',
+             version, backend, reporting.format_eps(e), len(dataset.test))
+    result = evaluation.autoattack(
+        model, variables, dataset.test, eps=e, ensemble=steps.is_ensemble(
+            config), version=version, backend=backend, batch_size=batch_size,
+        seed=seed, stop_requested=stop_requested)
+    result.pop('robust_points')
+    report['model_randomness'] = result.pop('model_randomness')
+    report['eps'][str(e)] = result
+    update_results(workdir, autoattack=report)
+  if jax_pgd:
+    start = time.time()
+    eval_config = dataclasses.replace(
+        config, eval=dataclasses.replace(config.eval, eps=eps))
+    report['jax'] = evaluation.evaluate(
+        model, variables, dataset.test, config=eval_config,
+        key=jax.random.PRNGKey(seed), stop_requested=stop_requested)
+    report['jax']['seconds'] = time.time() - start
+    update_results(workdir, autoattack=report)
+  return report
+
+
+def read_results(workdir: str) -> Dict[str, Any]:
+  """``results.json`` of ``workdir`` ({} when there is none yet)."""
+  path = os.path.join(workdir, reporting.RESULTS)
+  try:
+    return reporting.read_json(path) if os.path.exists(path) else {}
+  except (OSError, ValueError) as e:
+    raise RunError(f'{path} is unreadable ({e}); move it away and '
+                   'rerun') from e
+
+
+def update_results(workdir: str, *, replace: bool = False,
+                   **fields: Any) -> Dict[str, Any]:
+  """The one writer of ``results.json``: sets ``fields`` (process 0); with
+  ``replace`` the file holds ``fields`` alone (a new training report drops
+  the reports of older checkpoints)."""
+  results = dict({} if replace else read_results(workdir), **fields)
+  if jax.process_index() == 0:
+    reporting.write_json(os.path.join(workdir, reporting.RESULTS), results)
+  return results
