@@ -60,9 +60,8 @@ FLAGS = flags.FLAGS
 
 def verdicts(rows: list) -> list:
   """Table 2 / Fig. 13's claims as rules over the per-seed rows."""
-  cells = reporting.group_rows(rows, 'method', 'eps_train')
-  pgd = {e: rs for (m, e), rs in cells.items() if m == 'ls_pgd'}
-  uta = {e: rs for (m, e), rs in cells.items() if m == 'ls_uta'}
+  pgd = sweep.method_cells(rows, 'ls_pgd')
+  uta = sweep.method_cells(rows, 'ls_uta')
   shared = sorted(set(pgd) & set(uta))
   if not shared:
     return []
@@ -118,8 +117,7 @@ def figure(payload: dict):
   plt = sweep.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
   for method, style in (('ls_pgd', '-'), ('ls_uta', '-.')):
-    cells = {e: rs for (m, e), rs in reporting.group_rows(
-        rows, 'method', 'eps_train').items() if m == method}
+    cells = sweep.method_cells(rows, method)
     if not cells:
       continue
     stats = [reporting.mean_std(r['clean_accuracy'] for r in rs)

@@ -285,6 +285,13 @@ def score_table(rows: List[Dict[str, Any]]) -> str:
   return reporting.markdown_table(header, table)
 
 
+def method_cells(rows: List[Dict[str, Any]], method: str
+                ) -> Dict[float, List[Dict[str, Any]]]:
+  """eps_train -> the per-seed rows of ``method``, in first-seen order."""
+  return {eps: rs for (m, eps), rs in reporting.group_rows(
+      rows, 'method', 'eps_train').items() if m == method}
+
+
 def compute_seconds(rows: List[Dict[str, Any]]) -> float:
   """Training plus AutoAttack time stored with the runs of ``rows``."""
   return sum((r.get('train_seconds') or 0) + (r.get('autoattack_seconds') or 0)

@@ -125,12 +125,6 @@ def run_dataset(dataset: str, setting: dict, out: str) -> list:
   return rows
 
 
-def _by(rows: list, method: str) -> dict:
-  """eps_train -> the per-seed rows of ``method``."""
-  return {eps: rs for (m, eps), rs in reporting.group_rows(
-      rows, 'method', 'eps_train').items() if m == method}
-
-
 def _means(rows: list, key: str, index=None) -> float:
   values = [r[key] if index is None else r[key][index] for r in rows]
   return reporting.mean_std(values)['mean']
@@ -140,7 +134,7 @@ def verdicts(rows: list) -> list:
   """The paper's Table 1 / Fig. 2 claims as rules over one dataset's
   per-seed rows (a rule needs both of its methods; seeds are paired)."""
   dataset = rows[0]['dataset']
-  pgd, uta, ens = (_by(rows, m) for m in METHODS)
+  pgd, uta, ens = (sweep.method_cells(rows, m) for m in METHODS)
   out = []
   shared = sorted(set(pgd) & set(uta))
   if shared:
@@ -227,7 +221,8 @@ def figure(payload: dict):
                                                       3.5), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     for method in METHODS:
-      cells = _by([r for r in rows if r['dataset'] == dataset], method)
+      cells = sweep.method_cells(
+          [r for r in rows if r['dataset'] == dataset], method)
       if not cells:
         continue
       stats = [reporting.mean_std(r['clean_accuracy'] for r in rs)

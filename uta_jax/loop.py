@@ -77,7 +77,7 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
       trained = _train(config, workdir, stop_requested)
       if trained['status'] != 'finished':
         return trained
-      return _report(config, workdir, stop_requested, start=start, **trained)
+      return _report(config, workdir, stop_requested, trained, start=start)
     except OSError as e:
       raise workdir_lock.write_error(e, workdir) from e
 
@@ -190,12 +190,11 @@ def _train(config: configs.Config, workdir: str,
 
 
 def _report(config: configs.Config, workdir: str,
-            stop_requested: Callable[[], bool], *, start: float,
-            status: str, state: steps.TrainState, dataset: data.Dataset,
-            model: Any, timings: Dict[str, Any]) -> Dict[str, Any]:
-  """The final evaluation of a trained ``state``; writes and returns the
-  results (``runs.update_results``), the last metrics, the curves."""
-  del status
+            stop_requested: Callable[[], bool], trained: Dict[str, Any], *,
+            start: float) -> Dict[str, Any]:
+  """The final evaluation of ``_train``'s finished state; writes and returns
+  the results (``runs.update_results``), the last metrics, the curves."""
+  state, dataset, model = trained['state'], trained['dataset'], trained['model']
   step = int(state.step)
   t1 = time.time()
   try:
@@ -227,7 +226,7 @@ def _report(config: configs.Config, workdir: str,
       robust_accuracy=results_eval['robust_accuracy'],
       tradeoff={a: evaluation.tradeoff(results_eval, a)
                 for a in ('pgd', 'uta')},
-      timings=dict(timings, eval_seconds=time.time() - t1,
+      timings=dict(trained['timings'], eval_seconds=time.time() - t1,
                    wall_seconds=time.time() - start,
                    devices=jax.device_count()))
 
