@@ -27,7 +27,6 @@ import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import reporting
@@ -66,8 +65,8 @@ def compare(name, workdir, eps_values):
     jax_r, ref = reports['jax'], reports['torch']
     same = float(np.mean(jax_r['robust_points'] == ref['robust_points']))
     rows.append({
-        'model': name, 'dataset': config.dataset, 'model_arch': config.model,
-        'attack_train': config.attack.name, 'eps_train': config.attack.eps,
+        'model': name, 'dataset': config.dataset, 'model_arch': config.model.name,
+        'attack_train': config.attack.name, 'eps_train': config.attack.eps_train,
         'eps': eps, 'num_examples': len(ds.test),
         'clean_accuracy': ref['clean_accuracy'],
         'jax_robust_accuracy': jax_r['robust_accuracy'],
@@ -122,8 +121,7 @@ def main(argv):
     seeds = sweep.seeds((0,))
     for seed in seeds:
       for name, (dataset, overrides) in MODELS.items():
-        config = configs.get_config(dataset,
-                                    **sweep.overrides(overrides, seed))
+        config = sweep.config(dataset, overrides, seed)
         workdir = sweep.seed_dir(os.path.join(out, 'runs', name), seed)
         sweep.train(config, workdir)
         rows += [dict(r, seed=seed)
@@ -136,4 +134,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

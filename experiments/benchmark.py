@@ -193,8 +193,10 @@ def jax_workloads(name, variables, x, y, x_train, y_train):
         lambda j: j(variables, x).block_until_ready(), jitted)
     flops[label] = K * step_flops(label, variables, x, y)
 
-  config = configs.get_config('mnist', model=name, attack='uta', eps_train=EPS,
-                              num_steps=K)
+  config = configs.get_config('mnist', {'model.name': name,
+                                        'attack.name': 'uta',
+                                        'attack.eps_train': EPS,
+                                        'attack.num_steps': K})
   tx = optax.adam(1e-3)
   train_step = jax.jit(steps.make_train_step(config, model, tx,
                                              axis_name=None))
@@ -286,8 +288,11 @@ def run_autoattack(torch) -> list:
   for name in [m for m in FLAGS.models if m in ('mlp', 'lenet')]:
     # PGD-AT (eps 0.1): a model with robust points left for APGD-T.
     model, variables = steps.fit(
-        configs.get_config('mnist_embedded', model=name, attack='pgd',
-                           eps_train=0.1, num_steps=5, step_size=0.03),
+        configs.get_config('mnist_embedded', {'model.name': name,
+                                              'attack.name': 'pgd',
+                                              'attack.eps_train': 0.1,
+                                              'attack.num_steps': 5,
+                                              'attack.step_size': 0.03}),
         ds.train, num_steps=FLAGS.aa_train_steps)
     modules = {
         'bridge': torch_bridge.bridge_module(model.apply, variables),
@@ -368,7 +373,7 @@ def run_autoattack(torch) -> list:
 def time_evaluate(model, variables, split, devices) -> dict:
   """``evaluation.evaluate`` (PGD-20 x 10 restarts, UTA-20, FGSM at the
   AutoAttack eps) on one device and on all, interleaved after a warm-up."""
-  config = configs.get_config('mnist_embedded', eval_eps=[FLAGS.aa_eps])
+  config = configs.get_config('mnist_embedded', {'eval.eps': [FLAGS.aa_eps]})
   run = lambda devs: evaluation.evaluate(
       model, variables, split, config=config, key=jax.random.PRNGKey(0),
       devices=devs)

@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
-from uta_jax import configs
 from uta_jax import evaluation
 from uta_jax import reporting
 
@@ -77,7 +76,7 @@ def run_setting(name: str, preset: dict, out: str, seed: int) -> list:
     values = dict(preset, **shared, **method_overrides)
     if FLAGS.eval_every_steps:
       values['eval_every_steps'] = FLAGS.eval_every_steps
-    config = configs.get_config(dataset, **sweep.overrides(values, seed))
+    config = sweep.config(dataset, values, seed)
     workdir = sweep.seed_dir(os.path.join(out, 'runs', name, method), seed)
     results = sweep.train(config, workdir)
     curve = [r for r in reporting.read_metrics(
@@ -211,4 +210,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,12 +1,14 @@
 """What the experiment scripts share: one-line errors, log set-up, flag
 parsing, and stopping on SIGTERM / Ctrl-C."""
 
+import fractions
 import logging as std_logging
 import os
 import signal
 import sys
 from typing import List, Optional, Sequence
 
+from absl import flags
 from absl import logging
 
 # Loggers whose lines users read: our progress, and AutoAttack's own wording.
@@ -55,15 +57,35 @@ def show_logs(stream, *, timestamps: bool) -> None:
     logger.propagate = False
 
 
+def parse_number(text: str) -> float:
+  """A decimal or a fraction ('8/255'), as the nearest float."""
+  try:
+    return float(fractions.Fraction(text.strip()))
+  except (ValueError, ZeroDivisionError) as e:
+    raise ValueError(f'{text!r} is not a number (e.g. 0.1 or 8/255)') from e
+
+
 def parse_floats(values: Optional[Sequence[str]],
                  flag: str) -> Optional[List[float]]:
-  """A list flag as floats (None stays None), or a one-line error."""
+  """A list flag as floats, decimals or fractions (None stays None), or a
+  one-line error."""
   if values is None:
     return None
   try:
-    return [float(v) for v in values]
+    return [parse_number(v) for v in values]
   except ValueError:
-    fail(f'--{flag} must be numbers, got {",".join(values)}')
+    fail(f'--{flag} must be numbers like 0.1 or 8/255, got '
+         f'{",".join(values)}')
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """``app.run``'s flags parser: a bad flag value is one ``error:`` line
+  and exit code 2, as every other bad input (absl's own prints a FATAL
+  line, a usage hint and exits 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
 
 
 class StopSignals:

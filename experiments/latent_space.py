@@ -26,13 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
-from uta_jax import configs
 from uta_jax import reporting
 
 EPS_TRAIN = (0.1, 0.2, 0.3, 0.4)
 METHODS = {
     'ls_pgd': dict(attack='pgd'),
-    'ls_uta': dict(attack='uta', uncertainty='ensemble', num_samples=5),
+    'ls_uta': dict(attack='uta', ensemble_size=5),
 }
 SHARED = dict(model='lenet', space='latent', step_schedule='triangular',
               num_steps=10)
@@ -148,10 +147,9 @@ def main(argv):
     for seed in sweep.seeds(SEEDS):
       for method in sweep.methods(METHODS, METHODS):
         for eps in sweep.eps_grid(EPS_TRAIN):
-          config = configs.get_config(preset['dataset'], eps_train=eps,
-                                      **sweep.overrides(dict(
-                                          preset['config'], **SHARED,
-                                          **METHODS[method]), seed))
+          config = sweep.config(preset['dataset'], dict(
+              preset['config'], eps_train=eps, **SHARED, **METHODS[method]),
+                                seed)
           workdir = sweep.seed_dir(os.path.join(out, 'runs',
                                                 f'{method}_eps{eps:g}'), seed)
           row = sweep.train_and_attack(
@@ -171,4 +169,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

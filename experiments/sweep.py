@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from absl import flags
 
 import cli
+import config_flags
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -43,13 +44,11 @@ flags.DEFINE_enum('preset', 'quick', list(PRESETS),
                   'quick: minutes on 2 CPU cores; paper: full settings (GPU)')
 flags.DEFINE_string('output_dir', None, 'folder of the runs, table, JSON and '
                     'plot; default results/<script>_<preset>')
-flags.DEFINE_string('data_dir', None, 'IDX or TFDS data folder (else '
-                    'TFDS_DATA_DIR)')
-flags.DEFINE_integer('epochs', None, 'override the preset\'s epochs')
-flags.DEFINE_integer('max_train_examples', None, 'override: first N train '
-                     'examples')
-flags.DEFINE_integer('max_eval_examples', None, 'override: first N test '
-                     'examples for the JAX evaluation')
+# Config flags that override a setting of every run of a sweep.
+_CONFIG_PATHS = ('data_dir', 'epochs', 'max_train_examples',
+                 'max_eval_examples')
+config_flags.define(_CONFIG_PATHS)
+flags.adopt_module_key_flags(config_flags)
 flags.DEFINE_integer('aa_examples', None, 'override: test points for '
                      'AutoAttack')
 flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
@@ -65,10 +64,6 @@ flags.DEFINE_list('methods', None, 'subset of the script\'s methods; '
 flags.DEFINE_list('eps_train', None, 'override the script\'s eps_train grid')
 
 FLAGS = flags.FLAGS
-
-# Flags above that override a Config field of every run.
-_CONFIG_FLAGS = ('data_dir', 'epochs', 'max_train_examples',
-                 'max_eval_examples')
 
 # Sweep flags that change what a script runs; a script that does not use
 # one refuses it (``start(..., unused=...)``) rather than ignore it.
@@ -148,14 +143,15 @@ def seed_dir(folder: str, seed: int) -> str:
   return os.path.join(folder, f'seed{seed}')
 
 
-def overrides(preset_values: Dict[str, Any], seed: int) -> Dict[str, Any]:
-  """``configs.get_config`` overrides: the preset's, the seed, the flags'."""
-  merged = dict(preset_values)
-  merged['seed'] = seed
-  for name in _CONFIG_FLAGS:
-    if getattr(FLAGS, name) is not None:
-      merged[name] = getattr(FLAGS, name)
-  return merged
+def config(dataset: str, preset_flags: Dict[str, Any],
+           seed: int) -> configs.Config:
+  """The config of one run: ``dataset``'s paper preset, then the script's
+  preset (written as the flags a user would type, ``{'attack': 'pgd'}``),
+  the seed, and this invocation's config flags."""
+  values = config_flags.as_paths(preset_flags)
+  values['seed'] = seed
+  values.update(config_flags.overrides(_CONFIG_PATHS))
+  return configs.get_config(dataset, values)
 
 
 def aa_examples(default: int) -> int:
@@ -188,7 +184,7 @@ def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
   """The finished run's ``results.json``: reused, resumed or trained."""
   results = runs.read_results(workdir)
   if (results.get('status') == 'finished' and
-      results.get('config') == runs.json_config(config)):
+      runs.stored_config(results) == config):
     loop.log.info('reusing finished run %s', workdir)
     return results
   results = loop.train_and_evaluate(config, workdir,
@@ -247,7 +243,7 @@ def train_and_attack(config: configs.Config, workdir: str, *,
       'epochs': config.epochs,
       'train_examples': results.get('train_examples',
                                     config.max_train_examples),
-      'eps_train': config.attack.eps,
+      'eps_train': config.attack.eps_train,
       'eps_test': list(config.eval.eps),
       'clean_accuracy': results['clean_accuracy'],
       'aa_clean_accuracy': cells[0]['clean'],

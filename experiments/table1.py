@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
-from uta_jax import configs
 from uta_jax import reporting
 
 METHODS = ('pgd', 'uta', 'uta_ensemble')
@@ -100,7 +99,7 @@ def method_overrides(method: str) -> dict:
     return {'attack': 'pgd'}
   if method == 'uta':
     return {'attack': 'uta'}
-  return {'attack': 'uta', 'uncertainty': 'ensemble', 'num_samples': 5}
+  return {'attack': 'uta', 'ensemble_size': 5}
 
 
 def run_dataset(dataset: str, setting: dict, out: str) -> list:
@@ -111,8 +110,8 @@ def run_dataset(dataset: str, setting: dict, out: str) -> list:
   for seed in sweep.seeds(setting['seeds']):
     for method in sweep.methods(setting['methods'], METHODS):
       for eps in sweep.eps_grid(EPS_TRAIN[dataset]):
-        config = configs.get_config(dataset, eps_train=eps, **sweep.overrides(
-            dict(setting['config'], **method_overrides(method)), seed))
+        config = sweep.config(dataset, dict(setting['config'], eps_train=eps,
+                                            **method_overrides(method)), seed)
         workdir = sweep.seed_dir(
             os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}'), seed)
         row = sweep.train_and_attack(
@@ -265,4 +264,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

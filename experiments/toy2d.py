@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import attacks
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import reporting
@@ -72,11 +73,12 @@ flags.DEFINE_list('ratios', None, 'near gap / eps of the geometry sweep; '
 FLAGS = flags.FLAGS
 
 
-def toy_config(seed: int, **overrides) -> configs.Config:
-  values = sweep.overrides(dict(eps_train=FLAGS.eps, step_size=FLAGS.alpha,
-                                num_steps=FLAGS.train_steps), seed)
-  values.update(overrides)
-  return configs.get_config('toy2d', **values)
+def toy_config(seed: int, **preset_flags) -> configs.Config:
+  """The toy's run at ``--eps``, ``--alpha``, ``--train_steps``, with
+  ``preset_flags`` (flag names) on top."""
+  return sweep.config('toy2d', dict(eps_train=FLAGS.eps, step_size=FLAGS.alpha,
+                                    num_steps=FLAGS.train_steps,
+                                    **preset_flags), seed)
 
 
 def num_updates(config: configs.Config, split: data.Split) -> int:
@@ -103,18 +105,18 @@ def attack_panels(ds, setting: dict, seed: int, *, ensemble: bool = True,
                            num_steps=num_updates(clean, ds.train))
   x = jnp.asarray(ds.test.images[:setting['attack_points']])
   y = jnp.asarray(ds.test.labels[:setting['attack_points']])
-  logits = {'single': functools.partial(steps.predict_logits, model, fixed,
-                                        ensemble=False)}
-  samples = {'single': functools.partial(steps.member_logits, model, fixed,
-                                         ensemble=False)}
+  logits = {'single': functools.partial(classifier.predict_logits, model,
+                                        fixed, ensemble=False)}
+  samples = {'single': functools.partial(classifier.member_logits, model,
+                                         fixed, ensemble=False)}
   if ensemble:
-    members = toy_config(seed, attack='none', uncertainty='ensemble',
-                         num_samples=setting['ensemble_size'])
+    members = toy_config(seed, attack='none',
+                         ensemble_size=setting['ensemble_size'])
     _, stacked = steps.fit(members, ds.train,
                            num_steps=num_updates(members, ds.train))
-    logits['ensemble'] = functools.partial(steps.predict_logits, model,
+    logits['ensemble'] = functools.partial(classifier.predict_logits, model,
                                            stacked, ensemble=True)
-    samples['ensemble'] = functools.partial(steps.member_logits, model,
+    samples['ensemble'] = functools.partial(classifier.member_logits, model,
                                             stacked, ensemble=True)
   predict = lambda fn, inputs: np.asarray(jnp.argmax(fn(inputs), -1))
   common = dict(eps=FLAGS.eps, step_size=FLAGS.alpha, bounds=None)
@@ -156,7 +158,7 @@ def train_panels(ds, resolution: int, seed: int) -> dict:
   out = {}
   for method in ('pgd', 'uta'):
     config = toy_config(seed, attack=method)
-    model = steps.create_model(config)
+    model = classifier.create_model(config)
     grid_prediction = jax.jit(lambda v, m=model: jnp.argmax(
         m.apply(v, g), -1).astype(jnp.int8))  # [G] after each update
     predictions = []
@@ -472,4 +474,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -22,6 +22,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
+import config_flags  # pylint: disable=g-import-not-at-top
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -32,39 +33,10 @@ from uta_jax import runs
 from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('dataset', 'mnist_embedded',
-                    f'one of {", ".join(data.DATASETS)}')
+config_flags.define()
+flags.adopt_module_key_flags(config_flags)
 flags.DEFINE_string('workdir', None,
                     'output folder; default runs/<dataset>_<attack>_eps<eps>')
-flags.DEFINE_string('data_dir', None, 'IDX or TFDS data folder (else '
-                    'TFDS_DATA_DIR)')
-flags.DEFINE_string('attack', None, 'none, fgsm, rfgsm, pgd or uta')
-flags.DEFINE_float('eps_train', None, 'training L-inf radius, in [0, 1] units')
-flags.DEFINE_integer('num_steps', None, 'attack steps K')
-flags.DEFINE_float('step_size', None, 'attack step size alpha')
-flags.DEFINE_string('step_schedule', None, 'constant or triangular')
-flags.DEFINE_string('uncertainty', None, 'single, mc_dropout or ensemble')
-flags.DEFINE_integer('num_samples', None, 'M: MC-dropout samples or members')
-flags.DEFINE_string('measure', None, 'entropy or mutual_information')
-flags.DEFINE_string('space', None, 'input or latent')
-flags.DEFINE_string('model', None, 'mlp, lenet, svhn_lenet or resnet18')
-flags.DEFINE_float('dropout_rate', None, 'dropout probability of the model')
-flags.DEFINE_string('optimizer', None, 'adam or sgd_nesterov')
-flags.DEFINE_float('learning_rate', None, 'base learning rate')
-flags.DEFINE_integer('epochs', None, 'training epochs')
-flags.DEFINE_integer('batch_size', None, 'global batch size (all devices)')
-flags.DEFINE_integer('seed', None, 'seed of init, data order and attacks')
-flags.DEFINE_list('eval_eps', None, 'eps values of the final evaluation')
-flags.DEFINE_integer('eval_pgd_steps', None, 'PGD steps in evaluation')
-flags.DEFINE_integer('eval_pgd_restarts', None, 'PGD restarts in evaluation')
-flags.DEFINE_integer('max_train_examples', None, 'use the first N train '
-                     'examples')
-flags.DEFINE_integer('max_eval_examples', None, 'use the first N test examples')
-flags.DEFINE_integer('checkpoint_every', None, 'steps between checkpoints')
-flags.DEFINE_integer('eval_every', None, 'epochs between evaluations (0: end)')
-flags.DEFINE_integer('eval_every_steps', None, 'steps between evaluations '
-                     '(0: off)')
-flags.DEFINE_integer('log_every', None, 'steps between progress lines')
 flags.DEFINE_bool('autoattack', False, 'after training, evaluate with '
                   'AutoAttack (as experiments/evaluate.py)')
 flags.DEFINE_list('autoattack_eps', None, 'AutoAttack radii; default: the '
@@ -80,25 +52,17 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
 flags.DEFINE_integer('num_processes', 1, 'processes in a multi-host run')
 flags.DEFINE_integer('process_id', 0, 'index of this process')
 
-OVERRIDES = [f for f in configs.FLAG_FIELDS if f != 'eval_batch_size']
-
-
-def build_config() -> configs.Config:
-  overrides = {name: getattr(FLAGS, name) for name in OVERRIDES}
-  overrides['eval_eps'] = cli.parse_floats(FLAGS.eval_eps, 'eval_eps')
-  return configs.get_config(FLAGS.dataset, **overrides)
-
 
 def default_workdir(config: configs.Config) -> str:
   a = config.attack
-  return os.path.join('runs', f'{config.dataset}_{a.name}_eps{a.eps:g}')
+  return os.path.join('runs', f'{config.dataset}_{a.name}_eps{a.eps_train:g}')
 
 
 def main(argv):
   del argv
   cli.show_logs(sys.stderr, timestamps=True)
   try:
-    config = build_config()
+    config = config_flags.config(FLAGS.dataset)
     parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
@@ -124,7 +88,7 @@ def main(argv):
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
           runs.RunError, workdir_lock.WorkdirError, ImportError,
           ValueError) as e:
-    cli.fail(str(e))
+    cli.fail(config_flags.message(e))
   if results['status'] == 'preempted':
     print(f'preempted at step {results["step"]}: checkpoint saved in '
           f'{workdir}; rerun the same command to resume')
@@ -138,4 +102,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

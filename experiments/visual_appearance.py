@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import attacks
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import reporting
 from uta_jax import runs
-from uta_jax import steps
 
 QUICK = dict(dataset='fashion_mnist', config=dict(
     attack='none', epochs=2, max_eval_examples=500, eval_pgd_restarts=1))
@@ -66,10 +66,10 @@ def attack_seed(workdir: str) -> tuple:
   idx = one_per_class(ds.test.labels, ds.num_classes)
   x = jnp.asarray(data.to_float(ds.test.images[idx]))
   y = jnp.asarray(ds.test.labels[idx])
-  ensemble = steps.is_ensemble(config)
-  logits_fn = functools.partial(steps.predict_logits, model, variables,
+  ensemble = classifier.is_ensemble(config)
+  logits_fn = functools.partial(classifier.predict_logits, model, variables,
                                 ensemble=ensemble)
-  sample_fn = functools.partial(steps.member_logits, model, variables,
+  sample_fn = functools.partial(classifier.member_logits, model, variables,
                                 ensemble=ensemble)
   common = dict(eps=UNBOUNDED, num_steps=FLAGS.attack_steps,
                 step_size=FLAGS.attack_step_size)
@@ -77,7 +77,7 @@ def attack_seed(workdir: str) -> tuple:
             'uta': attacks.uta(sample_fn, x, **common),
             'pgd': attacks.pgd(logits_fn, x, y, **common)}
   row = {'seed': config.seed, 'dataset': config.dataset,
-         'model': config.model, 'workdir': workdir,
+         'model': config.model.name, 'workdir': workdir,
          'labels': np.asarray(y).tolist()}
   for name, imgs in images.items():
     probs = jax.nn.softmax(logits_fn(imgs))
@@ -141,8 +141,7 @@ def main(argv):
       for seed in sweep.seeds(SEEDS):
         workdirs.append(sweep.seed_dir(os.path.join(out, 'runs', 'clean'),
                                        seed))
-        sweep.train(configs.get_config(
-            preset['dataset'], **sweep.overrides(preset['config'], seed)),
+        sweep.train(sweep.config(preset['dataset'], preset['config'], seed),
                     workdirs[-1])
     for workdir in workdirs:
       images, row = attack_seed(workdir)
@@ -180,4 +179,4 @@ def figure(images: dict, row: dict):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

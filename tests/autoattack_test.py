@@ -18,8 +18,10 @@ class JaxAutoAttackTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    config = configs.get_config('mnist_embedded', attack='pgd', eps_train=0.1,
-                                num_steps=5, step_size=0.03)
+    config = configs.get_config('mnist_embedded', {'attack.name': 'pgd',
+                                                   'attack.eps_train': 0.1,
+                                                   'attack.num_steps': 5,
+                                                   'attack.step_size': 0.03})
     cls.ds = data.load_dataset('mnist_embedded', max_eval_examples=200)
     cls.model, cls.variables = steps.fit(config, cls.ds.train, num_steps=300)
 

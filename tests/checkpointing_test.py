@@ -9,13 +9,14 @@ import jax
 import numpy as np
 
 from uta_jax import checkpointing
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import steps
 
 
 def _state(seed=0):
-  config = configs.get_config('mnist', seed=seed)
-  model = steps.create_model(config)
+  config = configs.get_config('mnist', {'seed': seed})
+  model = classifier.create_model(config)
   tx = steps.make_optimizer(config.optimizer, 10)
   return jax.device_get(steps.create_train_state(config, model, tx,
                                                  (28, 28, 1)))

@@ -1,6 +1,7 @@
-"""Tests of uta_jax.configs: the paper's presets, overrides and validation."""
+"""Tests of uta_jax.configs: the schema, the paper's presets, overrides,
+validation and reading older config.json files."""
 
-import dataclasses
+import json
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -13,72 +14,140 @@ class PresetTest(parameterized.TestCase):
   @parameterized.parameters((0.1, 10), (0.2, 20), (0.3, 30), (0.4, 40))
   def test_mnist_and_fashion_steps_are_eps_over_001(self, eps, k):
     for dataset in ('mnist', 'fashion_mnist'):
-      c = configs.get_config(dataset, eps_train=eps)
+      c = configs.get_config(dataset, {'attack.eps_train': eps})
       self.assertEqual((c.attack.num_steps, c.attack.step_size), (k, 0.01))
 
   def test_paper_models_and_optimisers(self):
-    self.assertEqual(configs.get_config('mnist').model, 'mlp')
+    self.assertEqual(configs.get_config('mnist').model.name, 'mlp')
     fm = configs.get_config('fashion_mnist')
-    self.assertEqual((fm.model, fm.optimizer.name, fm.optimizer.learning_rate,
-                      fm.epochs), ('lenet', 'adam', 1e-3, 100))
+    self.assertEqual((fm.model.name, fm.optimizer.name,
+                      fm.optimizer.learning_rate, fm.epochs),
+                     ('lenet', 'adam', 1e-3, 100))
     sv = configs.get_config('svhn')
-    self.assertEqual((sv.model, sv.attack.step_schedule),
+    self.assertEqual((sv.model.name, sv.attack.step_schedule),
                      ('svhn_lenet', 'triangular'))
     self.assertEqual(sv.eval.eps, configs.SVHN_EVAL_EPS)
     cf = configs.get_config('cifar10')
-    self.assertEqual((cf.model, cf.optimizer.name, cf.attack.uncertainty,
-                      cf.attack.num_samples, cf.dropout_rate),
+    self.assertEqual((cf.model.name, cf.optimizer.name, cf.attack.uncertainty,
+                      cf.attack.num_samples, cf.model.dropout_rate),
                      ('resnet18', 'sgd_nesterov', 'mc_dropout', 5, 0.2))
 
-  def test_flags_override_and_num_steps_wins_over_the_rule(self):
-    c = configs.get_config('fashion_mnist', attack='pgd', eps_train=0.3,
-                           num_steps=7, eval_eps=[0.1])
-    self.assertEqual((c.attack.name, c.attack.eps, c.attack.num_steps,
-                      c.eval.eps), ('pgd', 0.3, 7, (0.1,)))
+  def test_overrides_and_num_steps_wins_over_the_rule(self):
+    c = configs.get_config('fashion_mnist', {
+        'attack.name': 'pgd', 'attack.eps_train': 0.3, 'attack.num_steps': 7,
+        'eval.eps': [0.1], 'seed': None})
+    self.assertEqual((c.attack.name, c.attack.eps_train, c.attack.num_steps,
+                      c.eval.eps, c.seed), ('pgd', 0.3, 7, (0.1,), 0))
 
   def test_mc_dropout_turns_dropout_on(self):
-    c = configs.get_config('mnist', uncertainty='mc_dropout', num_samples=5)
-    self.assertGreater(c.dropout_rate, 0)
+    c = configs.get_config('mnist', {'attack.uncertainty': 'mc_dropout',
+                                     'attack.num_samples': 5})
+    self.assertGreater(c.model.dropout_rate, 0)
+
+  def test_ensemble_size_is_a_model_property_and_implies_the_attack(self):
+    a = configs.get_config('mnist', {'model.ensemble_size': 3})
+    self.assertEqual((a.attack.uncertainty, a.attack.num_samples), (
+        'ensemble', 1))
+    b = configs.get_config('mnist', {'attack.uncertainty': 'ensemble'})
+    self.assertEqual(b.model.ensemble_size, configs.PAPER_ENSEMBLE_SIZE)
 
   def test_json_round_trip(self):
-    c = configs.get_config('cifar10', seed=3)
+    c = configs.get_config('cifar10', {'seed': 3})
     self.assertEqual(configs.from_json(configs.to_json(c)), c)
-    with self.assertRaises(configs.ConfigError):
-      configs.from_json('{not json')
+    self.assertEqual(configs.from_dict(configs.to_dict(c)), c)
+    for text in ('{not json', '[1, 2]', '{"attack": 3}'):
+      with self.assertRaises(configs.ConfigError):
+        configs.from_json(text)
+
+  def test_config_json_of_older_runs_is_upgraded(self):
+    # The layout before the model section: model and dropout at the top,
+    # attack.eps, an ensemble's members in attack.num_samples.
+    new = configs.get_config('fashion_mnist', {
+        'attack.eps_train': 0.3, 'model.ensemble_size': 5,
+        'model.dropout_rate': 0.1})
+    old = configs.to_dict(new)
+    old['model'], old['dropout_rate'] = 'lenet', 0.1
+    old['attack']['eps'] = old['attack'].pop('eps_train')
+    old['attack']['num_samples'] = 5
+    self.assertEqual(configs.from_json(json.dumps(old)), new)
+
+
+class SchemaTest(absltest.TestCase):
+
+  def test_every_leaf_is_listed_once_with_its_type_and_help(self):
+    s = {x.path: x for x in configs.settings()}
+    self.assertLen(s, len(list(configs.settings())))
+    self.assertEqual((s['attack.eps_train'].kind, s['eval.eps'].kind,
+                      s['max_train_examples'].kind,
+                      s['max_train_examples'].optional),
+                     ('float', 'floats', 'int', True))
+    self.assertEqual(s['attack.name'].choices, configs.ATTACKS)
+    self.assertTrue(all(x.help for x in s.values()))
+    # Every field of every section is a leaf: nothing is defined twice.
+    self.assertIn('model.ensemble_size', s)
+    self.assertIn('optimizer.lr_boundaries_epochs', s)
+
+  def test_get_and_replace_address_a_leaf_by_its_path(self):
+    c = configs.get_config('mnist')
+    d = configs.replace(c, {'optimizer.learning_rate': 0.5, 'epochs': 3})
+    self.assertEqual((configs.get(d, 'optimizer.learning_rate'),
+                      configs.get(d, 'epochs'), d.optimizer.name),
+                     (0.5, 3, c.optimizer.name))
+
+  def test_errors_can_name_settings_as_the_front_end_writes_them(self):
+    with self.assertRaises(configs.ConfigError) as e:
+      configs.get_config('mnist', {'attack.name': 'pgd',
+                                   'attack.uncertainty': 'mc_dropout',
+                                   'attack.num_samples': 5})
+    self.assertIn('attack.name', e.exception.paths)
+    self.assertEqual(
+        e.exception.renamed(lambda p: '--' + p.replace('.', '_')),
+        '--attack_uncertainty=mc_dropout needs --attack_name=uta')
 
 
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ('dataset', dict(dataset='imagenet'), 'dataset'),
-      ('attack', dict(attack='cw'), 'attack'),
-      ('negative_eps', dict(eps_train=-0.1), 'eps_train'),
-      ('zero_steps', dict(num_steps=0), 'num_steps'),
-      ('schedule', dict(step_schedule='cosine'), 'step_schedule'),
-      ('uncertainty', dict(uncertainty='gp'), 'uncertainty'),
-      ('samples_single', dict(num_samples=3), 'num_samples'),
-      ('mc_needs_uta', dict(attack='pgd', uncertainty='mc_dropout',
-                            num_samples=5), 'attack=uta'),
-      ('eval_eps', dict(eval_eps=[8.0]), r'\(0, 1\]'),
-      ('epochs', dict(epochs=0), 'epochs'),
-      ('eps_above_one', dict(eps_train=1.5), 'above 1'),
-      ('negative_seed', dict(seed=-1), 'seed'),
-      ('toy_with_conv_net', dict(dataset='toy2d', model='lenet'),
-       'model=mlp'),
-      ('unknown', dict(colour='red'), 'unknown settings'),
+      ('dataset', 'imagenet', {}, 'dataset'),
+      ('attack', 'mnist', {'attack.name': 'cw'}, 'attack.name'),
+      ('negative_eps', 'mnist', {'attack.eps_train': -0.1},
+       'attack.eps_train'),
+      ('zero_steps', 'mnist', {'attack.num_steps': 0}, 'attack.num_steps'),
+      ('schedule', 'mnist', {'attack.step_schedule': 'cosine'},
+       'step_schedule'),
+      ('uncertainty', 'mnist', {'attack.uncertainty': 'gp'}, 'uncertainty'),
+      ('samples_single', 'mnist', {'attack.num_samples': 3}, 'num_samples'),
+      ('mc_needs_uta', 'mnist', {'attack.name': 'pgd',
+                                 'attack.uncertainty': 'mc_dropout',
+                                 'attack.num_samples': 5}, 'attack.name=uta'),
+      ('ensemble_of_one', 'mnist', {'attack.uncertainty': 'ensemble',
+                                    'model.ensemble_size': 1},
+       'ensemble_size >= 2'),
+      ('single_with_members', 'mnist', {'attack.uncertainty': 'single',
+                                        'model.ensemble_size': 3},
+       'ensemble_size'),
+      ('eval_eps', 'mnist', {'eval.eps': [8.0]}, r'\(0, 1\]'),
+      ('epochs', 'mnist', {'epochs': 0}, 'epochs'),
+      ('eps_above_one', 'mnist', {'attack.eps_train': 1.5}, 'above 1'),
+      ('negative_seed', 'mnist', {'seed': -1}, 'seed'),
+      ('model', 'mnist', {'model.name': 'vgg'}, 'model.name'),
+      ('toy_with_conv_net', 'toy2d', {'model.name': 'lenet'},
+       'model.name=mlp'),
+      ('unknown', 'mnist', {'colour': 'red'}, 'unknown settings'),
+      ('dataset_as_override', 'mnist', {'dataset': 'svhn'},
+       'first argument'),
   )
-  def test_bad_values_name_the_setting(self, overrides, pattern):
-    overrides = dict(overrides)
-    dataset = overrides.pop('dataset', 'mnist')
+  def test_bad_values_name_the_setting(self, dataset, overrides, pattern):
     with self.assertRaisesRegex(configs.ConfigError, pattern):
-      configs.get_config(dataset, **overrides)
+      configs.get_config(dataset, overrides)
 
   def test_incompatibilities_ignore_resumable_settings(self):
     a = configs.get_config('mnist')
-    b = dataclasses.replace(a, epochs=50, log_every=5)
+    b = configs.replace(a, {'epochs': 50, 'log_every': 5, 'eval.eps': [0.1]})
     self.assertEqual(configs.incompatibilities(a, b), [])
-    c = dataclasses.replace(a, model='lenet')
-    self.assertEqual(configs.incompatibilities(a, c), ['model'])
+    c = configs.replace(a, {'model.name': 'lenet', 'attack.eps_train': 0.3})
+    self.assertEqual(configs.incompatibilities(a, c),
+                     ['model.name', 'attack.eps_train'])
 
 
 if __name__ == '__main__':

@@ -19,9 +19,11 @@ class EvaluateTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.config = configs.get_config(
-        'mnist_embedded', attack='none', eval_pgd_restarts=2,
-        eval_pgd_steps=5, eval_eps=[0.05, 0.3], eval_batch_size=100)
+    cls.config = configs.get_config('mnist_embedded', {'attack.name': 'none',
+                                                       'eval.pgd_restarts': 2,
+                                                       'eval.pgd_steps': 5,
+                                                       'eval.eps': [0.05, 0.3],
+                                                       'eval.batch_size': 100})
     cls.ds = data.load_dataset('mnist_embedded', max_eval_examples=150)
     cls.model, cls.variables = steps.fit(cls.config, cls.ds.train,
                                          num_steps=100)

@@ -88,8 +88,8 @@ class PaperScriptsTest(absltest.TestCase):
       config = json.load(f)
     self.assertEqual(config['attack']['space'], 'latent')
     self.assertEqual(config['attack']['uncertainty'], 'ensemble')
-    self.assertEqual(config['attack']['num_samples'], 5)
-    self.assertEqual(config['model'], 'lenet')
+    self.assertEqual(config['model'], {'name': 'lenet', 'dropout_rate': 0.0,
+                                       'ensemble_size': 5})
     self.assertEqual(len(row['score']), 4)
 
   def test_catastrophic_overfitting_writes_curves(self):

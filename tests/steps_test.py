@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import parallel
@@ -18,9 +19,9 @@ from uta_jax import uncertainty
 from testutil import synthetic_images  # pylint: disable=g-bad-import-order
 
 
-def _setup(tx=None, **overrides):
-  config = configs.get_config('fashion_mnist', **overrides)
-  model = steps.create_model(config)
+def _setup(overrides, tx=None):
+  config = configs.get_config('fashion_mnist', overrides)
+  model = classifier.create_model(config)
   tx = tx or steps.make_optimizer(config.optimizer, 10)
   state = steps.create_train_state(config, model, tx, (28, 28, 1))
   x, y = synthetic_images(16, seed=3)
@@ -33,7 +34,8 @@ class PmapTest(chex.TestCase):
     self.assertEqual(jax.local_device_count(), 4)
     # Plain SGD with lr 1: the parameter change is minus the gradient.
     config, model, tx, state, batch = _setup(
-        tx=optax.sgd(1.0), attack='pgd', eps_train=0.1, num_steps=3)
+        {'attack.name': 'pgd', 'attack.eps_train': 0.1, 'attack.num_steps': 3},
+        tx=optax.sgd(1.0))
     single = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
     s1, m1 = single(state, batch)
     p_step = parallel.pmap_train_step(
@@ -48,8 +50,8 @@ class PmapTest(chex.TestCase):
     self.assertEqual(int(s4.step), 1)
 
   def test_adam_parameters_match_too(self):
-    config, model, tx, state, batch = _setup(attack='uta', eps_train=0.1,
-                                             num_steps=3)
+    config, model, tx, state, batch = _setup(
+        {'attack.name': 'uta', 'attack.eps_train': 0.1, 'attack.num_steps': 3})
     single = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
     p_step = parallel.pmap_train_step(
         steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
@@ -61,8 +63,8 @@ class PmapTest(chex.TestCase):
                                 rtol=1e-4, atol=1e-5)
 
   def test_each_device_draws_its_own_dropout_mask(self):
-    config, model, tx, state, batch = _setup(tx=optax.sgd(1.0), attack='none',
-                                             dropout_rate=0.5)
+    config, model, tx, state, batch = _setup(
+        {'attack.name': 'none', 'model.dropout_rate': 0.5}, tx=optax.sgd(1.0))
     shard = jax.tree_util.tree_map(lambda v: v[:4], batch)
     same_on_all = jax.tree_util.tree_map(
         lambda v: np.stack([np.asarray(v)] * 4), shard)
@@ -89,7 +91,8 @@ class PmapTest(chex.TestCase):
 class StepTest(chex.TestCase):
 
   def test_uta_perturbation_ignores_labels(self):
-    config, model, _, state, batch = _setup(attack='uta', eps_train=0.2)
+    config, model, _, state, batch = _setup(
+        {'attack.name': 'uta', 'attack.eps_train': 0.2})
     variables = steps.variables_of(state)
     key = jax.random.PRNGKey(0)
     kwargs = dict(ensemble=False, bounds=(0.0, 1.0))
@@ -107,8 +110,9 @@ class StepTest(chex.TestCase):
 
   def test_latent_space_step_perturbs_z_and_trains_the_encoder(self):
     config, model, tx, state, batch = _setup(
-        tx=optax.sgd(1.0), attack='uta', eps_train=0.3, space='latent',
-        step_schedule='triangular')
+        {'attack.name': 'uta', 'attack.eps_train': 0.3,
+         'attack.space': 'latent', 'attack.step_schedule': 'triangular'},
+        tx=optax.sgd(1.0))
     variables = steps.variables_of(state)
     z = model.apply(variables, batch['image'], method=model.encode)
     z_adv = steps.perturb(config.attack, model, variables, batch['image'],
@@ -125,7 +129,8 @@ class StepTest(chex.TestCase):
 
   def test_ensemble_step_trains_every_member(self):
     config, model, tx, state, batch = _setup(
-        attack='uta', eps_train=0.1, uncertainty='ensemble', num_samples=3)
+        {'attack.name': 'uta', 'attack.eps_train': 0.1,
+         'model.ensemble_size': 3})
     kernel = state.params['fc3']['Dense_0']['kernel']
     self.assertEqual(kernel.shape[0], 3)
     self.assertFalse(np.allclose(kernel[0], kernel[1]))  # own inits
@@ -138,8 +143,9 @@ class StepTest(chex.TestCase):
 
   def test_latent_ensemble_moves_each_members_own_code(self):
     config, model, tx, state, batch = _setup(
-        tx=optax.sgd(1.0), attack='uta', eps_train=0.3, space='latent',
-        uncertainty='ensemble', num_samples=3, step_schedule='triangular')
+        {'attack.name': 'uta', 'attack.eps_train': 0.3,
+         'attack.space': 'latent', 'model.ensemble_size': 3,
+         'attack.step_schedule': 'triangular'}, tx=optax.sgd(1.0))
     variables = steps.variables_of(state)
     # A fresh model is maximally uncertain; sharpen its last layer so the
     # entropy has room to grow.
@@ -159,7 +165,7 @@ class StepTest(chex.TestCase):
         model.apply(member(m), codes[m], method=model.classify)
         for m in range(3)])
     chex.assert_trees_all_close(
-        steps.member_logits(model, variables, z_adv, ensemble=True,
+        classifier.member_logits(model, variables, z_adv, ensemble=True,
                             per_member_inputs=True, method=model.classify),
         looped(z_adv), atol=1e-5)
     entropy = lambda codes: float(jnp.mean(uncertainty.predictive_entropy(
@@ -173,7 +179,8 @@ class StepTest(chex.TestCase):
     self.assertTrue(np.all(moved > 0))  # every member's encoder trains
 
   def test_fit_calls_back_after_every_update_with_the_new_params(self):
-    config = configs.get_config('toy2d', attack='pgd', batch_size=64)
+    config = configs.get_config('toy2d', {'attack.name': 'pgd',
+                                          'batch_size': 64})
     ds = data.load_dataset('toy2d')
     seen = []
     _, final = steps.fit(config, ds.train, num_steps=3,
@@ -186,7 +193,8 @@ class StepTest(chex.TestCase):
 
   def test_mc_dropout_masks_come_from_the_key_and_repeat_with_it(self):
     config, model, tx, state, batch = _setup(
-        attack='uta', eps_train=0.1, uncertainty='mc_dropout', num_samples=5)
+        {'attack.name': 'uta', 'attack.eps_train': 0.1,
+         'attack.uncertainty': 'mc_dropout', 'attack.num_samples': 5})
     variables = steps.variables_of(state)
     perturb = lambda attack, key: steps.perturb(
         attack, model, variables, batch['image'], batch['label'], key,
@@ -204,38 +212,6 @@ class StepTest(chex.TestCase):
     new, metrics = jax.jit(steps.make_train_step(
         config, model, tx, axis_name=None))(state, batch)
     self.assertTrue(np.isfinite(metrics['loss']))
-
-
-class ModelHeadTest(absltest.TestCase):
-
-  def test_every_models_head_has_its_datasets_class_count(self):
-    # toy2d has 2 classes; a 10-way head would make UTA maximise a 10-way
-    # entropy on a 2-class problem.
-    for dataset in data.DATASETS:
-      config = configs.get_config(dataset)
-      for ensemble in (False, True):
-        if ensemble:
-          config = configs.get_config(dataset, attack='uta',
-                                      uncertainty='ensemble', num_samples=2)
-        model = steps.create_model(config)
-
-        def logits(config=config, model=model, ensemble=ensemble):
-          state = steps.create_train_state(
-              config, model, optax.sgd(0.1), data.INPUT_SHAPES[dataset])
-          x = jnp.zeros((3, *data.INPUT_SHAPES[dataset]), jnp.float32)
-          return steps.predict_logits(model, steps.variables_of(state), x,
-                                      ensemble=ensemble)
-
-        # Shapes only (no ResNet-18 is run): the head size is the point.
-        logits = jax.eval_shape(logits)
-        self.assertEqual(logits.shape, (3, data.NUM_CLASSES[dataset]),
-                         (dataset, ensemble))
-
-  def test_class_count_matches_the_labels_of_the_offline_datasets(self):
-    for dataset in ('toy2d', 'mnist_embedded'):
-      ds = data.load_dataset(dataset)
-      self.assertEqual(ds.num_classes, data.NUM_CLASSES[dataset])
-      self.assertEqual(len(np.unique(ds.train.labels)), ds.num_classes)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uta_jax import checkpointing
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import runs
 from uta_jax import steps
@@ -35,10 +36,11 @@ def run_train(workdir, *args, env=None, timeout=300):
                         text=True, timeout=timeout, env=env)
 
 
-def final_state(workdir, **overrides):
-  """The newest valid checkpoint of a quick MNIST-MLP run in ``workdir``."""
-  config = configs.get_config('mnist_embedded', **overrides)
-  model = steps.create_model(config)
+def final_state(workdir, overrides=None):
+  """The newest valid checkpoint of a quick MNIST-MLP run in ``workdir``
+  (``overrides``: the run's settings other than the preset's)."""
+  config = configs.get_config('mnist_embedded', overrides)
+  model = classifier.create_model(config)
   tx = steps.make_optimizer(config.optimizer, 1)
   target = jax.device_get(steps.create_train_state(config, model, tx,
                                                    (28, 28, 1)))

@@ -127,7 +127,7 @@ def _train_mlp_on_embedded_mnist(num_steps=300):
   """A quickly trained MLP on real MNIST digits: (model, variables, dataset)."""
   ds = data.load_dataset('mnist_embedded')
   model, variables = steps.fit(
-      configs.get_config('mnist_embedded', attack='none'), ds.train,
+      configs.get_config('mnist_embedded', {'attack.name': 'none'}), ds.train,
       num_steps=num_steps)
   return model, variables, ds
 

@@ -60,7 +60,7 @@ class MainJobTest(absltest.TestCase):
     self.assertEqual(results['timings']['devices'], 4)
     saved = configs.from_json(
         open(os.path.join(workdir, 'config.json')).read())
-    self.assertEqual(saved.attack.eps, 0.1)
+    self.assertEqual(saved.attack.eps_train, 0.1)
     lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
     self.assertGreaterEqual(len(lines), 8)
     evals = [json.loads(l) for l in lines if '"eval"' in l]
@@ -72,10 +72,12 @@ class MainJobTest(absltest.TestCase):
 
   def test_svhn_command_on_tfds_mock_data(self):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    config = configs.get_config(
-        'svhn', attack='uta', epochs=1, batch_size=16, eval_pgd_restarts=1,
-        eval_pgd_steps=2, eval_eps=[0.01])
-    self.assertEqual(config.model, 'svhn_lenet')
+    config = configs.get_config('svhn', {'attack.name': 'uta', 'epochs': 1,
+                                         'batch_size': 16,
+                                         'eval.pgd_restarts': 1,
+                                         'eval.pgd_steps': 2,
+                                         'eval.eps': [0.01]})
+    self.assertEqual(config.model.name, 'svhn_lenet')
     workdir = self.create_tempdir().full_path
     with tfds.testing.mock_data(num_examples=32), mock.patch.object(
         tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
@@ -192,7 +194,7 @@ class FaultToleranceTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 2)
     self.assertIn('non-finite loss', proc.stderr)
     self.assertNotIn('Traceback', proc.stderr)
-    state, _ = final_state(workdir, optimizer='sgd_nesterov')
+    state, _ = final_state(workdir, {'optimizer.name': 'sgd_nesterov'})
     self.assertTrue(all(np.all(np.isfinite(p))
                         for p in jax.tree_util.tree_leaves(state.params)))
 
@@ -234,14 +236,16 @@ class MultiProcessTest(absltest.TestCase):
 class BadInputTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ('dataset', ['--dataset=imagenet'], 'unknown dataset'),
-      ('attack', ['--attack=cw'], 'unknown attack'),
+      ('dataset', ['--dataset=imagenet'], "unknown --dataset 'imagenet'"),
+      ('unknown_flag', ['--colour=red'], "Unknown command line flag 'colour'"),
+      ('attack', ['--attack=cw'], "unknown --attack 'cw'"),
       ('negative_eps', ['--eps_train=-0.1'], 'eps_train must be a positive number'),
       ('zero_steps', ['--num_steps=0'], 'num_steps must be an integer >= 1'),
       ('batch', ['--batch_size=6'], 'multiple of 4'),
       ('data_dir', ['--dataset=mnist', '--data_dir=/nonexistent'],
        'not a readable folder'),
-      ('eval_eps', ['--eval_eps=abc'], 'eval_eps must be numbers'),
+      ('eval_eps', ['--eval_eps=abc'], "--eval_eps=abc: 'abc' is not a number"),
+      ('epochs', ['--epochs=two'], '--epochs=two'),
       ('eval_eps_range', ['--eval_eps=8'], r'outside \(0, 1\]'),
       ('offline_tfds', ['--dataset=svhn', '--data_dir=/tmp'],
        'TFDS_DATA_DIR'),
@@ -262,7 +266,7 @@ class BadInputTest(parameterized.TestCase):
     self.assertEqual(run_train(workdir, '--epochs=1').returncode, 0)
     proc = run_train(workdir, '--epochs=1', '--model=lenet')
     self.assertEqual(proc.returncode, 2)
-    self.assertRegex(proc.stderr, r'error: .*other settings \(model\).*new '
+    self.assertRegex(proc.stderr, r'error: .*other settings \(--model\).*new '
                      '--workdir')
     with open(os.path.join(workdir, runs.CONFIG), 'w') as f:
       f.write('{garbage')

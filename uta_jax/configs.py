@@ -1,8 +1,15 @@
-"""Run configuration: frozen dataclasses, the paper's presets, validation.
+"""Run configuration: one schema of frozen dataclasses, the paper's presets.
 
-``get_config(dataset, **overrides)`` returns the paper's setting for a dataset
-(App. B and §5) with flag-named overrides applied (``eps_train=0.3``,
-``attack='pgd'``, ...), validated. ``to_json`` / ``from_json`` round-trip it.
+The schema is defined here once: every field has its default, help text and,
+where it has a fixed set of values, its choices (``field(...)``); the
+command-line flags are generated from it (``experiments/config_flags.py``).
+Settings are named by their path in the schema, ``'attack.eps_train'`` or
+``'seed'``; the library knows no flag names.
+
+``get_config(dataset, overrides)`` returns the paper's setting for a dataset
+(App. B and §5) with ``{path: value}`` overrides applied, validated.
+``to_json`` / ``from_json`` round-trip it (``from_json`` also reads the
+config.json of runs written before the model section existed).
 
 Presets (K = attack steps):
 
@@ -21,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Optional, Tuple
+import typing
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from uta_jax import data
 from uta_jax import models
@@ -34,65 +42,177 @@ OPTIMIZERS = ('adam', 'sgd_nesterov')
 LR_SCHEDULES = ('constant', 'piecewise')
 MEASURES = ('entropy', 'mutual_information')
 
+# App. C: the ensemble of the paper has M = 5 members.
+PAPER_ENSEMBLE_SIZE = 5
+
 
 class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the fix."""
+  """A configuration value is invalid; the message names the fix.
+
+  ``paths`` lists the settings the message names by their schema path, so a
+  front end can rename them (``--eps_train`` for ``attack.eps_train``).
+  """
+
+  def __init__(self, message: str, *paths: str):
+    super().__init__(message)
+    self.paths = paths
+
+  def renamed(self, name) -> str:
+    """The message with each of ``paths`` replaced by ``name(path)``."""
+    text = str(self)
+    for path in sorted(self.paths, key=len, reverse=True):
+      text = text.replace(path, name(path))
+    return text
+
+
+def field(default: Any, help: str, choices: Tuple[str, ...] = ()):  # pylint: disable=redefined-builtin
+  """A schema field: its default, a one-line help, its allowed values."""
+  return dataclasses.field(default=default,
+                           metadata={'help': help, 'choices': choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The classifier: one model, or M members trained together (App. C)."""
+  name: str = field('mlp', 'architecture', tuple(models.MODELS))
+  dropout_rate: float = field(0.0, 'dropout probability of the model')
+  ensemble_size: int = field(1, 'members M of a jointly trained ensemble '
+                             '(1: a single model)')
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackConfig:
   """The training-time perturbation."""
-  name: str = 'uta'
-  eps: float = 0.2
-  num_steps: int = 20
-  step_size: float = 0.01
-  step_schedule: str = 'constant'
-  uncertainty: str = 'single'
-  num_samples: int = 1
-  measure: str = 'entropy'
-  space: str = 'input'
+  name: str = field('uta', 'training attack', ATTACKS)
+  eps_train: float = field(0.2, 'training L-inf radius, in [0, 1] units')
+  num_steps: int = field(20, 'attack steps K')
+  step_size: float = field(0.01, 'attack step size alpha')
+  step_schedule: str = field('constant', 'step size over the K steps',
+                             SCHEDULES)
+  uncertainty: str = field('single', 'predictive distribution UTA maximises '
+                           'the uncertainty of', UNCERTAINTIES)
+  num_samples: int = field(1, 'MC-dropout samples of UTA')
+  measure: str = field('entropy', 'uncertainty measure of UTA', MEASURES)
+  space: str = field('input', 'perturb the input or the latent code', SPACES)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  name: str = 'adam'
-  learning_rate: float = 1e-3
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  lr_schedule: str = 'constant'
-  lr_boundaries_epochs: Tuple[int, ...] = ()
-  lr_decay_factor: float = 1.0
+  name: str = field('adam', 'optimiser', OPTIMIZERS)
+  learning_rate: float = field(1e-3, 'base learning rate')
+  momentum: float = field(0.9, 'SGD momentum')
+  weight_decay: float = field(0.0, 'decoupled weight decay')
+  lr_schedule: str = field('constant', 'learning-rate schedule', LR_SCHEDULES)
+  lr_boundaries_epochs: Tuple[int, ...] = field(
+      (), 'epochs at which the piecewise schedule decays')
+  lr_decay_factor: float = field(1.0, 'factor of each piecewise decay')
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """JAX-native evaluation: PGD-k with restarts and a UTA attack per eps."""
-  eps: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-  pgd_steps: int = 20
-  pgd_step_size: Optional[float] = 0.01  # None: eps / 4
-  pgd_restarts: int = 10
-  uta_steps: int = 20
-  batch_size: int = 500
+  eps: Tuple[float, ...] = field((0.05, 0.1, 0.2, 0.3),
+                                 'eps values of the evaluation')
+  pgd_steps: int = field(20, 'PGD steps in evaluation')
+  pgd_step_size: Optional[float] = field(0.01, 'PGD step size in evaluation '
+                                         '(preset None: eps / 4)')
+  pgd_restarts: int = field(10, 'PGD restarts in evaluation')
+  uta_steps: int = field(20, 'UTA steps in evaluation')
+  batch_size: int = field(500, 'evaluation batch size')
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  dataset: str = 'mnist_embedded'
-  data_dir: Optional[str] = None
-  max_train_examples: Optional[int] = None
-  max_eval_examples: Optional[int] = None
-  model: str = 'mlp'
-  dropout_rate: float = 0.0
-  attack: AttackConfig = AttackConfig()
-  optimizer: OptimizerConfig = OptimizerConfig()
-  eval: EvalConfig = EvalConfig()
-  epochs: int = 10
-  batch_size: int = 128
-  seed: int = 0
-  checkpoint_every: int = 100
-  eval_every: int = 0  # epochs; 0: evaluate at the end only
-  eval_every_steps: int = 0  # steps; 0: off (curves over iterations)
-  log_every: int = 20  # steps
+  dataset: str = field('mnist_embedded', 'dataset; picks the paper\'s '
+                       'preset', data.DATASETS)
+  data_dir: Optional[str] = field(None, 'IDX or TFDS data folder (else '
+                                  'TFDS_DATA_DIR)')
+  max_train_examples: Optional[int] = field(None, 'use the first N train '
+                                            'examples')
+  max_eval_examples: Optional[int] = field(None, 'use the first N test '
+                                           'examples')
+  model: ModelConfig = field(ModelConfig(), 'the classifier')
+  attack: AttackConfig = field(AttackConfig(), 'the training attack')
+  optimizer: OptimizerConfig = field(OptimizerConfig(), 'the optimiser')
+  eval: EvalConfig = field(EvalConfig(), 'the evaluation')
+  epochs: int = field(10, 'training epochs')
+  batch_size: int = field(128, 'global batch size (all devices)')
+  seed: int = field(0, 'seed of init, data order and attacks')
+  checkpoint_every: int = field(100, 'steps between checkpoints')
+  eval_every: int = field(0, 'epochs between evaluations (0: at the end)')
+  eval_every_steps: int = field(0, 'steps between evaluations (0: off)')
+  log_every: int = field(20, 'steps between progress lines')
+
+
+SECTIONS = ('model', 'attack', 'optimizer', 'eval')
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One leaf of the schema: ``path`` ('attack.eps_train'), its value type
+  ('str', 'int', 'float', 'floats', 'ints'), whether None is allowed,
+  default, help and choices."""
+  path: str
+  kind: str
+  optional: bool
+  default: Any
+  help: str
+  choices: Tuple[str, ...]
+
+
+_KINDS = {str: 'str', int: 'int', float: 'float', bool: 'bool'}
+
+
+def _kind(annotation) -> Tuple[str, bool]:
+  """('float', True) for Optional[float], ('floats', False) for
+  Tuple[float, ...]."""
+  args = typing.get_args(annotation)
+  if typing.get_origin(annotation) is typing.Union:
+    inner = [a for a in args if a is not type(None)]
+    return _kind(inner[0])[0], True
+  if typing.get_origin(annotation) is tuple:
+    return _KINDS[args[0]] + 's', False
+  return _KINDS[annotation], False
+
+
+def settings(cls=Config, prefix: str = '') -> Iterator[Setting]:
+  """Every leaf of the schema, depth first, in definition order."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(f.default):
+      yield from settings(type(f.default), f'{prefix}{f.name}.')
+      continue
+    kind, optional = _kind(hints[f.name])
+    yield Setting(f'{prefix}{f.name}', kind, optional, f.default,
+                  f.metadata['help'], f.metadata['choices'])
+
+
+def get(config: Config, path: str) -> Any:
+  """The value at ``path`` ('attack.eps_train')."""
+  value = config
+  for name in path.split('.'):
+    value = getattr(value, name)
+  return value
+
+
+def replace(config: Config, overrides: Mapping[str, Any]) -> Config:
+  """``config`` with ``{path: value}`` set (lists become tuples); unknown
+  paths raise ``ConfigError``."""
+  known = {s.path for s in settings()}
+  unknown = sorted(set(overrides) - known)
+  if unknown:
+    raise ConfigError(f'unknown settings {unknown}; known: {sorted(known)}')
+  top, sections = {}, {}
+  for path, value in overrides.items():
+    value = tuple(value) if isinstance(value, list) else value
+    section, _, name = path.rpartition('.')
+    if section:
+      sections.setdefault(section, {})[name] = value
+    else:
+      top[name] = value
+  for section, values in sections.items():
+    top[section] = dataclasses.replace(getattr(config, section), **values)
+  return dataclasses.replace(config, **top)
 
 
 MNIST_EVAL_EPS = (0.05, 0.1, 0.2, 0.3)
@@ -108,178 +228,151 @@ def preset(dataset: str, eps_train: Optional[float] = None) -> Config:
   """The paper's setting for ``dataset`` at ``eps_train`` (its default if None)."""
   if dataset in ('mnist_embedded', 'mnist', 'fashion_mnist'):
     eps = 0.2 if eps_train is None else eps_train
-    attack = AttackConfig(name='uta', eps=eps, num_steps=_paper_steps(eps),
-                          step_size=0.01)
+    attack = AttackConfig(name='uta', eps_train=eps,
+                          num_steps=_paper_steps(eps), step_size=0.01)
     model = 'lenet' if dataset == 'fashion_mnist' else 'mlp'
     epochs = {'mnist_embedded': 30, 'mnist': 20, 'fashion_mnist': 100}[dataset]
-    return Config(dataset=dataset, model=model, attack=attack, epochs=epochs,
+    return Config(dataset=dataset, model=ModelConfig(name=model),
+                  attack=attack, epochs=epochs,
                   eval=EvalConfig(eps=MNIST_EVAL_EPS))
   if dataset == 'svhn':
     eps = 0.04 if eps_train is None else eps_train
-    attack = AttackConfig(name='uta', eps=eps, num_steps=10,
+    attack = AttackConfig(name='uta', eps_train=eps, num_steps=10,
                           step_size=0.005, step_schedule='triangular')
-    return Config(dataset=dataset, model='svhn_lenet', attack=attack,
-                  epochs=50, eval=EvalConfig(eps=SVHN_EVAL_EPS,
-                                             pgd_step_size=None))
+    return Config(dataset=dataset, model=ModelConfig(name='svhn_lenet'),
+                  attack=attack, epochs=50,
+                  eval=EvalConfig(eps=SVHN_EVAL_EPS, pgd_step_size=None))
   if dataset == 'cifar10':
     eps = 8 / 255 if eps_train is None else eps_train
-    attack = AttackConfig(name='uta', eps=eps, num_steps=1, step_size=eps,
-                          uncertainty='mc_dropout', num_samples=5)
+    attack = AttackConfig(name='uta', eps_train=eps, num_steps=1,
+                          step_size=eps, uncertainty='mc_dropout',
+                          num_samples=5)
     optimizer = OptimizerConfig(
         name='sgd_nesterov', learning_rate=0.1, momentum=0.9,
         weight_decay=5e-4, lr_schedule='piecewise',
         lr_boundaries_epochs=(60, 120, 160), lr_decay_factor=1 / 15)
-    return Config(dataset=dataset, model='resnet18', dropout_rate=0.2,
+    return Config(dataset=dataset,
+                  model=ModelConfig(name='resnet18', dropout_rate=0.2),
                   attack=attack, optimizer=optimizer, epochs=200,
                   eval=EvalConfig(eps=(8 / 255,), pgd_step_size=None,
                                   batch_size=256))
   if dataset == 'toy2d':
     eps = 0.5 if eps_train is None else eps_train
-    attack = AttackConfig(name='uta', eps=eps, num_steps=15, step_size=0.05)
-    return Config(dataset=dataset, model='mlp', attack=attack, epochs=100,
-                  batch_size=64, log_every=100,
+    attack = AttackConfig(name='uta', eps_train=eps, num_steps=15,
+                          step_size=0.05)
+    return Config(dataset=dataset, model=ModelConfig(name='mlp'),
+                  attack=attack, epochs=100, batch_size=64, log_every=100,
                   optimizer=OptimizerConfig(learning_rate=1e-2),
                   eval=EvalConfig(eps=(0.1, 0.5), pgd_step_size=None))
   raise ConfigError(f'unknown dataset {dataset!r}; choose one of '
-                    f'{data.DATASETS}')
+                    f'{data.DATASETS}', 'dataset')
 
 
-# flag name -> (section or None, field)
-FLAG_FIELDS = {
-    'data_dir': (None, 'data_dir'),
-    'max_train_examples': (None, 'max_train_examples'),
-    'max_eval_examples': (None, 'max_eval_examples'),
-    'model': (None, 'model'),
-    'dropout_rate': (None, 'dropout_rate'),
-    'epochs': (None, 'epochs'),
-    'batch_size': (None, 'batch_size'),
-    'seed': (None, 'seed'),
-    'checkpoint_every': (None, 'checkpoint_every'),
-    'eval_every': (None, 'eval_every'),
-    'eval_every_steps': (None, 'eval_every_steps'),
-    'log_every': (None, 'log_every'),
-    'attack': ('attack', 'name'),
-    'eps_train': ('attack', 'eps'),
-    'num_steps': ('attack', 'num_steps'),
-    'step_size': ('attack', 'step_size'),
-    'step_schedule': ('attack', 'step_schedule'),
-    'uncertainty': ('attack', 'uncertainty'),
-    'num_samples': ('attack', 'num_samples'),
-    'measure': ('attack', 'measure'),
-    'space': ('attack', 'space'),
-    'optimizer': ('optimizer', 'name'),
-    'learning_rate': ('optimizer', 'learning_rate'),
-    'eval_eps': ('eval', 'eps'),
-    'eval_pgd_steps': ('eval', 'pgd_steps'),
-    'eval_pgd_restarts': ('eval', 'pgd_restarts'),
-    'eval_batch_size': ('eval', 'batch_size'),
-}
+def get_config(dataset: str = 'mnist_embedded',
+               overrides: Optional[Mapping[str, Any]] = None) -> Config:
+  """The preset for ``dataset`` with ``{path: value}`` overrides (a None
+  value keeps the preset's), validated.
 
-
-def get_config(dataset: str = 'mnist_embedded', **overrides: Any) -> Config:
-  """The preset for ``dataset`` with flag-named ``overrides`` (None = keep)."""
-  overrides = {k: v for k, v in overrides.items() if v is not None}
-  unknown = set(overrides) - set(FLAG_FIELDS)
-  if unknown:
-    raise ConfigError(f'unknown settings {sorted(unknown)}; known: '
-                      f'{sorted(FLAG_FIELDS)}')
-  if 'eps_train' in overrides:
-    _check_eps('eps_train', overrides['eps_train'])
-  config = preset(dataset, overrides.get('eps_train'))
-  sections = {}
-  for flag, value in overrides.items():
-    section, field = FLAG_FIELDS[flag]
-    if isinstance(value, list):
-      value = tuple(value)
-    if section is None:
-      config = dataclasses.replace(config, **{field: value})
-    else:
-      sections.setdefault(section, {})[field] = value
-  for section, fields in sections.items():
-    config = dataclasses.replace(
-        config, **{section: dataclasses.replace(getattr(config, section),
-                                                **fields)})
-  # The uncertainty samplers need dropout in the model.
-  if (config.attack.uncertainty == 'mc_dropout' and config.dropout_rate == 0
-      and 'dropout_rate' not in overrides):
-    config = dataclasses.replace(config, dropout_rate=0.2)
+  The preset's K follows an overridden ``attack.eps_train`` unless
+  ``attack.num_steps`` is set too. MC-dropout turns dropout on (0.2) and an
+  ensemble attack makes the model the paper's 5 members, unless those are
+  set; ``model.ensemble_size > 1`` alone means ``uncertainty='ensemble'``.
+  """
+  overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+  if 'dataset' in overrides:
+    raise ConfigError('dataset picks the preset: pass it as get_config\'s '
+                      'first argument', 'dataset')
+  eps = overrides.get('attack.eps_train')
+  if eps is not None:
+    _check_eps('attack.eps_train', eps)
+  config = replace(preset(dataset, eps), overrides)
+  implied = {}
+  if (config.attack.uncertainty == 'mc_dropout' and
+      config.model.dropout_rate == 0 and 'model.dropout_rate' not in overrides):
+    implied['model.dropout_rate'] = 0.2
+  if (config.attack.uncertainty == 'ensemble' and
+      'model.ensemble_size' not in overrides):
+    implied['model.ensemble_size'] = PAPER_ENSEMBLE_SIZE
+  if (config.model.ensemble_size > 1 and
+      'attack.uncertainty' not in overrides):
+    implied['attack.uncertainty'] = 'ensemble'
+    if 'attack.num_samples' not in overrides:  # a preset's MC-dropout count
+      implied['attack.num_samples'] = 1
+  config = replace(config, implied)
   validate(config)
   return config
 
 
-def _check_eps(name: str, eps: float) -> None:
+def _check_eps(path: str, eps: float) -> None:
   if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-    raise ConfigError(f'{name} must be a positive number, got {eps!r}')
+    raise ConfigError(f'{path} must be a positive number, got {eps!r}', path)
 
 
-def _choose(name: str, value: Any, choices: Tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ConfigError(f'unknown {name} {value!r}; choose one of {choices}')
-
-
-def _at_least(name: str, value: Any, low: int) -> None:
+def _at_least(path: str, value: Any, low: int) -> None:
   if not isinstance(value, int) or value < low:
-    raise ConfigError(f'{name} must be an integer >= {low}, got {value!r}')
+    raise ConfigError(f'{path} must be an integer >= {low}, got {value!r}',
+                      path)
 
 
 def validate(config: Config) -> None:
   """Raises ``ConfigError`` naming the first invalid setting and its fix."""
-  _choose('dataset', config.dataset, data.DATASETS)
-  _choose('model', config.model, tuple(models.MODELS))
-  if config.dataset == 'toy2d' and config.model != 'mlp':
+  for s in settings():
+    value = get(config, s.path)
+    if s.choices and value not in s.choices:
+      raise ConfigError(f'unknown {s.path} {value!r}; choose one of '
+                        f'{s.choices}', s.path)
+    if s.kind == 'int' and not (s.optional and value is None):
+      _at_least(s.path, value, 1 if s.optional else 0)
+  if config.dataset == 'toy2d' and config.model.name != 'mlp':
     raise ConfigError(f'the toy2d points are 2-D vectors, not images: use '
-                      f'--model=mlp, not {config.model}')
-  _at_least('seed', config.seed, 0)
-  a = config.attack
-  _choose('attack', a.name, ATTACKS)
-  _choose('step_schedule', a.step_schedule, SCHEDULES)
-  _choose('uncertainty', a.uncertainty, UNCERTAINTIES)
-  _choose('measure', a.measure, MEASURES)
-  _choose('space', a.space, SPACES)
+                      f'model.name=mlp, not {config.model.name}',
+                      'model.name')
+  a, m = config.attack, config.model
   if a.name != 'none':
-    _check_eps('eps_train', a.eps)
-    if config.dataset != 'toy2d' and a.space == 'input' and a.eps > 1:
-      raise ConfigError(f'eps_train {a.eps} is above 1: images are in [0, 1],'
-                        ' so the ball would cover every image')
-    _at_least('num_steps', a.num_steps, 1)
-    _check_eps('step_size', a.step_size)
-  _at_least('num_samples', a.num_samples, 1)
+    _check_eps('attack.eps_train', a.eps_train)
+    if (config.dataset != 'toy2d' and a.space == 'input' and
+        a.eps_train > 1):
+      raise ConfigError(f'attack.eps_train {a.eps_train} is above 1: images '
+                        'are in [0, 1], so the ball would cover every image',
+                        'attack.eps_train')
+    _at_least('attack.num_steps', a.num_steps, 1)
+    _check_eps('attack.step_size', a.step_size)
+  _at_least('attack.num_samples', a.num_samples, 1)
   if a.uncertainty == 'mc_dropout':
     if a.name != 'uta':
-      raise ConfigError('--uncertainty=mc_dropout needs --attack=uta')
-    if config.dropout_rate <= 0:
-      raise ConfigError('--uncertainty=mc_dropout needs --dropout_rate > 0')
-  if a.uncertainty == 'single' and a.num_samples != 1:
-    raise ConfigError('--num_samples > 1 needs --uncertainty=mc_dropout or '
-                      'ensemble')
-  if not 0 <= config.dropout_rate < 1:
-    raise ConfigError(f'dropout_rate must be in [0, 1), got '
-                      f'{config.dropout_rate}')
-  o = config.optimizer
-  _choose('optimizer', o.name, OPTIMIZERS)
-  _choose('lr_schedule', o.lr_schedule, LR_SCHEDULES)
-  _check_eps('learning_rate', o.learning_rate)
+      raise ConfigError('attack.uncertainty=mc_dropout needs attack.name=uta',
+                        'attack.uncertainty', 'attack.name')
+    if m.dropout_rate <= 0:
+      raise ConfigError('attack.uncertainty=mc_dropout needs '
+                        'model.dropout_rate > 0', 'attack.uncertainty',
+                        'model.dropout_rate')
+  elif a.num_samples != 1:
+    raise ConfigError('attack.num_samples > 1 needs '
+                      'attack.uncertainty=mc_dropout (an ensemble\'s members '
+                      'are model.ensemble_size)', 'attack.num_samples',
+                      'attack.uncertainty', 'model.ensemble_size')
+  _at_least('model.ensemble_size', m.ensemble_size, 1)
+  if (a.uncertainty == 'ensemble') != (m.ensemble_size > 1):
+    raise ConfigError('attack.uncertainty=ensemble goes with '
+                      'model.ensemble_size >= 2, and only with it (got '
+                      f'{a.uncertainty} and {m.ensemble_size})',
+                      'attack.uncertainty', 'model.ensemble_size')
+  if not 0 <= m.dropout_rate < 1:
+    raise ConfigError(f'model.dropout_rate must be in [0, 1), got '
+                      f'{m.dropout_rate}', 'model.dropout_rate')
+  _check_eps('optimizer.learning_rate', config.optimizer.learning_rate)
   e = config.eval
   if not e.eps:
-    raise ConfigError('eval_eps needs at least one value')
+    raise ConfigError('eval.eps needs at least one value', 'eval.eps')
   for eps in e.eps:
-    _check_eps('eval_eps', eps)
+    _check_eps('eval.eps', eps)
     if config.dataset != 'toy2d' and eps > 1:
-      raise ConfigError(f'eval_eps {eps} is outside (0, 1]: images are in '
-                        '[0, 1], write 8/255 as 0.0314')
-  _at_least('eval_pgd_steps', e.pgd_steps, 1)
-  _at_least('eval_pgd_restarts', e.pgd_restarts, 1)
-  _at_least('uta_steps', e.uta_steps, 1)
-  _at_least('eval_batch_size', e.batch_size, 1)
-  _at_least('epochs', config.epochs, 1)
-  _at_least('batch_size', config.batch_size, 1)
-  _at_least('checkpoint_every', config.checkpoint_every, 1)
-  _at_least('eval_every', config.eval_every, 0)
-  _at_least('eval_every_steps', config.eval_every_steps, 0)
-  _at_least('log_every', config.log_every, 1)
-  for name in ('max_train_examples', 'max_eval_examples'):
-    if getattr(config, name) is not None:
-      _at_least(name, getattr(config, name), 1)
+      raise ConfigError(f'eval.eps {eps} is outside (0, 1]: images are in '
+                        '[0, 1], write 8/255 as 0.0314', 'eval.eps')
+  for path in ('eval.pgd_steps', 'eval.pgd_restarts', 'eval.uta_steps',
+               'eval.batch_size', 'epochs', 'batch_size', 'checkpoint_every',
+               'log_every'):
+    _at_least(path, get(config, path), 1)
 
 
 # Settings that may change between a run and its resumption.
@@ -289,9 +382,16 @@ RESUMABLE_CHANGES = ('data_dir', 'epochs', 'checkpoint_every', 'eval_every',
 
 
 def incompatibilities(saved: Config, current: Config) -> list:
-  """Names of settings that differ and would make resuming ``saved`` wrong."""
-  a, b = dataclasses.asdict(saved), dataclasses.asdict(current)
-  return sorted(k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k])
+  """Paths of the settings that differ and would make resuming ``saved``
+  wrong."""
+  return [s.path for s in settings()
+          if s.path.split('.')[0] not in RESUMABLE_CHANGES and
+          get(saved, s.path) != get(current, s.path)]
+
+
+def to_dict(config: Config) -> Dict[str, Any]:
+  """The config as JSON-ready nested dicts (tuples as lists)."""
+  return json.loads(to_json(config))
 
 
 def to_json(config: Config) -> str:
@@ -300,21 +400,53 @@ def to_json(config: Config) -> str:
 
 def _build(cls, values: dict):
   kwargs = {}
-  for field in dataclasses.fields(cls):
-    if field.name not in values:
+  for f in dataclasses.fields(cls):
+    if f.name not in values:
       continue
-    value = values[field.name]
-    if dataclasses.is_dataclass(field.default):
-      value = _build(type(field.default), value)
+    value = values[f.name]
+    if dataclasses.is_dataclass(f.default):
+      value = _build(type(f.default), value)
     elif isinstance(value, list):
       value = tuple(value)
-    kwargs[field.name] = value
+    kwargs[f.name] = value
   return cls(**kwargs)
+
+
+def _upgrade(values: dict) -> dict:
+  """A config.json written before the model section (model, dropout_rate at
+  the top, attack.eps, an ensemble's members in attack.num_samples), in the
+  current schema; newer ones unchanged."""
+  if not isinstance(values.get('model'), str):
+    return values
+  values = dict(values)
+  attack = dict(values.get('attack', {}))
+  if 'eps' in attack:
+    attack['eps_train'] = attack.pop('eps')
+  members = 1
+  if attack.get('uncertainty') == 'ensemble':
+    members, attack['num_samples'] = attack.get('num_samples', 1), 1
+  values['attack'] = attack
+  values['model'] = {'name': values['model'],
+                     'dropout_rate': values.pop('dropout_rate', 0.0),
+                     'ensemble_size': members}
+  return values
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+  """Inverse of ``to_dict`` (older layouts upgraded); raises
+  ``ConfigError`` on malformed input."""
+  try:
+    return _build(Config, _upgrade(dict(values)))
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ConfigError(f'malformed config: {e}') from e
 
 
 def from_json(text: str) -> Config:
   """Inverse of ``to_json``; raises ``ConfigError`` on malformed input."""
   try:
-    return _build(Config, json.loads(text))
-  except (ValueError, TypeError, AttributeError) as e:
+    values = json.loads(text)
+  except ValueError as e:
     raise ConfigError(f'malformed config JSON: {e}') from e
+  if not isinstance(values, dict):
+    raise ConfigError('malformed config JSON: not an object')
+  return from_dict(values)

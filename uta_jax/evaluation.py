@@ -35,10 +35,10 @@ import numpy as np
 
 from uta_jax import apgd
 from uta_jax import attacks
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import parallel
-from uta_jax import steps
 from uta_jax import uncertainty
 
 
@@ -60,9 +60,9 @@ def example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def _logits_fns(model, variables, ensemble):
-  logits_fn = functools.partial(steps.predict_logits, model, variables,
+  logits_fn = functools.partial(classifier.predict_logits, model, variables,
                                 ensemble=ensemble)
-  sample_fn = functools.partial(steps.member_logits, model, variables,
+  sample_fn = functools.partial(classifier.member_logits, model, variables,
                                 ensemble=ensemble)
   return logits_fn, sample_fn
 
@@ -154,8 +154,9 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   """
   ec = config.eval
   devices = tuple(devices or jax.local_devices())
-  fixed, pgd = _eval_programs(devices, model, steps.is_ensemble(config), ec,
-                              steps.input_bounds(config))
+  fixed, pgd = _eval_programs(devices, model,
+                              classifier.is_ensemble(config), ec,
+                              classifier.input_bounds(config))
   replicated = parallel.replicate(variables, devices)
   n = len(split)
   ids = parallel.host_indices(n)
@@ -380,11 +381,11 @@ def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
   stochastic = version == 'rand'
   if stochastic:
     def apply(v, x, key):
-      return steps.predict_logits(model, v, x, ensemble=ensemble,
+      return classifier.predict_logits(model, v, x, ensemble=ensemble,
                                   mc_dropout=True, rngs={'dropout': key})
   else:
     def apply(v, x):
-      return steps.predict_logits(model, v, x, ensemble=ensemble)
+      return classifier.predict_logits(model, v, x, ensemble=ensemble)
   module = torch_bridge.bridge_module(apply, variables, stochastic=stochastic,
                                       seed=seed)
   if stop_requested is not None:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from uta_jax import checkpointing
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -99,7 +100,7 @@ def _train(config: configs.Config, workdir: str,
            len(dataset.test), dataset.input_shape, jax.device_count(),
            total_steps)
 
-  model = steps.create_model(config)
+  model = classifier.create_model(config)
   tx = steps.make_optimizer(config.optimizer, steps_per_epoch)
   state = jax.device_get(steps.create_train_state(config, model, tx,
                                                   dataset.input_shape))
@@ -218,7 +219,7 @@ def _report(config: configs.Config, workdir: str,
   return runs.update_results(
       workdir, replace=True,
       status='finished',
-      config=runs.json_config(config),
+      config=configs.to_dict(config),
       dataset_source=dataset.source,
       steps=step,
       evaluation=results_eval,

@@ -10,7 +10,6 @@ back; ``evaluate_workdir`` AutoAttacks it. Training itself is ``loop``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import jax
 
 from uta_jax import checkpointing
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -61,12 +61,16 @@ def prepare_workdir(config: configs.Config, workdir: str) -> None:
           f'workdir {workdir!r} holds a run with other settings ({", ".join(diff)}'
           '): rerun with the same flags to resume, or use a new --workdir')
   if jax.process_index() == 0:
-    reporting.write_json(path, json_config(config))
+    reporting.write_json(path, configs.to_dict(config))
 
 
-def json_config(config: configs.Config) -> Any:
-  """The config as ``config.json`` and ``results.json`` store it."""
-  return json.loads(configs.to_json(config))
+def stored_config(results: Dict[str, Any]) -> Optional[configs.Config]:
+  """The config a ``results.json`` was written for (older layouts
+  upgraded), or None when it holds none or an unreadable one."""
+  try:
+    return configs.from_dict(results['config'])
+  except (KeyError, configs.ConfigError):
+    return None
 
 
 def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
@@ -83,7 +87,7 @@ def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
       config = configs.from_json(f.read())
   except (OSError, configs.ConfigError) as e:
     raise RunError(f'{path} is unreadable ({e})') from e
-  model = steps.create_model(config)
+  model = classifier.create_model(config)
   tx = steps.make_optimizer(config.optimizer, 1)
   target = jax.device_get(steps.create_train_state(
       config, model, tx, data.INPUT_SHAPES[config.dataset]))
@@ -153,7 +157,7 @@ def _evaluate_workdir(workdir, config, model, variables, step, *, version,
     log.info('AutoAttack (%s, %s backend) at eps=%s on %d test points',
              version, backend, reporting.format_eps(e), len(dataset.test))
     result = evaluation.autoattack(
-        model, variables, dataset.test, eps=e, ensemble=steps.is_ensemble(
+        model, variables, dataset.test, eps=e, ensemble=classifier.is_ensemble(
             config), version=version, backend=backend, batch_size=batch_size,
         seed=seed, stop_requested=stop_requested)
     result.pop('robust_points')

@@ -12,7 +12,7 @@ Randomness: the key of step s on device d is
 ``fold_in(fold_in(state.key, s), d)``, split for the attack, the MC-dropout
 samples and training dropout, so a resumed run repeats the same draws.
 
-An ensemble (``uncertainty='ensemble'``) keeps M members' variables stacked
+An ensemble (``model.ensemble_size`` M > 1) keeps the members' variables stacked
 on a leading axis; its logits are the log of the mean softmax and its
 training loss the mean of the members' losses. In latent space every member
 has its own encoder, so the attacked point is the stack of the members'
@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import optax
 
 from uta_jax import attacks
+from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import models
 from uta_jax import uncertainty
 
 
@@ -45,18 +45,6 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any  # {} for models without BatchNorm
   opt_state: Any
   key: jax.Array  # the run's base PRNG key
-
-
-def create_model(config: configs.Config) -> nn.Module:
-  """The configured model with one output per class of its dataset."""
-  kwargs = {'num_classes': data.NUM_CLASSES[config.dataset]}
-  if config.model != 'resnet18' or config.dropout_rate:
-    kwargs['dropout_rate'] = config.dropout_rate
-  return models.create_model(config.model, **kwargs)
-
-
-def is_ensemble(config: configs.Config) -> bool:
-  return config.attack.uncertainty == 'ensemble'
 
 
 def make_optimizer(config: configs.OptimizerConfig,
@@ -83,13 +71,7 @@ def create_train_state(config: configs.Config, model: nn.Module,
   """Fresh state from ``config.seed`` (M stacked members for an ensemble)."""
   key = jax.random.PRNGKey(config.seed)
   init_key, run_key = jax.random.split(key)
-  init = functools.partial(models.init_variables, model,
-                           input_shape=input_shape)
-  if is_ensemble(config):
-    keys = jax.random.split(init_key, config.attack.num_samples)
-    variables = jax.vmap(init)(keys)
-  else:
-    variables = init(init_key)
+  variables = classifier.init_variables(config, model, init_key, input_shape)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}),
@@ -100,33 +82,6 @@ def variables_of(state: TrainState) -> dict:
   if state.batch_stats:
     return {'params': state.params, 'batch_stats': state.batch_stats}
   return {'params': state.params}
-
-
-def member_logits(model: nn.Module, variables: dict, x: jax.Array, *,
-                  ensemble: bool, per_member_inputs: bool = False,
-                  **kwargs) -> jax.Array:
-  """Eval-mode logits per member: [M, B, C] (M = 1 for a single model).
-
-  With ``per_member_inputs`` member m sees ``x[m]`` (x: [M, B, ...], e.g.
-  the members' own latent codes); otherwise every member sees ``x``.
-  """
-  apply = functools.partial(model.apply, **kwargs)
-  if ensemble and per_member_inputs:  # lax.map: see ensemble_sampler
-    return jax.lax.map(lambda vx: apply(*vx), (variables, x))
-  if ensemble:
-    return uncertainty.ensemble_sampler(apply, variables)(x)
-  return apply(variables, x)[None]
-
-
-def predict_logits(model: nn.Module, variables: dict, x: jax.Array, *,
-                   ensemble: bool, per_member_inputs: bool = False,
-                   **kwargs) -> jax.Array:
-  """Eval-mode logits [B, C]; for an ensemble, log of the mean softmax."""
-  if ensemble:
-    return uncertainty.predictive_log_probs(member_logits(
-        model, variables, x, ensemble=True,
-        per_member_inputs=per_member_inputs, **kwargs))
-  return model.apply(variables, x, **kwargs)
 
 
 def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
@@ -141,7 +96,7 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   method = {}
   start = x
   if attack.space == 'latent':
-    start = latent_codes(model, variables, x, ensemble=ensemble)
+    start = classifier.latent_codes(model, variables, x, ensemble=ensemble)
     method = {'method': model.classify}
     if ensemble:  # each member moves its own code: [M, B, l]
       method['per_member_inputs'] = True
@@ -149,14 +104,14 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   if attack.name == 'none':
     return start
   attack_key, sample_key = jax.random.split(key)
-  logits_fn = functools.partial(predict_logits, model, variables,
+  logits_fn = functools.partial(classifier.predict_logits, model, variables,
                                 ensemble=ensemble, **method)
   if attack.step_schedule == 'triangular':
     step_size = attacks.triangular_schedule(num_steps=attack.num_steps,
-                                            eps=attack.eps)
+                                            eps=attack.eps_train)
   else:
     step_size = attack.step_size
-  common = dict(eps=attack.eps, bounds=bounds)
+  common = dict(eps=attack.eps_train, bounds=bounds)
   if attack.name == 'fgsm':
     return attacks.fgsm(logits_fn, start, labels, **common)
   if attack.name == 'rfgsm':
@@ -170,19 +125,10 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
     sample_fn = uncertainty.mc_dropout_sampler(
         functools.partial(model.apply, **method), variables, keys)
   else:
-    sample_fn = functools.partial(member_logits, model, variables,
+    sample_fn = functools.partial(classifier.member_logits, model, variables,
                                   ensemble=ensemble, **method)
   return attacks.uta(sample_fn, start, num_steps=attack.num_steps,
                      step_size=step_size, measure=attack.measure, **common)
-
-
-def latent_codes(model: nn.Module, variables: dict, x: jax.Array, *,
-                 ensemble: bool) -> jax.Array:
-  """Eval-mode codes: [B, l], or [M, B, l] for an ensemble (one per member)."""
-  encode = functools.partial(model.apply, method=model.encode)
-  if ensemble:  # lax.map, not vmap: see uncertainty.ensemble_sampler
-    return jax.lax.map(lambda v: encode(v, x), variables)
-  return encode(variables, x)
 
 
 def _train_forward(model, variables, x, key, delta=None):
@@ -223,7 +169,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                                         attack_key, ensemble=ensemble,
                                         bounds=bounds))
   if attack.space == 'latent':
-    z = latent_codes(model, variables, x, ensemble=ensemble)
+    z = classifier.latent_codes(model, variables, x, ensemble=ensemble)
     inputs, delta = x, point - z  # delta: [B, l] or [M, B, l]
   else:
     inputs, delta = point, None
@@ -237,10 +183,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     v = dict(variables, params=params)
     if ensemble:
       num = jax.tree_util.tree_leaves(params)[0].shape[0]
-      # lax.map, not vmap: see uncertainty.ensemble_sampler.
-      losses, (logits, stats) = jax.lax.map(
-          lambda args: one(*args),
-          (v, jax.random.split(dropout_key, num), delta))
+      losses, (logits, stats) = uncertainty.map_members(
+          one, v, jax.random.split(dropout_key, num), delta)
       return losses.mean(), (uncertainty.predictive_log_probs(logits), stats)
     return one(v, dropout_key, delta)
 
@@ -266,13 +210,9 @@ def make_train_step(config: configs.Config, model: nn.Module,
   """``train_step`` with the run's static settings bound."""
   return functools.partial(
       train_step, model=model, tx=tx, attack=config.attack,
-      ensemble=is_ensemble(config), bounds=input_bounds(config),
+      ensemble=classifier.is_ensemble(config),
+      bounds=classifier.input_bounds(config),
       axis_name=axis_name)
-
-
-def input_bounds(config: configs.Config) -> Optional[Tuple[float, float]]:
-  """Pixel box for images; none for the toy 2D points."""
-  return None if config.dataset == 'toy2d' else attacks.PIXEL_BOUNDS
 
 
 def fit(config: configs.Config, split: data.Split, *, num_steps: int,
@@ -285,7 +225,7 @@ def fit(config: configs.Config, split: data.Split, *, num_steps: int,
   ``callback(step, model, variables)`` sees the model after every update
   (the toy's boundary-oscillation map). Returns the model and its variables.
   """
-  model = create_model(config)
+  model = classifier.create_model(config)
   steps_per_epoch = data.steps_per_epoch(len(split), config.batch_size)
   tx = make_optimizer(config.optimizer, steps_per_epoch)
   state = create_train_state(config, model, tx, tuple(split.images.shape[1:]))

@@ -1,0 +1,81 @@
+"""Tests of experiments/config_flags.py: flags generated from the schema."""
+
+import os
+import sys
+
+from absl import flags
+from absl.testing import absltest
+
+from testutil import ROOT  # pylint: disable=g-bad-import-order
+
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import config_flags  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from uta_jax import configs  # pylint: disable=g-bad-import-order
+
+
+def parsed(*args):
+  values = flags.FlagValues()
+  config_flags.define(flag_values=values)
+  values(['prog', *args])
+  return values
+
+
+class ConfigFlagsTest(absltest.TestCase):
+
+  def test_every_setting_has_one_flag_with_the_names_users_type(self):
+    values = parsed()
+    paths = [s.path for s in configs.settings()]
+    names = [config_flags.flag_name(p) for p in paths]
+    self.assertLen(set(names), len(paths))
+    for name in names:
+      self.assertIn(name, values)
+    self.assertEqual(
+        [config_flags.flag_name(p) for p in (
+            'seed', 'attack.name', 'attack.eps_train', 'eval.pgd_steps',
+            'model.ensemble_size', 'optimizer.name')],
+        ['seed', 'attack', 'eps_train', 'eval_pgd_steps', 'ensemble_size',
+         'optimizer'])
+    self.assertIn('one of none, fgsm', values['attack'].help)
+
+  def test_given_flags_become_overrides_and_fractions_are_exact(self):
+    values = parsed('--attack=pgd', '--eps_train=8/255', '--num_steps=3',
+                    '--eval_eps=0.1,16/255', '--ensemble_size=3',
+                    '--max_train_examples=100')
+    got = config_flags.overrides(flag_values=values)
+    self.assertEqual(got, {
+        'attack.name': 'pgd', 'attack.eps_train': 8 / 255,
+        'attack.num_steps': 3, 'eval.eps': [0.1, 16 / 255],
+        'model.ensemble_size': 3, 'max_train_examples': 100})
+    config = configs.get_config('mnist', got)
+    self.assertEqual((config.attack.eps_train, config.eval.eps,
+                      config.model.ensemble_size),
+                     (8 / 255, (0.1, 16 / 255), 3))
+    self.assertEqual(config_flags.overrides(flag_values=parsed()), {})
+
+  def test_bad_numbers_are_refused_by_the_parser(self):
+    for bad in ('--eps_train=abc', '--eps_train=1/0', '--eval_eps=0.1,x'):
+      with self.assertRaises(flags.IllegalFlagValueError):
+        parsed(bad)
+
+  def test_errors_name_the_flag_the_user_typed(self):
+    with self.assertRaises(configs.ConfigError) as e:
+      configs.get_config('mnist', {'attack.name': 'pgd',
+                                   'attack.uncertainty': 'mc_dropout',
+                                   'attack.num_samples': 5})
+    self.assertEqual(config_flags.message(e.exception),
+                     '--uncertainty=mc_dropout needs --attack=uta')
+    with self.assertRaises(configs.ConfigError) as e:
+      configs.get_config('mnist', {'eval.batch_size': 0})
+    self.assertIn('--eval_batch_size must be', config_flags.message(
+        e.exception))
+
+  def test_presets_written_as_flags_map_to_paths(self):
+    self.assertEqual(config_flags.as_paths({'attack': 'uta',
+                                            'ensemble_size': 5}),
+                     {'attack.name': 'uta', 'model.ensemble_size': 5})
+    with self.assertRaises(KeyError):
+      config_flags.as_paths({'colour': 'red'})
+
+
+if __name__ == '__main__':
+  absltest.main()
