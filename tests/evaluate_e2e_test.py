@@ -98,6 +98,17 @@ class EvaluateTest(absltest.TestCase):
     self.assertLessEqual(jax_robust, report['jax']['clean_accuracy'])
     self.assertIn('JAX PGD robust accuracy', proc.stdout)
 
+  def test_jax_pgd_of_a_stored_run_repeats_its_final_evaluation(self):
+    # Keys come from the run's key (the 'evaluation' stream at the final
+    # step), so the same points give the same PGD and UTA numbers.
+    proc = run_evaluate(f'--workdir={self.workdir}', '--eps=0.1,0.2',
+                        '--num_examples=64', '--version=apgd')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    jax_report = self.results()['autoattack']['jax']
+    for attack in ('pgd', 'uta'):
+      self.assertEqual(jax_report['robust_accuracy'][attack],
+                       self.train_results['robust_accuracy'][attack])
+
   def test_jax_apgd_stores_each_eps_and_a_rerun_skips_them(self):
     args = [f'--workdir={self.workdir}', '--version=apgd', '--eps=0.1,0.2',
             '--num_examples=32', '--nojax_pgd']

@@ -1,6 +1,7 @@
 """Tests of uta_jax.steps and uta_jax.parallel on 4 fake CPU devices."""
 
 import dataclasses
+import zlib
 
 from absl.testing import absltest
 import chex
@@ -212,6 +213,37 @@ class StepTest(chex.TestCase):
     new, metrics = jax.jit(steps.make_train_step(
         config, model, tx, axis_name=None))(state, batch)
     self.assertTrue(np.isfinite(metrics['loss']))
+
+
+class KeyTest(absltest.TestCase):
+
+  def test_the_state_keeps_key_data_and_hands_out_typed_keys(self):
+    _, _, _, state, _ = _setup({'seed': 3})
+    self.assertEqual((state.key.shape, state.key.dtype), ((2,), jnp.uint32))
+    key = steps.run_key(state)
+    self.assertTrue(jnp.issubdtype(key.dtype, jax.dtypes.prng_key))
+    _, _, _, other, _ = _setup({'seed': 4})
+    self.assertFalse(np.array_equal(state.key, other.key))
+
+  def test_streams_depend_on_their_name_the_step_and_the_seed_only(self):
+    _, _, _, state, _ = _setup({'seed': 3})
+    data_of = lambda k: np.asarray(jax.random.key_data(k))
+    a = data_of(steps.stream_key(state, 'evaluation', 10))
+    np.testing.assert_array_equal(
+        a, data_of(steps.stream_key(state, 'evaluation', 10)))
+    # Training does not move the stream: the run key is the same after it.
+    trained = state.replace(step=state.step + 5)
+    np.testing.assert_array_equal(
+        a, data_of(steps.stream_key(trained, 'evaluation', 10)))
+    _, _, _, seed4, _ = _setup({'seed': 4})
+    for other in (steps.stream_key(state, 'evaluation', 11),
+                  steps.stream_key(state, 'autoattack', 10),
+                  steps.stream_key(seed4, 'evaluation', 10)):
+      self.assertFalse(np.array_equal(a, data_of(other)))
+    # Independent computation of the rule.
+    expected = jax.random.fold_in(jax.random.fold_in(
+        jax.random.wrap_key_data(state.key), zlib.crc32(b'evaluation')), 10)
+    np.testing.assert_array_equal(a, data_of(expected))
 
 
 if __name__ == '__main__':

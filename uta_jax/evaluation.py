@@ -46,6 +46,10 @@ from uta_jax import uncertainty
 # accuracy rising above PGD's is the sign of catastrophic overfitting).
 EVAL_ATTACKS = ('pgd', 'uta', 'fgsm')
 
+# The named key stream of a run's evaluations (``steps.stream_key``): during
+# training, at its end, and of a stored run (``runs.evaluate_workdir``).
+KEY_STREAM = 'evaluation'
+
 Devices = Optional[Sequence[Any]]
 StopFn = Optional[Callable[[], bool]]
 

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-import zlib
 from typing import Any, Callable, Dict
 
 import jax
@@ -37,16 +36,6 @@ from uta_jax import steps
 from uta_jax import workdir_lock
 
 log = logging.getLogger('uta_jax')
-
-# Named stream of the evaluation's random draws (PGD random starts), folded
-# into the run's key: evaluations depend on --seed, never on training draws.
-EVAL_STREAM = zlib.crc32(b'evaluation')
-
-
-def eval_key(run_key: jax.Array, step: int) -> jax.Array:
-  """The key of the evaluation at ``step``: the run key's eval stream."""
-  return jax.random.fold_in(jax.random.fold_in(run_key, EVAL_STREAM), step)
-
 
 class TrainingError(runs.RunError):
   """Training cannot go on (a non-finite loss or parameters)."""
@@ -201,7 +190,8 @@ def _report(config: configs.Config, workdir: str,
   try:
     results_eval = evaluation.evaluate(
         model, steps.variables_of(state), dataset.test, config=config,
-        key=eval_key(state.key, step), stop_requested=stop_requested)
+        key=steps.stream_key(state, evaluation.KEY_STREAM, step),
+        stop_requested=stop_requested)
   except parallel.Stopped:
     log.info('stop requested during the final evaluation (training finished '
              'and checkpointed at step %d)', step)
@@ -236,7 +226,8 @@ def _eval_during_training(config, model, p_state, dataset, step,
                           metrics_path, stop_requested) -> None:
   state = parallel.unreplicate(p_state)
   ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
-                           config=config, key=eval_key(state.key, step),
+                           config=config,
+                           key=steps.stream_key(state, evaluation.KEY_STREAM, step),
                            stop_requested=stop_requested)
   first = _first_eps_accuracies(ev)
   log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import jax
 
@@ -73,8 +73,17 @@ def stored_config(results: Dict[str, Any]) -> Optional[configs.Config]:
     return None
 
 
-def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
-  """(config, model, variables, step) of the newest valid checkpoint.
+class Run(NamedTuple):
+  """A trained run read back from its workdir."""
+  config: configs.Config
+  model: Any  # flax module (one member of an ensemble)
+  variables: Any
+  step: int
+  state: steps.TrainState  # host copy; ``steps.stream_key`` draws from it
+
+
+def load_run(workdir: str) -> Run:
+  """The run of the newest valid checkpoint in ``workdir``.
 
   Raises ``RunError`` naming the fix when ``workdir`` holds no run.
   """
@@ -99,7 +108,7 @@ def load_run(workdir: str) -> Tuple[configs.Config, Any, Any, int]:
   if state is None:
     raise RunError(f'no valid checkpoint in {workdir!r}: train first '
                         f'with experiments/train.py --workdir={workdir}')
-  return config, model, steps.variables_of(state), step
+  return Run(config, model, steps.variables_of(state), step, state)
 
 
 def evaluate_workdir(workdir: str, *, version: str = 'standard',
@@ -109,7 +118,8 @@ def evaluate_workdir(workdir: str, *, version: str = 'standard',
                      seed: int = 0, jax_pgd: bool = True,
                      stop_requested: Optional[Callable[[], bool]] = None
                     ) -> Dict[str, Any]:
-  """AutoAttack (and JAX-native PGD / UTA) on a trained workdir.
+  """AutoAttack (and JAX-native PGD / UTA, keyed like the run's own final
+  evaluation: the same points give the same numbers) on a trained workdir.
 
   Evaluates the first ``num_examples`` test points at each ``eps`` (default:
   the run's eval eps) and stores the report as ``'autoattack'`` in the
@@ -118,15 +128,15 @@ def evaluate_workdir(workdir: str, *, version: str = 'standard',
   seed, version, backend) skips the eps already stored. Raises
   ``parallel.Stopped`` once ``stop_requested()`` is true.
   """
-  config, model, variables, step = load_run(workdir)
-  if config.dataset == 'toy2d':
+  run = load_run(workdir)
+  if run.config.dataset == 'toy2d':
     raise RunError('AutoAttack evaluates image models; toy2d points have '
                         'no pixel box')
   with workdir_lock.hold(workdir, what='AutoAttack evaluation',
                          enabled=jax.process_index() == 0):
     try:
       return _evaluate_workdir(
-          workdir, config, model, variables, step, version=version,
+          workdir, run, version=version,
           backend=backend, eps=eps, num_examples=num_examples,
           batch_size=batch_size, seed=seed, jax_pgd=jax_pgd,
           stop_requested=stop_requested)
@@ -134,9 +144,10 @@ def evaluate_workdir(workdir: str, *, version: str = 'standard',
       raise workdir_lock.write_error(e, workdir) from e
 
 
-def _evaluate_workdir(workdir, config, model, variables, step, *, version,
-                      backend, eps, num_examples, batch_size, seed, jax_pgd,
-                      stop_requested) -> Dict[str, Any]:
+def _evaluate_workdir(workdir, run, *, version, backend, eps, num_examples,
+                      batch_size, seed, jax_pgd, stop_requested
+                     ) -> Dict[str, Any]:
+  config, model, variables, step = run[:4]
   eps = tuple(config.eval.eps if eps is None else eps)
   backend = backend or evaluation.default_backend(version)
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
@@ -170,7 +181,8 @@ def _evaluate_workdir(workdir, config, model, variables, step, *, version,
         config, eval=dataclasses.replace(config.eval, eps=eps))
     report['jax'] = evaluation.evaluate(
         model, variables, dataset.test, config=eval_config,
-        key=jax.random.PRNGKey(seed), stop_requested=stop_requested)
+        key=steps.stream_key(run.state, evaluation.KEY_STREAM, step),
+        stop_requested=stop_requested)
     report['jax']['seconds'] = time.time() - start
     update_results(workdir, autoattack=report)
   return report

@@ -8,9 +8,13 @@ gradients, BatchNorm statistics and metrics over that axis with
 ``lax.pmean`` and draws a different key per device; it never calls pmap
 (``parallel`` does).
 
-Randomness: the key of step s on device d is
-``fold_in(fold_in(state.key, s), d)``, split for the attack, the MC-dropout
-samples and training dropout, so a resumed run repeats the same draws.
+Randomness: every draw of a run comes from its key, ``jax.random.key(seed)``
+split once for the initialisation and the run key (``run_key(state)``). The
+key of training step s on device d is ``fold_in(fold_in(run key, s), d)``,
+split for the attack, the MC-dropout samples and training dropout, so a
+resumed run repeats the same draws. Everything else draws from a named
+stream, ``stream_key(state, 'evaluation', step)``: evaluations depend on the
+seed and the step, never on what training drew.
 
 An ensemble (``model.ensemble_size`` M > 1) keeps the members' variables stacked
 on a leading axis; its logits are the log of the mean softmax and its
@@ -24,6 +28,7 @@ them. Each member is then trained on its own perturbed code.
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any, Callable, Optional, Tuple
 
 import flax
@@ -44,7 +49,8 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any  # {} for models without BatchNorm
   opt_state: Any
-  key: jax.Array  # the run's base PRNG key
+  key: jax.Array  # uint32[2]: key data of the run key (``run_key``), so
+  # checkpoints and pmap replication see a plain array
 
 
 def make_optimizer(config: configs.OptimizerConfig,
@@ -69,13 +75,24 @@ def create_train_state(config: configs.Config, model: nn.Module,
                        tx: optax.GradientTransformation,
                        input_shape: Tuple[int, ...]) -> TrainState:
   """Fresh state from ``config.seed`` (M stacked members for an ensemble)."""
-  key = jax.random.PRNGKey(config.seed)
-  init_key, run_key = jax.random.split(key)
+  init_key, key = jax.random.split(jax.random.key(config.seed))
   variables = classifier.init_variables(config, model, init_key, input_shape)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params), key=run_key)
+                    opt_state=tx.init(params), key=jax.random.key_data(key))
+
+
+def run_key(state: TrainState) -> jax.Array:
+  """The run's typed key, from the key data the state keeps."""
+  return jax.random.wrap_key_data(state.key)
+
+
+def stream_key(state: TrainState, stream: str, step: int) -> jax.Array:
+  """The key of ``stream`` ('evaluation', ...) at ``step``: the run key
+  folded with the stream's name (crc32) and the step."""
+  named = jax.random.fold_in(run_key(state), zlib.crc32(stream.encode()))
+  return jax.random.fold_in(named, step)
 
 
 def variables_of(state: TrainState) -> dict:
@@ -159,7 +176,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                bounds: Optional[Tuple[float, float]],
                axis_name: Optional[str] = None) -> Tuple[TrainState, dict]:
   """One step of Alg. 1 on ``batch`` = {'image': [B, ...], 'label': [B]}."""
-  key = jax.random.fold_in(state.key, state.step)
+  key = jax.random.fold_in(run_key(state), state.step)
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   attack_key, dropout_key = jax.random.split(key)

@@ -65,7 +65,7 @@ class JaxPrograms:
   def __init__(self, apply_fn: ApplyFn, *, stochastic: bool, seed: int = 0):
     if stochastic:
       def logits(variables, x_nchw, call):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), call)
+        key = jax.random.fold_in(jax.random.key(seed), call)
         return apply_fn(variables, _to_nhwc(x_nchw), key)
     else:
       def logits(variables, x_nchw):
@@ -116,7 +116,7 @@ def bridge_module(apply_fn: ApplyFn, variables: Any, *,
       ``(variables, x_nhwc, key) -> logits`` when ``stochastic``.
     variables: the model's variables (kept on the JAX side).
     stochastic: draw a new key per call (MC dropout evaluated with
-      AutoAttack's ``version='rand'``); keys are ``fold_in(PRNGKey(seed), i)``
+      AutoAttack's ``version='rand'``); keys are ``fold_in(key(seed), i)``
       for call i.
     seed: seed of the per-call keys.
   """
