@@ -50,7 +50,7 @@ MODELS = {
 
 def compare(name, workdir, eps_values):
   """Both backends on one trained model; a row per eps."""
-  config, model, variables, _ = runs.load_run(workdir)
+  config, model, variables = runs.load_run(workdir)[:3]
   ds = data.load_dataset(config.dataset, data_dir=config.data_dir,
                          max_eval_examples=FLAGS.num_examples)
   rows = []

@@ -24,6 +24,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
+import config_flags  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import evaluation
 from uta_jax import reporting
@@ -50,21 +51,24 @@ SETTINGS = {
                              uncertainty='mc_dropout', num_samples=5),
         }),
 }
-QUICK = {'fmnist_lenet': dict(epochs=15, max_eval_examples=500,
-                              eval_every_steps=100)}
-PAPER = {'fmnist_lenet': dict(epochs=30, max_eval_examples=1000,
-                              eval_every_steps=100),
-         'cifar10_resnet18': dict(epochs=30, max_eval_examples=1000,
-                                  eval_every_steps=200)}
-SEEDS = (0, 1, 2)  # both presets; the paper averages 3 runs
+# Seeds (the paper averages 3 runs) and config flags per setting.
+PRESETS = {
+    'quick': dict(seeds=(0, 1, 2), settings={
+        'fmnist_lenet': dict(epochs=15, max_eval_examples=500,
+                             eval_every_steps=100)}),
+    'paper': dict(seeds=(0, 1, 2), settings={
+        'fmnist_lenet': dict(epochs=30, max_eval_examples=1000,
+                             eval_every_steps=100),
+        'cifar10_resnet18': dict(epochs=30, max_eval_examples=1000,
+                                 eval_every_steps=200)}),
+}
 # PGD accuracy (%) under which a run counts as catastrophically overfitted
 # once it has passed its peak (the paper: "approaches 0").
 COLLAPSED_PGD = 5.0
 
 flags.DEFINE_list('settings', None, f'subset of {",".join(SETTINGS)}; '
                   'default: the preset\'s (quick has no CIFAR-10 offline)')
-flags.DEFINE_integer('eval_every_steps', None, 'override: iterations between '
-                     'evaluations')
+config_flags.define(['eval_every_steps'])
 FLAGS = flags.FLAGS
 
 
@@ -184,29 +188,30 @@ def figure(payload: dict):
   return fig
 
 
-def main(argv):
-  del argv
-  out = sweep.start('catastrophic_overfitting', unused=(
-      'eps_train', 'aa_examples', 'aa_version', 'aa_backend'))
-  preset = QUICK if FLAGS.preset == 'quick' else PAPER
-  names = FLAGS.settings or list(preset)
-  seeds = sweep.seeds(SEEDS)
+def run(out: str):
+  """Every (seed, setting, method) of the preset; the payload."""
+  preset = sweep.preset(PRESETS)
+  names = FLAGS.settings or list(preset['settings'])
+  for name in names:
+    if name not in SETTINGS:
+      cli.fail(f'unknown setting {name!r}; choose from {list(SETTINGS)}')
+  seeds = sweep.seeds(preset['seeds'])
   rows = []
-  try:
+  for seed in seeds:
     for name in names:
-      if name not in SETTINGS:
-        cli.fail(f'unknown setting {name!r}; choose from {list(SETTINGS)}')
-    for seed in seeds:
-      for name in names:
-        rows += run_setting(name, preset.get(name, PAPER[name]), out, seed)
-  except sweep.USER_ERRORS as e:
-    cli.fail(str(e))
-  payload = {'preset': FLAGS.preset, 'seeds': seeds, 'rows': rows,
+      setting = (preset['settings'].get(name) or
+                 PRESETS['paper']['settings'][name])
+      rows += run_setting(name, setting, out, seed)
+  payload = {'seeds': seeds, 'rows': rows,
              'verdicts': [v for name in names for v in verdicts(
                  [r for r in rows if r['setting'] == name])],
              'compute_seconds': sweep.compute_seconds(rows)}
-  sweep.write_outputs(out, 'catastrophic_overfitting', payload=payload,
-                      markdown=markdown, figure=figure(payload))
+  return payload, {'catastrophic_overfitting': figure(payload)}
+
+
+main = sweep.main('catastrophic_overfitting', run, markdown=markdown,
+                  unused=('eps_train', 'aa_examples', 'aa_version',
+                          'aa_backend'))
 
 
 if __name__ == '__main__':

@@ -36,11 +36,13 @@ METHODS = {
 SHARED = dict(model='lenet', space='latent', step_schedule='triangular',
               num_steps=10)
 # Quick: the 5-member ensemble makes evaluation 5x dearer, so fewer points.
-QUICK = dict(dataset='mnist_embedded', aa_examples=100,
-             config=dict(epochs=15, max_eval_examples=200,
-                         eval_pgd_restarts=1))
-PAPER = dict(dataset='mnist', aa_examples=1000, config=dict(epochs=20))
-SEEDS = (0, 1, 2)
+PRESETS = {
+    'quick': dict(seeds=(0, 1, 2), dataset='mnist_embedded', aa_examples=100,
+                  config=dict(epochs=15, max_eval_examples=200,
+                              eval_pgd_restarts=1)),
+    'paper': dict(seeds=(0, 1, 2), dataset='mnist', aa_examples=1000,
+                  config=dict(epochs=20)),
+}
 COLLAPSED_CLEAN = 20.0  # clean accuracy (%) of a collapsed run; chance 10%
 # Table 2 of the paper (MNIST): (method, eps_train) -> scores per eps_test.
 PAPER_TABLE2 = {
@@ -138,34 +140,32 @@ def figure(payload: dict):
   return fig
 
 
-def main(argv):
-  del argv
-  out = sweep.start('latent_space')
-  preset = QUICK if FLAGS.preset == 'quick' else PAPER
+def run(out: str):
+  """Every (seed, method, eps_train) of the preset; the payload."""
+  preset = sweep.preset(PRESETS)
   rows = []
-  try:
-    for seed in sweep.seeds(SEEDS):
-      for method in sweep.methods(METHODS, METHODS):
-        for eps in sweep.eps_grid(EPS_TRAIN):
-          config = sweep.config(preset['dataset'], dict(
-              preset['config'], eps_train=eps, **SHARED, **METHODS[method]),
-                                seed)
-          workdir = sweep.seed_dir(os.path.join(out, 'runs',
-                                                f'{method}_eps{eps:g}'), seed)
-          row = sweep.train_and_attack(
-              config, workdir,
-              aa_examples=sweep.aa_examples(preset['aa_examples']))
-          paper = PAPER_TABLE2.get((method, eps))
-          rows.append(dict(row, method=method,
-                           paper_score=list(paper) if paper else None))
-  except sweep.USER_ERRORS as e:
-    cli.fail(str(e))
-  payload = {'preset': FLAGS.preset, 'dataset': preset['dataset'],
+  for seed in sweep.seeds(preset['seeds']):
+    for method in sweep.methods(METHODS, METHODS):
+      for eps in sweep.eps_grid(EPS_TRAIN):
+        config = sweep.config(preset['dataset'], dict(
+            preset['config'], eps_train=eps, **SHARED, **METHODS[method]),
+                              seed)
+        workdir = sweep.seed_dir(os.path.join(out, 'runs',
+                                              f'{method}_eps{eps:g}'), seed)
+        row = sweep.train_and_attack(
+            config, workdir,
+            aa_examples=sweep.aa_examples(preset['aa_examples']))
+        paper = PAPER_TABLE2.get((method, eps))
+        rows.append(dict(row, method=method,
+                         paper_score=list(paper) if paper else None))
+  payload = {'dataset': preset['dataset'],
              'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
              'verdicts': verdicts(rows),
              'compute_seconds': sweep.compute_seconds(rows)}
-  sweep.write_outputs(out, 'latent_space', payload=payload, markdown=markdown,
-                      figure=figure(payload))
+  return payload, {'latent_space': figure(payload)}
+
+
+main = sweep.main('latent_space', run, markdown=markdown)
 
 
 if __name__ == '__main__':

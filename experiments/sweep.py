@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 
@@ -120,6 +120,38 @@ def start(script: str, *, unused: Sequence[str] = ()) -> str:
   except workdir_lock.WorkdirError as e:
     cli.fail(str(e).replace('--workdir', '--output_dir'))
   return out
+
+
+def preset(presets: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+  """The ``--preset`` entry of a script's ``PRESETS``: every script has
+  one per name in ``PRESETS`` (sweep.PRESETS), each with its ``seeds``."""
+  return presets[FLAGS.preset]
+
+
+Figures = Dict[str, Any]  # file stem -> matplotlib figure
+
+
+def main(script: str, run: Callable[[str], Tuple[Dict[str, Any], Figures]],
+         *, markdown: Callable[[Dict[str, Any]], str],
+         unused: Sequence[str] = ()) -> Callable[[List[str]], None]:
+  """The ``main`` of a paper script, for ``app.run``.
+
+  ``start``s (output folder locked, signals, ``unused`` flags refused),
+  calls ``run(out)`` for the JSON payload and the figures, turns the
+  library's errors into one line, and writes ``<script>.json`` (with the
+  preset), ``.md`` (``markdown(payload)``) and each figure as
+  ``<stem>.png``.
+  """
+  def _main(argv):
+    del argv
+    out = start(script, unused=unused)
+    try:
+      payload, figures = run(out)
+    except USER_ERRORS as e:
+      cli.fail(config_flags.message(e))
+    write_outputs(out, script, payload=dict(payload, preset=FLAGS.preset),
+                  markdown=markdown, figures=figures)
+  return _main
 
 
 def seeds(default: Sequence[int]) -> List[int]:
@@ -312,23 +344,23 @@ def render(markdown: Callable[[Dict[str, Any]], str],
 
 def write_outputs(out: str, stem: str, *, payload: Dict[str, Any],
                   markdown: Callable[[Dict[str, Any]], str],
-                  figure: Optional[Any] = None) -> None:
+                  figures: Optional[Figures] = None) -> None:
   """``<stem>.json`` (``payload`` plus the script and command), ``<stem>.md``
-  (``render``ed from it) and ``<stem>.png`` in ``out``."""
+  (``render``ed from it) and a ``<name>.png`` per figure in ``out``."""
   payload = dict(payload, script=stem, command=command())
   text = render(markdown, payload)
   try:
     reporting.write_json(os.path.join(out, f'{stem}.json'), payload)
     with open(os.path.join(out, f'{stem}.md'), 'w') as f:
       f.write(text)
-    if figure is not None:
-      figure.savefig(os.path.join(out, f'{stem}.png'), dpi=110,
+    for name, figure in (figures or {}).items():
+      figure.savefig(os.path.join(out, f'{name}.png'), dpi=110,
                      bbox_inches='tight')
   except OSError as e:
     cli.fail(str(workdir_lock.write_error(e, out)))
   print(text)
-  print(f'wrote {os.path.join(out, stem)}.md, .json' +
-        (', .png' if figure is not None else ''))
+  print(f'wrote {os.path.join(out, stem)}.md, .json' + ''.join(
+      f', {name}.png' for name in figures or {}))
 
 
 def pyplot():

@@ -36,25 +36,22 @@ EPS_TRAIN = {
     'mnist_embedded': (0.1, 0.2, 0.3, 0.4),
     'svhn': (0.01, 0.04, 0.08, 0.12, 0.16),
 }
-# Per dataset: config overrides, AutoAttack points and methods of a preset.
-QUICK = {
-    'fashion_mnist': dict(config=dict(max_train_examples=20000, epochs=2,
-                                      max_eval_examples=1000,
-                                      eval_pgd_restarts=2),
-                          aa_examples=500, methods=('pgd', 'uta'),
-                          seeds=(0, 1, 2)),
-    'mnist_embedded': dict(config=dict(max_eval_examples=500,
-                                       eval_pgd_restarts=2),
-                           aa_examples=500, methods=METHODS,
-                           seeds=(0, 1, 2)),
-}
-PAPER = {
-    'fashion_mnist': dict(config={}, aa_examples=1000, methods=METHODS,
-                          seeds=(0, 1, 2)),
-    'mnist': dict(config={}, aa_examples=1000, methods=('pgd', 'uta'),
-                  seeds=(0, 1, 2)),
-    'svhn': dict(config={}, aa_examples=1000, methods=('pgd', 'uta'),
-                 seeds=(0, 1, 2)),
+# Seeds, and per dataset: config flags, AutoAttack points and methods.
+PRESETS = {
+    'quick': dict(seeds=(0, 1, 2), datasets={
+        'fashion_mnist': dict(config=dict(max_train_examples=20000, epochs=2,
+                                          max_eval_examples=1000,
+                                          eval_pgd_restarts=2),
+                              aa_examples=500, methods=('pgd', 'uta')),
+        'mnist_embedded': dict(config=dict(max_eval_examples=500,
+                                           eval_pgd_restarts=2),
+                               aa_examples=500, methods=METHODS),
+    }),
+    'paper': dict(seeds=(0, 1, 2), datasets={
+        'fashion_mnist': dict(config={}, aa_examples=1000, methods=METHODS),
+        'mnist': dict(config={}, aa_examples=1000, methods=('pgd', 'uta')),
+        'svhn': dict(config={}, aa_examples=1000, methods=('pgd', 'uta')),
+    }),
 }
 # Clean accuracy under which a run counts as collapsed (chance is 10%).
 COLLAPSED_CLEAN = 20.0
@@ -102,12 +99,12 @@ def method_overrides(method: str) -> dict:
   return {'attack': 'uta', 'ensemble_size': 5}
 
 
-def run_dataset(dataset: str, setting: dict, out: str) -> list:
+def run_dataset(dataset: str, setting: dict, out: str, seeds) -> list:
   """Trains and AutoAttacks every (seed, method, eps_train); row dicts.
 
   Seeds are the outer loop, so a stopped sweep has whole seeds done."""
   rows = []
-  for seed in sweep.seeds(setting['seeds']):
+  for seed in seeds:
     for method in sweep.methods(setting['methods'], METHODS):
       for eps in sweep.eps_grid(EPS_TRAIN[dataset]):
         config = sweep.config(dataset, dict(setting['config'], eps_train=eps,
@@ -238,29 +235,30 @@ def figure(payload: dict):
   return fig
 
 
-def main(argv):
-  del argv
-  out = sweep.start('table1')
-  preset = QUICK if FLAGS.preset == 'quick' else PAPER
-  datasets = FLAGS.datasets or list(preset)
+def run(out: str):
+  """Every dataset of --datasets (default: the preset's); the payload."""
+  preset = sweep.preset(PRESETS)
+  datasets = FLAGS.datasets or list(preset['datasets'])
+  seeds = sweep.seeds(preset['seeds'])
   rows = []
-  try:
-    for dataset in datasets:
-      if dataset not in EPS_TRAIN:
-        cli.fail(f'unknown dataset {dataset!r} for Table 1; choose from '
-                 f'{sorted(EPS_TRAIN)}')
-      setting = preset.get(dataset, QUICK.get(dataset, PAPER.get(dataset)))
-      rows += run_dataset(dataset, setting, out)
-  except sweep.USER_ERRORS as e:
-    cli.fail(str(e))
+  for dataset in datasets:
+    if dataset not in EPS_TRAIN:
+      cli.fail(f'unknown dataset {dataset!r} for Table 1; choose from '
+               f'{sorted(EPS_TRAIN)}')
+    # A dataset of the other preset runs with that preset's setting.
+    setting = preset['datasets'].get(dataset) or next(
+        p['datasets'][dataset] for p in PRESETS.values()
+        if dataset in p['datasets'])
+    rows += run_dataset(dataset, setting, out, seeds)
   payload = {
-      'preset': FLAGS.preset, 'seeds': sorted({r['seed'] for r in rows}),
-      'rows': rows,
+      'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
       'verdicts': [v for d in datasets
                    for v in verdicts([r for r in rows if r['dataset'] == d])],
       'compute_seconds': sweep.compute_seconds(rows)}
-  sweep.write_outputs(out, 'table1', payload=payload, markdown=markdown,
-                      figure=figure(payload))
+  return payload, {'table1': figure(payload)}
+
+
+main = sweep.main('table1', run, markdown=markdown)
 
 
 if __name__ == '__main__':

@@ -51,10 +51,12 @@ from uta_jax import toy
 from uta_jax import uncertainty
 
 GRID_LO, GRID_HI = (-3.5, -2.5), (3.5, 2.5)
-QUICK = dict(resolution=100, ensemble_size=10, attack_points=256,
-             seeds=(0, 1, 2, 3, 4))
-PAPER = dict(resolution=250, ensemble_size=10, attack_points=512,
-             seeds=(0, 1, 2, 3, 4))
+PRESETS = {
+    'quick': dict(seeds=(0, 1, 2, 3, 4), resolution=100, ensemble_size=10,
+                  attack_points=256),
+    'paper': dict(seeds=(0, 1, 2, 3, 4), resolution=250, ensemble_size=10,
+                  attack_points=512),
+}
 # Near-region gap / eps of the geometry sweep: below 2 the near classes are
 # closer than 2 eps, so an eps-ball around a point reaches past the middle.
 RATIOS = (0.4, 0.6, 1.0, 2.0, 3.0)
@@ -430,47 +432,45 @@ def geometry_figure(payload: dict):
   return fig
 
 
-def main(argv):
-  del argv
-  out = sweep.start('toy2d', unused=sweep.SELECTION_FLAGS +
-                    sweep.NOT_FOR_GENERATED_DATA)
-  setting = QUICK if FLAGS.preset == 'quick' else PAPER
+def run(out: str):
+  """The paper's setting per seed, then the geometry sweep; the payload."""
+  setting = sweep.preset(PRESETS)
   seeds = sweep.seeds(setting['seeds'])
   ratios = cli.parse_floats(FLAGS.ratios, 'ratios') or list(RATIOS)
   runs = os.path.join(out, 'runs')
   base = dict(setting, seeds=None, eps=FLAGS.eps, alpha=FLAGS.alpha,
               config=configs.to_json(toy_config(0)))
   per_seed, geometry, seconds, shown = [], [], 0.0, None
-  try:
-    for seed in seeds:
-      result, took = sweep.cached(
-          os.path.join(runs, f'paper_seed{seed}.json'), dict(base, seed=seed),
-          functools.partial(paper_seed, setting, seed))
-      per_seed.append(summary(result))
-      seconds += took
-      shown = shown or result
-    for seed in seeds if FLAGS.geometry else ():
-      for shape in toy.SHAPES:
-        for ratio in ratios:
-          result, took = sweep.cached(
-              os.path.join(runs, f'geometry_{shape}_{ratio:g}_seed{seed}.json'),
-              dict(base, seed=seed, shape=shape, ratio=ratio),
-              functools.partial(geometry_cell, setting, shape, ratio, seed))
-          geometry.append(summary(result))
-          seconds += took
-  except sweep.USER_ERRORS as e:
-    cli.fail(str(e))
-  payload = {'preset': FLAGS.preset, 'eps': FLAGS.eps, 'alpha': FLAGS.alpha,
+  for seed in seeds:
+    result, took = sweep.cached(
+        os.path.join(runs, f'paper_seed{seed}.json'), dict(base, seed=seed),
+        functools.partial(paper_seed, setting, seed))
+    per_seed.append(summary(result))
+    seconds += took
+    shown = shown or result
+  for seed in seeds if FLAGS.geometry else ():
+    for shape in toy.SHAPES:
+      for ratio in ratios:
+        result, took = sweep.cached(
+            os.path.join(runs, f'geometry_{shape}_{ratio:g}_seed{seed}.json'),
+            dict(base, seed=seed, shape=shape, ratio=ratio),
+            functools.partial(geometry_cell, setting, shape, ratio, seed))
+        geometry.append(summary(result))
+        seconds += took
+  payload = {'eps': FLAGS.eps, 'alpha': FLAGS.alpha,
              'train_steps': FLAGS.train_steps, 'seeds': seeds,
              'attack_points': setting['attack_points'],
              'resolution': setting['resolution'], 'per_seed': per_seed,
              'geometry': geometry, 'ratios': ratios,
              'verdicts': verdicts(per_seed), 'compute_seconds': seconds}
-  sweep.write_outputs(out, 'toy2d', payload=payload, markdown=markdown,
-                      figure=figure(payload, shown))
+  figures = {'toy2d': figure(payload, shown)}
   if geometry:
-    geometry_figure(payload).savefig(os.path.join(out, 'toy2d_geometry.png'),
-                                     dpi=110, bbox_inches='tight')
+    figures['toy2d_geometry'] = geometry_figure(payload)
+  return payload, figures
+
+
+main = sweep.main('toy2d', run, markdown=markdown,
+                  unused=sweep.SELECTION_FLAGS + sweep.NOT_FOR_GENERATED_DATA)
 
 
 if __name__ == '__main__':

@@ -35,11 +35,13 @@ from uta_jax import data
 from uta_jax import reporting
 from uta_jax import runs
 
-QUICK = dict(dataset='fashion_mnist', config=dict(
-    attack='none', epochs=2, max_eval_examples=500, eval_pgd_restarts=1))
-PAPER = dict(dataset='cifar10', config=dict(attack='none', epochs=30))
+PRESETS = {
+    'quick': dict(seeds=(0, 1, 2), dataset='fashion_mnist', config=dict(
+        attack='none', epochs=2, max_eval_examples=500, eval_pgd_restarts=1)),
+    'paper': dict(seeds=(0, 1, 2), dataset='cifar10',
+                  config=dict(attack='none', epochs=30)),
+}
 UNBOUNDED = 1.0  # eps = 1 on [0, 1] images: the box is the only bound
-SEEDS = (0, 1, 2)
 
 flags.DEFINE_string('workdir', None, 'a trained run to attack; default: '
                     'train a clean model in <output_dir>/runs/clean')
@@ -57,7 +59,7 @@ def one_per_class(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:
 def attack_seed(workdir: str) -> tuple:
   """(images, row): clean, UTA- and PGD-perturbed test images of the run in
   ``workdir`` (one per class) and their statistics."""
-  config, model, variables, _ = runs.load_run(workdir)
+  config, model, variables = runs.load_run(workdir)[:3]
   if config.dataset == 'toy2d':
     raise configs.ConfigError(f'{workdir} holds a toy2d run; Fig. 8 needs an '
                               'image model')
@@ -126,36 +128,31 @@ def markdown(payload: dict) -> str:
                'mean L2', 'predicted classes'], table))
 
 
-def main(argv):
-  del argv
-  out = sweep.start('visual_appearance', unused=sweep.SELECTION_FLAGS)
-  preset = QUICK if FLAGS.preset == 'quick' else PAPER
+def run(out: str):
+  """The preset's clean runs (or --workdir) attacked; the payload."""
+  preset = sweep.preset(PRESETS)
   rows, shown = [], None
-  try:
-    if FLAGS.workdir:
-      if FLAGS.seeds:
-        cli.fail('--workdir names one trained run; drop --seeds')
-      workdirs = [FLAGS.workdir]
-    else:
-      workdirs = []
-      for seed in sweep.seeds(SEEDS):
-        workdirs.append(sweep.seed_dir(os.path.join(out, 'runs', 'clean'),
-                                       seed))
-        sweep.train(sweep.config(preset['dataset'], preset['config'], seed),
-                    workdirs[-1])
-    for workdir in workdirs:
-      images, row = attack_seed(workdir)
-      rows.append(row)
-      shown = shown or (images, row)
-  except sweep.USER_ERRORS as e:
-    cli.fail(str(e))
-  payload = {'preset': FLAGS.preset, 'seeds': [r['seed'] for r in rows],
+  if FLAGS.workdir:
+    if FLAGS.seeds:
+      cli.fail('--workdir names one trained run; drop --seeds')
+    workdirs = [FLAGS.workdir]
+  else:
+    workdirs = []
+    for seed in sweep.seeds(preset['seeds']):
+      workdirs.append(sweep.seed_dir(os.path.join(out, 'runs', 'clean'),
+                                     seed))
+      sweep.train(sweep.config(preset['dataset'], preset['config'], seed),
+                  workdirs[-1])
+  for workdir in workdirs:
+    images, row = attack_seed(workdir)
+    rows.append(row)
+    shown = shown or (images, row)
+  payload = {'seeds': [r['seed'] for r in rows],
              'rows': rows, 'attack': {'steps': FLAGS.attack_steps,
                                       'step_size': FLAGS.attack_step_size,
                                       'eps': 'unbounded ([0, 1] box only)'},
              'verdicts': verdicts(rows)}
-  sweep.write_outputs(out, 'visual_appearance', payload=payload,
-                      markdown=markdown, figure=figure(*shown))
+  return payload, {'visual_appearance': figure(*shown)}
 
 
 def figure(images: dict, row: dict):
@@ -176,6 +173,10 @@ def figure(images: dict, row: dict):
         ax.set_ylabel(name.upper())
   fig.tight_layout()
   return fig
+
+
+main = sweep.main('visual_appearance', run, markdown=markdown,
+                  unused=sweep.SELECTION_FLAGS)
 
 
 if __name__ == '__main__':

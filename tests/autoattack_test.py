@@ -2,6 +2,8 @@
 
 import logging
 
+import pytest
+
 from absl.testing import absltest
 import jax
 import numpy as np
@@ -11,6 +13,8 @@ from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import steps
+
+from testutil import require  # pylint: disable=g-bad-import-order
 
 
 class JaxAutoAttackTest(absltest.TestCase):
@@ -31,12 +35,9 @@ class JaxAutoAttackTest(absltest.TestCase):
     return evaluation.autoattack(self.model, self.variables, self.ds.test,
                                  **args)
 
+  @pytest.mark.slow
   def test_agrees_with_the_reference_through_the_bridge(self):
-    try:
-      import pyautoattack  # pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      self.skipTest("the reference needs pyautoattack: pip install "
-                    "'uta-jax[torch]'")
+    require('pyautoattack')
     jax_report = self.autoattack(backend='jax')
     torch_report = self.autoattack(backend='torch')
     self.assertEqual(jax_report['clean_accuracy'],

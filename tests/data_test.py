@@ -11,6 +11,8 @@ import numpy as np
 
 from uta_jax import data
 
+from testutil import require  # pylint: disable=g-bad-import-order
+
 
 def write_idx(path, array):
   header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
@@ -91,7 +93,7 @@ class TfdsTest(parameterized.TestCase):
 
   @parameterized.parameters('svhn', 'cifar10')
   def test_tfds_path_with_tfds_mock_data(self, name):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds = require('tensorflow_datasets')
     # mock_data points builders at a folder that does not exist, so the
     # prepared-check would refuse; the mock itself stands for prepared data.
     with tfds.testing.mock_data(num_examples=24), mock.patch.object(

@@ -4,11 +4,13 @@ Imported after ``conftest`` has set XLA_FLAGS (4 fake CPU devices), which
 the scripts run here as subprocesses inherit.
 """
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
+import unittest
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,24 @@ QUICK = ['--max_train_examples=512', '--max_eval_examples=64',
 
 def train_command(workdir, *args):
   return [sys.executable, TRAIN, f'--workdir={workdir}', *QUICK, *args]
+
+
+# Optional dependency -> the extra (or package) that installs it.
+OPTIONAL = {
+    'torch': "pip install torch==2.13.0 'uta-jax[torch]'",
+    'pyautoattack': "pip install 'uta-jax[torch]'",
+    'tensorflow_datasets': "pip install 'uta-jax[tfds]'",
+}
+
+
+def require(module: str):
+  """``module`` imported, or the test skipped naming how to install it
+  (CI installs every extra, so there nothing is skipped)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise unittest.SkipTest(
+        f'needs {module}: {OPTIONAL[module.split(".")[0]]}') from None
 
 
 def run_train(workdir, *args, env=None, timeout=300):

@@ -6,16 +6,20 @@ from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import models
 from uta_jax import steps
 from uta_jax import torch_bridge
+
+from testutil import require  # pylint: disable=g-bad-import-order
+
+torch = require('torch')
 
 
 def _model(name, seed=0, **kwargs):
@@ -92,7 +96,7 @@ class BridgeTest(parameterized.TestCase):
                      [1, 2, 4, 16])
 
   def test_autoattack_checks_see_a_static_deterministic_model(self):
-    from pyautoattack import checks  # pylint: disable=g-import-not-at-top
+    checks = require('pyautoattack.checks')
     model, variables, shape = _model('lenet', dropout_rate=0.3)
     module = torch_bridge.bridge_module(model.apply, variables)
     x, y = _nchw(shape, 8), torch.zeros(8, dtype=torch.long)
@@ -134,8 +138,9 @@ def _train_mlp_on_embedded_mnist(num_steps=300):
 
 class AutoAttackEquivalenceTest(absltest.TestCase):
 
+  @pytest.mark.slow
   def test_bridge_and_native_pytorch_give_the_same_robust_accuracy(self):
-    from pyautoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+    AutoAttack = require('pyautoattack').AutoAttack  # pylint: disable=invalid-name
     model, variables, ds = _train_mlp_on_embedded_mnist()
     n = 60
     x = torch.from_numpy(data.to_float(ds.test.images[:n]).transpose(0, 3, 1, 2))

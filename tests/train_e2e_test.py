@@ -26,6 +26,7 @@ from uta_jax import loop
 from uta_jax import runs
 
 from testutil import final_state  # pylint: disable=g-bad-import-order
+from testutil import require
 from testutil import run_train
 from testutil import train_command
 from testutil import wait_for_checkpoint
@@ -71,7 +72,7 @@ class MainJobTest(absltest.TestCase):
                                           'events.out.tfevents.*')), 1)
 
   def test_svhn_command_on_tfds_mock_data(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds = require('tensorflow_datasets')
     config = configs.get_config('svhn', {'attack.name': 'uta', 'epochs': 1,
                                          'batch_size': 16,
                                          'eval.pgd_restarts': 1,
