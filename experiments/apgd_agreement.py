@@ -24,6 +24,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
+import config_flags  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 import numpy as np
 
@@ -127,7 +128,7 @@ def main(argv):
         rows += [dict(r, seed=seed)
                  for r in compare(name, workdir, eps_values)]
   except sweep.USER_ERRORS as e:
-    cli.fail(str(e))
+    cli.fail(config_flags.message(e))
   sweep.write_outputs(out, 'apgd_agreement', markdown=markdown,
                       payload={'rows': rows, 'num_examples': FLAGS.num_examples,
                                'eps': eps_values, 'seeds': seeds})

@@ -22,6 +22,7 @@ from absl import flags
 
 import cli
 from uta_jax import configs
+from uta_jax import errors
 
 FLAGS = flags.FLAGS
 
@@ -120,10 +121,10 @@ def as_paths(values: Dict[str, Any]) -> Dict[str, Any]:
 
 def message(error: Exception) -> str:
   """An error's message with the settings it names written as the flags the
-  user typed: those a ``ConfigError`` lists, and every dotted schema path
+  user typed: those the library's error lists, and every dotted schema path
   ('model.name' -> '--model')."""
   rename = lambda path: f'--{flag_name(path)}'
-  if isinstance(error, configs.ConfigError):
+  if isinstance(error, errors.NamesSettings):
     text = error.renamed(rename)
   else:
     text = str(error)

@@ -23,6 +23,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
+import config_flags  # pylint: disable=g-import-not-at-top
 from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import parallel
@@ -86,7 +87,7 @@ def main(argv):
     sys.exit(stop.exit_code())
   except (ImportError, runs.RunError, data.DataError, ValueError,
           workdir_lock.WorkdirError) as e:
-    cli.fail(str(e))
+    cli.fail(config_flags.message(e))
   for line in reporting.autoattack_lines(report):
     print(line)
   print(f'results: {os.path.join(FLAGS.workdir, reporting.RESULTS)}')

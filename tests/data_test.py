@@ -146,8 +146,9 @@ class OrderTest(absltest.TestCase):
 
   def test_steps_per_epoch_drops_the_partial_batch_and_rejects_big_batches(self):
     self.assertEqual(data.steps_per_epoch(50, 8), 6)
-    with self.assertRaisesRegex(data.DataError, 'lower --batch_size'):
+    with self.assertRaisesRegex(data.DataError, 'lower batch_size') as e:
       data.steps_per_epoch(50, 64)
+    self.assertEqual(e.exception.paths, ('batch_size',))
 
   def test_toy2d_is_non_isotropic(self):
     ds = data.load_dataset('toy2d')

@@ -194,6 +194,7 @@ class FaultToleranceTest(absltest.TestCase):
                      '--attack=none')
     self.assertEqual(proc.returncode, 2)
     self.assertIn('non-finite loss', proc.stderr)
+    self.assertIn('Lower --learning_rate or --eps_train', proc.stderr)
     self.assertNotIn('Traceback', proc.stderr)
     state, _ = final_state(workdir, {'optimizer.name': 'sgd_nesterov'})
     self.assertTrue(all(np.all(np.isfinite(p))

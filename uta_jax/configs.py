@@ -32,6 +32,7 @@ import typing
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from uta_jax import data
+from uta_jax import errors
 from uta_jax import models
 
 ATTACKS = ('none', 'fgsm', 'rfgsm', 'pgd', 'uta')
@@ -46,23 +47,9 @@ MEASURES = ('entropy', 'mutual_information')
 PAPER_ENSEMBLE_SIZE = 5
 
 
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the fix.
-
-  ``paths`` lists the settings the message names by their schema path, so a
-  front end can rename them (``--eps_train`` for ``attack.eps_train``).
-  """
-
-  def __init__(self, message: str, *paths: str):
-    super().__init__(message)
-    self.paths = paths
-
-  def renamed(self, name) -> str:
-    """The message with each of ``paths`` replaced by ``name(path)``."""
-    text = str(self)
-    for path in sorted(self.paths, key=len, reverse=True):
-      text = text.replace(path, name(path))
-    return text
+class ConfigError(errors.NamesSettings, ValueError):
+  """A configuration value is invalid; the message names the fix and the
+  settings by their schema path (``paths``)."""
 
 
 def field(default: Any, help: str, choices: Tuple[str, ...] = ()):  # pylint: disable=redefined-builtin

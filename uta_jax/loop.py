@@ -110,7 +110,8 @@ def _train(config: configs.Config, workdir: str,
                jax.tree_util.tree_leaves(host_state.params)):
       raise TrainingError(
           f'non-finite parameters at step {step}; stopped without saving them, '
-          f'last good checkpoint kept. Lower --learning_rate or --eps_train')
+          'last good checkpoint kept. Lower optimizer.learning_rate or '
+          'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
     checkpointer.save(step, host_state)
     if jax.process_index() == 0:
       reporting.write_tensorboard(
@@ -142,7 +143,8 @@ def _train(config: configs.Config, workdir: str,
         last = checkpointer.steps()[-1] if checkpointer.steps() else 'none'
         raise TrainingError(
             f'non-finite loss by step {step}; stopped, last good checkpoint '
-            f'kept (step {last}). Lower --learning_rate or --eps_train')
+            f'kept (step {last}). Lower optimizer.learning_rate or '
+            'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
       if logging_now:
         elapsed = time.time() - window_start
         rate = window_images / max(elapsed, 1e-9)

@@ -20,10 +20,12 @@ import flax.jax_utils
 import jax
 import numpy as np
 
+from uta_jax import errors
+
 AXIS = 'batch'
 
 
-class ParallelError(ValueError):
+class ParallelError(errors.NamesSettings, ValueError):
   """The batch cannot be split over the devices; the message names the fix."""
 
 
@@ -52,7 +54,7 @@ def check_global_batch(global_batch: int) -> None:
   if global_batch % devices:
     raise ParallelError(
         f'batch size {global_batch} does not divide over {devices} devices: '
-        f'use a multiple of {devices} for --batch_size')
+        f'set batch_size to a multiple of {devices}', 'batch_size')
 
 
 def shard(host_batch: Any) -> Any:

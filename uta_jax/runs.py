@@ -21,6 +21,7 @@ from uta_jax import checkpointing
 from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import errors
 from uta_jax import evaluation
 from uta_jax import reporting
 from uta_jax import steps
@@ -32,7 +33,7 @@ CONFIG = 'config.json'
 CHECKPOINTS = 'checkpoints'
 
 
-class RunError(RuntimeError):
+class RunError(errors.NamesSettings, RuntimeError):
   """A workdir cannot be used (no run, unreadable files, other settings);
   the message names the fix."""
 
