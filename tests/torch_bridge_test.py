@@ -1,6 +1,8 @@
 """Tests of uta_jax.torch_bridge against jax.grad and native PyTorch."""
 
+import importlib.util
 import logging
+import os
 import sys
 from unittest import mock
 
@@ -134,6 +136,51 @@ def _train_mlp_on_embedded_mnist(num_steps=300):
       configs.get_config('mnist_embedded', {'attack.name': 'none'}), ds.train,
       num_steps=num_steps)
   return model, variables, ds
+
+
+def _reference_resnet18():
+  """pyautoattack's example CIFAR-10 ResNet-18 and its trained weights."""
+  aa = require('pyautoattack')
+  folder = os.path.join(os.path.dirname(aa.__file__), 'examples')
+  spec = importlib.util.spec_from_file_location(
+      'pyautoattack_example_resnet', os.path.join(folder, 'resnet.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  net = module.ResNet18()
+  state_dict = torch.load(os.path.join(folder, 'model_test.pt'),
+                          map_location='cpu')
+  net.load_state_dict(state_dict)
+  return net.eval(), state_dict
+
+
+class PretrainedResNetTest(absltest.TestCase):
+  """Real trained weights, offline: the ResNet-18 shipped with pyautoattack
+  ported into models.ResNet18 computes the same function."""
+
+  def test_logits_and_input_gradients_match_pytorch(self):
+    net, state_dict = _reference_resnet18()
+    variables = torch_bridge.resnet18_variables(state_dict)
+    model = models.ResNet18(mean=None, std=None)
+    x = np.random.default_rng(0).uniform(size=(4, 3, 32, 32)).astype(
+        np.float32)
+    y = np.array([0, 3, 5, 9])
+    xt = torch.from_numpy(x).requires_grad_(True)
+    logits_t = net(xt)
+    torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(y),
+                                      reduction='sum').backward()
+
+    def loss(x_nhwc):
+      logits = model.apply(variables, x_nhwc)
+      return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(4), y]), logits
+
+    grad, logits = jax.grad(loss, has_aux=True)(
+        jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(logits, logits_t.detach().numpy(), atol=2e-5,
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad).transpose(0, 3, 1, 2),
+                               xt.grad.numpy(), atol=1e-5, rtol=1e-3)
+    # Trained weights: confident, not the near-uniform output of an init.
+    self.assertGreater(float(jnp.max(jax.nn.softmax(logits))), 0.5)
 
 
 class AutoAttackEquivalenceTest(absltest.TestCase):

@@ -211,3 +211,39 @@ def native_torch_model(name: str, params: Any, *, dropout_rate: float = 0.0):
         _linear(torch, dense('fc3'))).eval()
   raise ValueError(f'no native PyTorch version of {name!r}; choose mlp, '
                    'lenet or svhn_lenet')
+
+
+def resnet18_variables(state_dict: Any) -> dict:
+  """Flax variables of ``models.ResNet18`` from a PyTorch CIFAR ResNet-18
+  ``state_dict`` in the layout of the reference code (``conv1``, ``bn1``,
+  ``layer{1-4}.{0,1}.{conv,bn}{1,2}``, ``shortcut.{0,1}``, ``linear``),
+  e.g. the model shipped with ``pyautoattack``. Build the module with
+  ``mean=None, std=None`` when the PyTorch model normalises nothing.
+  """
+  t = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v,
+                     np.float32) for k, v in state_dict.items()}
+  conv = lambda name: {'Conv_0': {'kernel': t[f'{name}.weight'].transpose(
+      2, 3, 1, 0)}}  # OIHW -> HWIO
+
+  def norm(name):
+    return ({'scale': t[f'{name}.weight'], 'bias': t[f'{name}.bias']},
+            {'mean': t[f'{name}.running_mean'],
+             'var': t[f'{name}.running_var']})
+
+  params, stats = {}, {}
+  params['stem_conv'] = conv('conv1')
+  params['stem_bn'], stats['stem_bn'] = norm('bn1')
+  for i in range(8):
+    prefix = f'layer{i // 2 + 1}.{i % 2}'
+    block_params, block_stats = {}, {}
+    names = [('conv1', 'bn1'), ('conv2', 'bn2')]
+    if f'{prefix}.shortcut.0.weight' in t:
+      names.append(('shortcut.0', 'shortcut.1'))
+    for j, (c, b) in enumerate(names):
+      block_params[f'TorchConv_{j}'] = conv(f'{prefix}.{c}')
+      block_params[f'BatchNorm_{j}'], block_stats[f'BatchNorm_{j}'] = norm(
+          f'{prefix}.{b}')
+    params[f'blocks_{i}'], stats[f'blocks_{i}'] = block_params, block_stats
+  params['head'] = {'Dense_0': {'kernel': t['linear.weight'].T,
+                                'bias': t['linear.bias']}}
+  return {'params': params, 'batch_stats': stats}
