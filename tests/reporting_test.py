@@ -17,6 +17,11 @@ class ReportingTest(absltest.TestCase):
     self.assertEqual(table, '| a | b |\n| --- | --- |\n| x | 1.2 |\n'
                      '| 2 | y |\n')
 
+  def test_eps_is_shown_as_a_decimal_and_in_255ths(self):
+    self.assertEqual(reporting.format_eps(8 / 255), '0.03137 (8/255)')
+    self.assertEqual(reporting.format_eps(0.1), '0.1 (25.5/255)')
+    self.assertEqual(reporting.format_eps(16 / 255), '0.06275 (16/255)')
+
   def test_read_metrics_keeps_the_later_record_of_a_replayed_step(self):
     path = self.create_tempfile().full_path
     for record in ({'kind': 'train', 'step': 1, 'loss': 3.0},

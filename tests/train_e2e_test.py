@@ -37,6 +37,18 @@ pytestmark = pytest.mark.slow
 
 class MainJobTest(absltest.TestCase):
 
+  def test_eps_written_as_fractions_train_and_report_in_255ths(self):
+    workdir = self.create_tempdir().full_path
+    proc = run_train(workdir, '--epochs=1', '--eps_train=8/255',
+                     '--eval_eps=8/255,16/255')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn('robust accuracy (PGD, eps=0.03137 (8/255))', proc.stdout)
+    self.assertIn('robust accuracy (PGD, eps=0.06275 (16/255))', proc.stdout)
+    with open(os.path.join(workdir, runs.CONFIG)) as f:
+      config = json.load(f)
+    self.assertEqual(config['attack']['eps_train'], 8 / 255)  # exact
+    self.assertEqual(config['eval']['eps'], [8 / 255, 16 / 255])
+
   def test_main_job_writes_config_metrics_results_and_plot(self):
     workdir = self.create_tempdir().full_path
     proc = run_train(workdir, '--epochs=2', '--eval_every=1')

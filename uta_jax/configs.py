@@ -355,7 +355,8 @@ def validate(config: Config) -> None:
     _check_eps('eval.eps', eps)
     if config.dataset != 'toy2d' and eps > 1:
       raise ConfigError(f'eval.eps {eps} is outside (0, 1]: images are in '
-                        '[0, 1], write 8/255 as 0.0314', 'eval.eps')
+                        '[0, 1]; write 8/255 as the fraction 8/255',
+                        'eval.eps')
   for path in ('eval.pgd_steps', 'eval.pgd_restarts', 'eval.uta_steps',
                'eval.batch_size', 'epochs', 'batch_size', 'checkpoint_every',
                'log_every'):

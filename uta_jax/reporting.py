@@ -68,8 +68,12 @@ def write_tensorboard(metrics_path: str, folder: str) -> bool:
 
 
 def format_eps(eps: float) -> str:
-  """eps as a fraction of 1 and of 255, e.g. '0.0314 (8.0/255)'."""
-  return f'{eps:.4g} ({eps * 255:.1f}/255)'
+  """eps as a decimal and in 255ths, as users write it: '0.03137 (8/255)',
+  '0.1 (25.5/255)'."""
+  in_255ths = eps * 255
+  if abs(in_255ths - round(in_255ths)) < 1e-6:
+    return f'{eps:.4g} ({round(in_255ths)}/255)'
+  return f'{eps:.4g} ({in_255ths:.1f}/255)'
 
 
 def summary_lines(results: Dict[str, Any]) -> Iterable[str]:
