@@ -15,6 +15,7 @@ import numpy as np
 
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import evaluation
 from uta_jax import models
 from uta_jax import steps
 from uta_jax import torch_bridge
@@ -136,6 +137,29 @@ def _train_mlp_on_embedded_mnist(num_steps=300):
       configs.get_config('mnist_embedded', {'attack.name': 'none'}), ds.train,
       num_steps=num_steps)
   return model, variables, ds
+
+
+class AutoAttackDeviceTest(absltest.TestCase):
+
+  def test_torch_device_follows_the_jax_backend(self):
+    self.assertEqual(torch_bridge.torch_device(), 'cpu')  # this machine
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'), \
+        mock.patch.object(torch.cuda, 'is_available', return_value=True):
+      self.assertEqual(torch_bridge.torch_device(), 'cuda')
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'), \
+        mock.patch.object(torch.cuda, 'is_available', return_value=False):
+      self.assertEqual(torch_bridge.torch_device(), 'cpu')
+
+  def test_autoattack_gets_the_models_device(self):
+    aa = require('pyautoattack')
+    model, variables, ds = _train_mlp_on_embedded_mnist(num_steps=5)
+    device = torch.device('cpu')  # a distinct object: passed, not a default
+    with mock.patch.object(aa, 'AutoAttack', wraps=aa.AutoAttack) as spy, \
+        mock.patch.object(torch_bridge, 'torch_device', return_value=device):
+      evaluation.autoattack(model, variables, data.Split(
+          ds.test.images[:4], ds.test.labels[:4]), eps=0.1, version='apgd',
+                            backend='torch')
+    self.assertIs(spy.call_args.kwargs['device'], device)
 
 
 def _reference_resnet18():

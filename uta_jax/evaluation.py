@@ -397,13 +397,15 @@ def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
       if stop_requested():
         raise parallel.Stopped('stopped during AutoAttack')
     module.register_forward_pre_hook(check_stop)
+  device = torch_bridge.torch_device()
   x = torch.from_numpy(np.ascontiguousarray(
-      data.to_float(split.images).transpose(0, 3, 1, 2)))
-  y = torch.from_numpy(split.labels.astype(np.int64))
+      data.to_float(split.images).transpose(0, 3, 1, 2))).to(device)
+  y = torch.from_numpy(split.labels.astype(np.int64)).to(device)
   start = time.time()
   x_adv, per_attack = reference_autoattack(module, x, y, eps=eps,
                                            version=version, seed=seed,
-                                           batch_size=batch_size)
+                                           batch_size=batch_size,
+                                           device=device)
   seconds = time.time() - start
   with torch.no_grad():
     clean = _torch_correct(module, x, y, batch_size)
@@ -421,8 +423,10 @@ def _autoattack_torch(model, variables, split, *, eps, ensemble, version,
 
 
 def reference_autoattack(module, x, y, *, eps: float, version: str,
-                         seed: int = 0, batch_size: int = 500):
-  """``pyautoattack`` on any ``torch.nn.Module`` (NCHW in [0, 1] -> logits).
+                         seed: int = 0, batch_size: int = 500,
+                         device: str = 'cpu'):
+  """``pyautoattack`` on any ``torch.nn.Module`` (NCHW in [0, 1] -> logits),
+  its own tensors on ``device`` (the module's: ``torch_bridge.torch_device``).
 
   ``version='apgd'`` is the standard version's APGD-CE and APGD-T (one
   restart, 9 target classes). Returns the adversarial tensor and the
@@ -442,11 +446,12 @@ def reference_autoattack(module, x, y, *, eps: float, version: str,
   try:
     if version == 'apgd':
       adversary = AutoAttack(module, eps=eps, seed=seed, version='custom',
-                             attacks=list(APGD_ATTACKS))
+                             attacks=list(APGD_ATTACKS), device=device)
       adversary.apgd.n_restarts = 1  # the standard version's settings
       adversary.apgd_targeted.n_target_classes = 9
     else:
-      adversary = AutoAttack(module, eps=eps, seed=seed, version=version)
+      adversary = AutoAttack(module, eps=eps, seed=seed, version=version,
+                             device=device)
     x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
   finally:
     logger.removeHandler(recorder)
@@ -459,5 +464,6 @@ def _torch_correct(module, x, y, batch_size: int) -> np.ndarray:
   correct = []
   for start in range(0, len(y), batch_size):
     logits = module(x[start:start + batch_size])
-    correct.append((logits.argmax(1) == y[start:start + batch_size]).numpy())
+    correct.append(
+        (logits.argmax(1) == y[start:start + batch_size]).cpu().numpy())
   return np.concatenate(correct)

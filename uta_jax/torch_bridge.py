@@ -44,6 +44,17 @@ def require_torch():
   return torch
 
 
+def torch_device() -> str:
+  """The torch device next to JAX's: 'cuda' when JAX runs on a GPU and
+  torch sees one, else 'cpu'. AutoAttack keeps its own tensors there, so its
+  bookkeeping does not run on the host while the bridged model runs on the
+  GPU (DLPack hands tensors across without copies)."""
+  torch = require_torch()
+  if jax.default_backend() == 'gpu' and torch.cuda.is_available():
+    return 'cuda'
+  return 'cpu'
+
+
 def bucket_size(n: int) -> int:
   """The padded batch size for ``n`` examples: the next power of two."""
   return 1 << max(0, (n - 1).bit_length())
