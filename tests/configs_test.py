@@ -44,6 +44,12 @@ class PresetTest(parameterized.TestCase):
                                      'attack.num_samples': 5})
     self.assertGreater(c.model.dropout_rate, 0)
 
+  def test_other_attacks_drop_the_presets_mc_dropout_sampling(self):
+    for attack in ('pgd', 'fgsm', 'none'):
+      c = configs.get_config('cifar10', {'attack.name': attack})
+      self.assertEqual((c.attack.uncertainty, c.attack.num_samples,
+                        c.model.dropout_rate), ('single', 1, 0.2))
+
   def test_ensemble_size_is_a_model_property_and_implies_the_attack(self):
     a = configs.get_config('mnist', {'model.ensemble_size': 3})
     self.assertEqual((a.attack.uncertainty, a.attack.num_samples), (

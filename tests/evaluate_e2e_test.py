@@ -104,10 +104,19 @@ class EvaluateTest(absltest.TestCase):
     proc = run_evaluate(f'--workdir={self.workdir}', '--eps=0.1,0.2',
                         '--num_examples=64', '--version=apgd')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    jax_report = self.results()['autoattack']['jax']
+    report = self.results()['autoattack']
     for attack in ('pgd', 'uta'):
-      self.assertEqual(jax_report['robust_accuracy'][attack],
+      self.assertEqual(report['jax']['robust_accuracy'][attack],
                        self.train_results['robust_accuracy'][attack])
+    # A RobustBench-style record per eps, stored and printed.
+    records = report['robustbench']
+    self.assertEqual([r['eps'] for r in records], ['0.1', '0.2'])
+    self.assertEqual(records[0]['autoattack_acc'],
+                     f"{report['eps']['0.1']['robust_accuracy']:.2f}")
+    self.assertEqual((records[0]['threat_model'], records[0]['n_examples']),
+                     ('Linf', 64))
+    self.assertIn('RobustBench record: {"dataset": "mnist_embedded"',
+                  proc.stdout)
 
   def test_jax_apgd_stores_each_eps_and_a_rerun_skips_them(self):
     args = [f'--workdir={self.workdir}', '--version=apgd', '--eps=0.1,0.2',

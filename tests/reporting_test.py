@@ -7,6 +7,7 @@ import struct
 from absl.testing import absltest
 import numpy as np
 
+from uta_jax import configs
 from uta_jax import reporting
 
 
@@ -21,6 +22,25 @@ class ReportingTest(absltest.TestCase):
     self.assertEqual(reporting.format_eps(8 / 255), '0.03137 (8/255)')
     self.assertEqual(reporting.format_eps(0.1), '0.1 (25.5/255)')
     self.assertEqual(reporting.format_eps(16 / 255), '0.06275 (16/255)')
+
+  def test_robustbench_records_one_per_eps_in_its_conventions(self):
+    config = configs.get_config('cifar10', {'attack.name': 'pgd'})
+    report = {'num_examples': 1000, 'version': 'standard', 'backend': 'torch',
+              'eps': {str(8 / 255): {'clean_accuracy': 84.2,
+                                     'robust_accuracy': 50.123},
+                      '0.1': {'clean_accuracy': 84.2,
+                              'robust_accuracy': 20.0}}}
+    first, second = reporting.robustbench_records(config, report)
+    self.assertEqual(first, {
+        'dataset': 'cifar10', 'threat_model': 'Linf', 'eps': '8/255',
+        'clean_acc': '84.20', 'autoattack_acc': '50.12', 'n_examples': 1000,
+        'autoattack_version': 'standard', 'autoattack_backend': 'torch',
+        'architecture': 'ResNet-18', 'additional_data': False,
+        'training': 'PGD-AT, eps_train 8/255, uta-jax'})
+    self.assertEqual((second['eps'], second['autoattack_acc']), ('0.1', '20.00'))
+    ensemble = configs.get_config('mnist', {'model.ensemble_size': 5})
+    self.assertEqual(reporting.robustbench_records(ensemble, report)[0][
+        'architecture'], '5 x MLP (ensemble)')
 
   def test_read_metrics_keeps_the_later_record_of_a_replayed_step(self):
     path = self.create_tempfile().full_path

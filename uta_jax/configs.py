@@ -263,7 +263,8 @@ def get_config(dataset: str = 'mnist_embedded',
   The preset's K follows an overridden ``attack.eps_train`` unless
   ``attack.num_steps`` is set too. MC-dropout turns dropout on (0.2) and an
   ensemble attack makes the model the paper's 5 members, unless those are
-  set; ``model.ensemble_size > 1`` alone means ``uncertainty='ensemble'``.
+  set; ``model.ensemble_size > 1`` alone means ``uncertainty='ensemble'``;
+  another attack than UTA drops a preset's MC-dropout sampling.
   """
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
   if 'dataset' in overrides:
@@ -274,6 +275,12 @@ def get_config(dataset: str = 'mnist_embedded',
     _check_eps('attack.eps_train', eps)
   config = replace(preset(dataset, eps), overrides)
   implied = {}
+  if (config.attack.uncertainty == 'mc_dropout' and
+      config.attack.name != 'uta' and 'attack.uncertainty' not in overrides):
+    # The preset's MC-dropout samples belong to its UTA attack (CIFAR-10).
+    implied['attack.uncertainty'] = 'single'
+    if 'attack.num_samples' not in overrides:
+      implied['attack.num_samples'] = 1
   if (config.attack.uncertainty == 'mc_dropout' and
       config.model.dropout_rate == 0 and 'model.dropout_rate' not in overrides):
     implied['model.dropout_rate'] = 0.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 METRICS = 'metrics.jsonl'
 RESULTS = 'results.json'
@@ -67,13 +67,55 @@ def write_tensorboard(metrics_path: str, folder: str) -> bool:
   return True
 
 
+def _whole_255ths(eps: float) -> Optional[int]:
+  in_255ths = eps * 255
+  return round(in_255ths) if abs(in_255ths - round(in_255ths)) < 1e-6 else None
+
+
 def format_eps(eps: float) -> str:
   """eps as a decimal and in 255ths, as users write it: '0.03137 (8/255)',
   '0.1 (25.5/255)'."""
-  in_255ths = eps * 255
-  if abs(in_255ths - round(in_255ths)) < 1e-6:
-    return f'{eps:.4g} ({round(in_255ths)}/255)'
-  return f'{eps:.4g} ({in_255ths:.1f}/255)'
+  whole = _whole_255ths(eps)
+  if whole is not None:
+    return f'{eps:.4g} ({whole}/255)'
+  return f'{eps:.4g} ({eps * 255:.1f}/255)'
+
+
+def eps_text(eps: float) -> str:
+  """eps as RobustBench writes it: '8/255' for whole 255ths, else '0.1'."""
+  whole = _whole_255ths(eps)
+  return f'{whole}/255' if whole is not None else f'{eps:g}'
+
+
+ARCHITECTURES = {'mlp': 'MLP', 'lenet': 'LeNet', 'svhn_lenet': 'SVHN LeNet',
+                 'resnet18': 'ResNet-18'}
+
+
+def robustbench_records(config: Any, report: Dict[str, Any]) -> list:
+  """One RobustBench-style record per eps of an AutoAttack ``report``
+  (``runs.evaluate_workdir``'s) of a run with ``config``: the fields of a
+  RobustBench model card (accuracies as strings with two decimals, eps as
+  written there, 'Linf'), the number of points, and how it was trained."""
+  model = ARCHITECTURES.get(config.model.name, config.model.name)
+  if config.model.ensemble_size > 1:
+    model = f'{config.model.ensemble_size} x {model} (ensemble)'
+  attack = config.attack
+  training = ('standard training' if attack.name == 'none' else
+              f'{attack.name.upper()}-AT, eps_train '
+              f'{eps_text(attack.eps_train)}, uta-jax')
+  return [{
+      'dataset': config.dataset,
+      'threat_model': 'Linf',
+      'eps': eps_text(float(eps)),
+      'clean_acc': f"{r['clean_accuracy']:.2f}",
+      'autoattack_acc': f"{r['robust_accuracy']:.2f}",
+      'n_examples': report['num_examples'],
+      'autoattack_version': report['version'],
+      'autoattack_backend': report.get('backend', 'torch'),
+      'architecture': model,
+      'additional_data': False,
+      'training': training,
+  } for eps, r in report['eps'].items()]
 
 
 def summary_lines(results: Dict[str, Any]) -> Iterable[str]:
@@ -98,6 +140,8 @@ def autoattack_lines(report: Dict[str, Any]) -> Iterable[str]:
     yield (f"eps={format_eps(float(eps))}: clean accuracy "
            f"{r['clean_accuracy']:.2f}%, robust accuracy "
            f"{r['robust_accuracy']:.2f}% ({r['seconds']:.1f} s)")
+  for record in report.get('robustbench', ()):
+    yield 'RobustBench record: ' + json.dumps(record)
   jax_eval = report.get('jax')
   if jax_eval:
     for eps, acc in jax_eval['robust_accuracy']['pgd'].items():

@@ -175,6 +175,11 @@ def _evaluate_workdir(workdir, run, *, version, backend, eps, num_examples,
     result.pop('robust_points')
     report['model_randomness'] = result.pop('model_randomness')
     report['eps'][str(e)] = result
+    report['robustbench'] = reporting.robustbench_records(config, report)
+    update_results(workdir, autoattack=report)
+  if report.get('robustbench') != reporting.robustbench_records(config,
+                                                                report):
+    report['robustbench'] = reporting.robustbench_records(config, report)
     update_results(workdir, autoattack=report)
   if jax_pgd:
     start = time.time()
