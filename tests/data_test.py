@@ -99,13 +99,35 @@ class TfdsTest(parameterized.TestCase):
     with tfds.testing.mock_data(num_examples=24), mock.patch.object(
         tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
       ds = data.load_dataset(name)
-    self.assertEqual(ds.source, f'tfds {data.TFDS_NAMES[name]}')
+    self.assertEqual(ds.source, f'tfds {data.TFDS_NAMES[name]}, release '
+                     'order (by example id)')
     self.assertEqual(ds.train.images.shape, (24, 32, 32, 3))
     self.assertEqual(ds.train.images.dtype, np.uint8)
     self.assertEqual(ds.test.labels.dtype, np.int32)
     batch = data.get_batch(ds.train, np.arange(8))
     self.assertEqual(batch['image'].dtype, np.float32)
     self.assertTrue(0 <= batch['image'].min() and batch['image'].max() <= 1)
+
+  @parameterized.parameters('svhn', 'cifar10')
+  def test_test_points_come_in_release_order(self, name):
+    # --max_eval_examples=N must mean the first N of the original release,
+    # not of TFDS's prepared (hash-shuffled) order.
+    tfds = require('tensorflow_datasets')
+    with tfds.testing.mock_data(num_examples=24), mock.patch.object(
+        tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+      ds = data.load_dataset(name, max_eval_examples=10)
+      prepared = list(tfds.as_numpy(tfds.builder(
+          data.TFDS_NAMES[name]).as_dataset(split='test')))
+    by_id = sorted(prepared, key=lambda e: e['id'])
+    self.assertNotEqual([e['id'] for e in prepared], [e['id'] for e in by_id])
+    np.testing.assert_array_equal(ds.test.images,
+                                  np.stack([e['image'] for e in by_id[:10]]))
+    np.testing.assert_array_equal(ds.test.labels,
+                                  [e['label'] for e in by_id[:10]])
+
+  def test_release_order_sorts_fixed_width_ids(self):
+    ids = np.array([b'test00002', b'test00010', b'test00000', b'test00001'])
+    np.testing.assert_array_equal(data.release_order(ids), [2, 3, 0, 1])
 
   def test_offline_without_prepared_data_fails_fast_and_clean(self):
     folder = self.create_tempdir().full_path

@@ -96,7 +96,8 @@ class MainJobTest(absltest.TestCase):
         tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
       results = loop.train_and_evaluate(config, workdir)
     self.assertEqual(results['status'], 'finished')
-    self.assertEqual(results['dataset_source'], 'tfds svhn_cropped')
+    self.assertEqual(results['dataset_source'],
+                     'tfds svhn_cropped, release order (by example id)')
     self.assertEqual(results['steps'], 2)
 
 

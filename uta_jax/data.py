@@ -181,8 +181,17 @@ def tfds_prepare_hint(tfds_name: str) -> str:
           f"{tfds_name} into your data dir")
 
 
-def load_tfds(tfds_name: str, data_dir: Optional[str]) -> Tuple[Split, Split]:
-  """A prepared TFDS dataset as uint8 arrays; fails fast when not prepared."""
+def load_tfds(tfds_name: str, data_dir: Optional[str]
+             ) -> Tuple[Split, Split, str]:
+  """A prepared TFDS dataset as uint8 arrays, and the order it is in; fails
+  fast when not prepared.
+
+  TFDS shuffles examples when it prepares a dataset. Where the examples carry
+  the release's example id (``id``: 'test00042' in CIFAR-10, SVHN), each
+  split is put back in release order by it, so the first N test points are
+  the first N that RobustBench and torchvision mean. Otherwise (TFDS
+  ``mnist``) the prepared order stays, and the returned order says so.
+  """
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -196,15 +205,28 @@ def load_tfds(tfds_name: str, data_dir: Optional[str]) -> Tuple[Split, Split]:
         f'data_dir (or TFDS_DATA_DIR) to a folder holding '
         f'{tfds_name}/<version>/, or {tfds_prepare_hint(tfds_name)}',
         'data_dir')
+  has_ids = 'id' in builder.info.features.keys()
   splits = []
   for split in ('train', 'test'):
     # Large batches, concatenated: batch_size=-1 needs a known cardinality.
     batches = list(tfds.as_numpy(
         builder.as_dataset(split=split).batch(TFDS_LOAD_BATCH)))
-    splits.append(Split(
-        np.concatenate([b['image'] for b in batches]).astype(np.uint8),
-        np.concatenate([b['label'] for b in batches]).astype(np.int32)))
-  return splits[0], splits[1]
+    images = np.concatenate([b['image'] for b in batches]).astype(np.uint8)
+    labels = np.concatenate([b['label'] for b in batches]).astype(np.int32)
+    if has_ids:  # fixed-width ids: their sort is the release order
+      order = release_order(np.concatenate([b['id'] for b in batches]))
+      images, labels = images[order], labels[order]
+    splits.append(Split(images, labels))
+  return (splits[0], splits[1],
+          'release order (by example id)' if has_ids else
+          'TFDS prepared order (no example id)')
+
+
+def release_order(ids: np.ndarray) -> np.ndarray:
+  """Indices that sort examples by their release id ('test00042'): ids are
+  a split prefix and a zero-padded index, so the string order is the
+  release order."""
+  return np.argsort(np.asarray(ids).astype(str), kind='stable')
 
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None,
@@ -228,8 +250,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
     train, test = load_idx_folder(DEBIAN_FASHION_MNIST)
     source = f'IDX {DEBIAN_FASHION_MNIST}'
   elif name in TFDS_NAMES:
-    train, test = load_tfds(TFDS_NAMES[name], data_dir)
-    source = f'tfds {TFDS_NAMES[name]}'
+    train, test, order = load_tfds(TFDS_NAMES[name], data_dir)
+    source = f'tfds {TFDS_NAMES[name]}, {order}'
   else:
     raise DataError(f'unknown dataset {name!r}; choose one of {DATASETS}')
   return Dataset(name, train.take(max_train_examples),
