@@ -91,6 +91,8 @@ def define(paths: Optional[Iterable[str]] = None,
       flags.DEFINE_string(name, default, text, **kw)
     elif setting.kind == 'int':
       flags.DEFINE_integer(name, default, text, **kw)
+    elif setting.kind == 'bool':
+      flags.DEFINE_bool(name, default, text, **kw)
     elif setting.kind == 'float':
       flags.DEFINE(_NumberParser(), name, default, text, **kw)
     elif setting.kind in ('floats', 'ints'):

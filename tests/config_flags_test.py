@@ -52,6 +52,12 @@ class ConfigFlagsTest(absltest.TestCase):
                      (8 / 255, (0.1, 16 / 255), 3))
     self.assertEqual(config_flags.overrides(flag_values=parsed()), {})
 
+  def test_booleans_are_absl_bools(self):
+    self.assertEqual(config_flags.overrides(flag_values=parsed('--noaugment')),
+                     {'augment': False})
+    self.assertEqual(config_flags.overrides(flag_values=parsed('--augment')),
+                     {'augment': True})
+
   def test_bad_numbers_are_refused_by_the_parser(self):
     for bad in ('--eps_train=abc', '--eps_train=1/0', '--eval_eps=0.1,x'):
       with self.assertRaises(flags.IllegalFlagValueError):

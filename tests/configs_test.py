@@ -44,6 +44,14 @@ class PresetTest(parameterized.TestCase):
                                      'attack.num_samples': 5})
     self.assertGreater(c.model.dropout_rate, 0)
 
+  def test_only_cifar10_augments_by_default(self):
+    for dataset in configs.data.DATASETS:
+      self.assertEqual(configs.get_config(dataset).augment,
+                       dataset == 'cifar10', dataset)
+    self.assertFalse(configs.get_config('cifar10', {'augment': False}).augment)
+    with self.assertRaisesRegex(configs.ConfigError, 'augment'):
+      configs.get_config('toy2d', {'augment': True})
+
   def test_other_attacks_drop_the_presets_mc_dropout_sampling(self):
     for attack in ('pgd', 'fgsm', 'none'):
       c = configs.get_config('cifar10', {'attack.name': attack})

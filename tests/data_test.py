@@ -172,6 +172,51 @@ class OrderTest(absltest.TestCase):
       data.steps_per_epoch(50, 64)
     self.assertEqual(e.exception.paths, ('batch_size',))
 
+  def test_augment_crops_the_padded_image_and_flips_it(self):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(6, 8, 8, 3)).astype(np.float32)
+    ids = np.array([5, 17, 2, 40, 41, 9])
+    out = data.augment(images, seed=1, step=3, example_ids=ids)
+    self.assertEqual(out.shape, images.shape)
+    # Independent computation: each output is one of the 9 x 9 x 2 crops of
+    # its zero-padded image (flipped or not); find it by search.
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    kinds = set()
+    for i in range(6):
+      found = [(dy, dx, f) for dy in range(9) for dx in range(9)
+               for f in (False, True)
+               if np.array_equal(out[i], (lambda c: c[:, ::-1] if f else c)(
+                   padded[i, dy:dy + 8, dx:dx + 8]))]
+      self.assertNotEmpty(found, i)
+      kinds.add(found[0])
+    self.assertGreater(len(kinds), 1)  # not one crop for all
+
+  def test_augment_draws_depend_on_seed_step_and_example_only(self):
+    images = np.random.default_rng(1).uniform(size=(4, 8, 8, 1))
+    ids = np.array([3, 8, 1, 6])
+    a = data.augment(images, seed=0, step=7, example_ids=ids)
+    np.testing.assert_array_equal(
+        a, data.augment(images, seed=0, step=7, example_ids=ids))
+    # The same example in another batch (another host's slice) is drawn
+    # the same: no dependence on its position or its neighbours.
+    np.testing.assert_array_equal(
+        a[2:3], data.augment(images[2:3], seed=0, step=7, example_ids=ids[2:3]))
+    for other in (dict(seed=1, step=7), dict(seed=0, step=8)):
+      self.assertFalse(np.array_equal(
+          a, data.augment(images, example_ids=ids, **other)))
+
+  def test_get_batch_augments_only_when_asked(self):
+    split = data.Split(np.random.default_rng(2).integers(
+        0, 256, (10, 8, 8, 3), dtype=np.uint8), np.arange(10, dtype=np.int32))
+    idx = np.array([4, 1, 7])
+    plain = data.get_batch(split, idx)
+    np.testing.assert_array_equal(plain['image'], data.to_float(
+        split.images[idx]))
+    aug = data.get_batch(split, idx, augment_seed=(0, 5))
+    np.testing.assert_array_equal(aug['image'], data.augment(
+        plain['image'], seed=0, step=5, example_ids=idx))
+    np.testing.assert_array_equal(aug['label'], [4, 1, 7])
+
   def test_toy2d_is_non_isotropic(self):
     ds = data.load_dataset('toy2d')
     x, y = ds.train.images, ds.train.labels

@@ -122,6 +122,9 @@ class Config:
   attack: AttackConfig = field(AttackConfig(), 'the training attack')
   optimizer: OptimizerConfig = field(OptimizerConfig(), 'the optimiser')
   eval: EvalConfig = field(EvalConfig(), 'the evaluation')
+  augment: bool = field(False, 'random crops (4-pixel zero padding) and '
+                        'horizontal flips of training images (on in the '
+                        'CIFAR-10 preset)')
   epochs: int = field(10, 'training epochs')
   batch_size: int = field(128, 'global batch size (all devices)')
   seed: int = field(0, 'seed of init, data order and attacks')
@@ -240,7 +243,7 @@ def preset(dataset: str, eps_train: Optional[float] = None) -> Config:
         lr_boundaries_epochs=(60, 120, 160), lr_decay_factor=1 / 15)
     return Config(dataset=dataset,
                   model=ModelConfig(name='resnet18', dropout_rate=0.2),
-                  attack=attack, optimizer=optimizer, epochs=200,
+                  attack=attack, optimizer=optimizer, epochs=200, augment=True,
                   eval=EvalConfig(eps=(8 / 255,), pgd_step_size=None,
                                   batch_size=256))
   if dataset == 'toy2d':
@@ -317,6 +320,9 @@ def validate(config: Config) -> None:
                         f'{s.choices}', s.path)
     if s.kind == 'int' and not (s.optional and value is None):
       _at_least(s.path, value, 1 if s.optional else 0)
+  if config.dataset == 'toy2d' and config.augment:
+    raise ConfigError('augment crops and flips images; the toy2d points are '
+                      '2-D vectors', 'augment')
   if config.dataset == 'toy2d' and config.model.name != 'mlp':
     raise ConfigError(f'the toy2d points are 2-D vectors, not images: use '
                       f'model.name=mlp, not {config.model.name}',

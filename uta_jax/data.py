@@ -290,7 +290,41 @@ def host_batch_indices(*, seed: int, step: int, num_examples: int,
   return batch[process_index * per_host:(process_index + 1) * per_host]
 
 
-def get_batch(split: Split, indices: np.ndarray) -> dict:
-  """{'image': float32 [B, ...] in [0, 1], 'label': int32 [B]}."""
-  return {'image': to_float(split.images[indices]),
-          'label': split.labels[indices]}
+def get_batch(split: Split, indices: np.ndarray, *,
+              augment_seed: Optional[Tuple[int, int]] = None) -> dict:
+  """{'image': float32 [B, ...] in [0, 1], 'label': int32 [B]}; with
+  ``augment_seed=(seed, step)`` the images are ``augment``ed."""
+  images = to_float(split.images[indices])
+  if augment_seed is not None:
+    images = augment(images, seed=augment_seed[0], step=augment_seed[1],
+                     example_ids=indices)
+  return {'image': images, 'label': split.labels[indices]}
+
+
+AUGMENT_PADDING = 4
+_AUGMENT_STREAM = 0x617567  # 'aug': keeps these draws apart from the order's
+
+
+def augment(images: np.ndarray, *, seed: int, step: int,
+            example_ids: np.ndarray,
+            padding: int = AUGMENT_PADDING) -> np.ndarray:
+  """Random crops of the zero-padded images and horizontal flips, as the
+  paper's CIFAR-10 training (Andriushchenko & Flammarion 2020): [B, H, W, C]
+  -> [B, H, W, C].
+
+  Example i's crop and flip are drawn from (seed, step, example_ids[i])
+  alone, so a resumed run repeats them and they do not depend on how the
+  batch is split over hosts and devices.
+  """
+  b, h, w, _ = images.shape
+  draws = np.stack([np.random.default_rng(
+      [seed, _AUGMENT_STREAM, step, int(i)]).integers(0, 2 * padding + 1, 3)
+                    for i in example_ids])  # [B, 3]: dy, dx, flip (odd)
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
+                           (0, 0)))
+  rows = draws[:, 0, None] + np.arange(h)  # [B, H]
+  cols = draws[:, 1, None] + np.arange(w)  # [B, W]
+  flip = draws[:, 2] % 2 == 1
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(b)[:, None, None], rows[:, :, None],
+                cols[:, None, :]]

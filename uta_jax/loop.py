@@ -46,7 +46,8 @@ def _global_batch(split: data.Split, step: int, config: configs.Config):
       seed=config.seed, step=step, num_examples=len(split),
       global_batch=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
-  return data.get_batch(split, idx)
+  return data.get_batch(split, idx, augment_seed=(
+      (config.seed, step) if config.augment else None))
 
 
 def train_and_evaluate(config: configs.Config, workdir: str, *,

@@ -250,7 +250,8 @@ def fit(config: configs.Config, split: data.Split, *, num_steps: int,
   for step in range(num_steps):
     batch = data.get_batch(split, data.host_batch_indices(
         seed=config.seed, step=step, num_examples=len(split),
-        global_batch=config.batch_size))
+        global_batch=config.batch_size), augment_seed=(
+            (config.seed, step) if config.augment else None))
     state, _ = step_fn(state, batch)
     if callback is not None:
       callback(step + 1, model, variables_of(state))
