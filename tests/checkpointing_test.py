@@ -17,7 +17,7 @@ from uta_jax import steps
 def _state(seed=0):
   config = configs.get_config('mnist', {'seed': seed})
   model = classifier.create_model(config)
-  tx = steps.make_optimizer(config.optimizer, 10)
+  tx = steps.make_optimizer(config, 10)
   return jax.device_get(steps.create_train_state(config, model, tx,
                                                  (28, 28, 1)))
 

@@ -23,7 +23,7 @@ from testutil import synthetic_images  # pylint: disable=g-bad-import-order
 def _setup(overrides, tx=None):
   config = configs.get_config('fashion_mnist', overrides)
   model = classifier.create_model(config)
-  tx = tx or steps.make_optimizer(config.optimizer, 10)
+  tx = tx or steps.make_optimizer(config, 10)
   state = steps.create_train_state(config, model, tx, (28, 28, 1))
   x, y = synthetic_images(16, seed=3)
   return config, model, tx, state, {'image': x, 'label': y}
@@ -213,6 +213,30 @@ class StepTest(chex.TestCase):
     new, metrics = jax.jit(steps.make_train_step(
         config, model, tx, axis_name=None))(state, batch)
     self.assertTrue(np.isfinite(metrics['loss']))
+
+
+class LearningRateTest(absltest.TestCase):
+
+  def test_cyclic_is_one_triangle_over_the_run(self):
+    config = configs.get_config('cifar10', {
+        'optimizer.lr_schedule': 'cyclic', 'optimizer.learning_rate': 0.2,
+        'epochs': 90})
+    schedule = steps.learning_rate(config, steps_per_epoch=10)
+    t = np.arange(0, 901, 7)
+    # Independent computation: the fast-AT form, np.interp over the steps.
+    expected = np.interp(t, [0, 450, 900], [0, 0.2, 0])
+    np.testing.assert_allclose([float(schedule(s)) for s in t], expected,
+                               atol=1e-6)
+    early = configs.replace(config, {'optimizer.lr_peak_fraction': 0.4})
+    self.assertAlmostEqual(float(steps.learning_rate(early, 10)(360)), 0.2,
+                           places=6)
+
+  def test_piecewise_decays_at_the_boundary_epochs(self):
+    config = configs.get_config('cifar10')  # 0.1, /15 at 60, 120, 160
+    schedule = steps.learning_rate(config, steps_per_epoch=10)
+    for step, lr in ((0, 0.1), (599, 0.1), (600, 0.1 / 15),
+                     (1200, 0.1 / 15**2), (1999, 0.1 / 15**3)):
+      self.assertAlmostEqual(float(schedule(step)), lr, places=7)
 
 
 class KeyTest(absltest.TestCase):

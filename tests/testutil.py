@@ -61,7 +61,7 @@ def final_state(workdir, overrides=None):
   (``overrides``: the run's settings other than the preset's)."""
   config = configs.get_config('mnist_embedded', overrides)
   model = classifier.create_model(config)
-  tx = steps.make_optimizer(config.optimizer, 1)
+  tx = steps.make_optimizer(config, 1)
   target = jax.device_get(steps.create_train_state(config, model, tx,
                                                    (28, 28, 1)))
   ck = checkpointing.Checkpointer(os.path.join(workdir, runs.CHECKPOINTS))

@@ -40,7 +40,7 @@ SCHEDULES = ('constant', 'triangular')
 UNCERTAINTIES = ('single', 'mc_dropout', 'ensemble')
 SPACES = ('input', 'latent')
 OPTIMIZERS = ('adam', 'sgd_nesterov')
-LR_SCHEDULES = ('constant', 'piecewise')
+LR_SCHEDULES = ('constant', 'piecewise', 'cyclic')
 MEASURES = ('entropy', 'mutual_information')
 
 # App. C: the ensemble of the paper has M = 5 members.
@@ -93,6 +93,8 @@ class OptimizerConfig:
   lr_boundaries_epochs: Tuple[int, ...] = field(
       (), 'epochs at which the piecewise schedule decays')
   lr_decay_factor: float = field(1.0, 'factor of each piecewise decay')
+  lr_peak_fraction: float = field(0.5, 'cyclic schedule: where in the run '
+                                  'the learning rate peaks')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +363,10 @@ def validate(config: Config) -> None:
     raise ConfigError(f'model.dropout_rate must be in [0, 1), got '
                       f'{m.dropout_rate}', 'model.dropout_rate')
   _check_eps('optimizer.learning_rate', config.optimizer.learning_rate)
+  if not 0 < config.optimizer.lr_peak_fraction < 1:
+    raise ConfigError('optimizer.lr_peak_fraction must be in (0, 1), got '
+                      f'{config.optimizer.lr_peak_fraction}',
+                      'optimizer.lr_peak_fraction')
   e = config.eval
   if not e.eps:
     raise ConfigError('eval.eps needs at least one value', 'eval.eps')

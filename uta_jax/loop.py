@@ -91,7 +91,7 @@ def _train(config: configs.Config, workdir: str,
            total_steps)
 
   model = classifier.create_model(config)
-  tx = steps.make_optimizer(config.optimizer, steps_per_epoch)
+  tx = steps.make_optimizer(config, steps_per_epoch)
   state = jax.device_get(steps.create_train_state(config, model, tx,
                                                   dataset.input_shape))
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir,

@@ -98,7 +98,7 @@ def load_run(workdir: str) -> Run:
   except (OSError, configs.ConfigError) as e:
     raise RunError(f'{path} is unreadable ({e})') from e
   model = classifier.create_model(config)
-  tx = steps.make_optimizer(config.optimizer, 1)
+  tx = steps.make_optimizer(config, 1)
   target = jax.device_get(steps.create_train_state(
       config, model, tx, data.INPUT_SHAPES[config.dataset]))
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINTS))

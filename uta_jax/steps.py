@@ -53,15 +53,34 @@ class TrainState(flax.struct.PyTreeNode):
   # checkpoints and pmap replication see a plain array
 
 
-def make_optimizer(config: configs.OptimizerConfig,
+def learning_rate(config: configs.Config, steps_per_epoch: int):
+  """The learning rate per step: a constant, or an optax schedule.
+
+  ``piecewise``: decayed by ``lr_decay_factor`` at each boundary epoch.
+  ``cyclic``: one triangle (Smith 2017, the fast-AT form), 0 up to
+  ``learning_rate`` at ``lr_peak_fraction`` of the run, then down to 0 at
+  its last step.
+  """
+  o = config.optimizer
+  if o.lr_schedule == 'piecewise':
+    return optax.piecewise_constant_schedule(o.learning_rate, {
+        b * steps_per_epoch: o.lr_decay_factor
+        for b in o.lr_boundaries_epochs
+    })
+  if o.lr_schedule == 'cyclic':
+    total = max(2, config.epochs * steps_per_epoch)
+    up = min(total - 1, max(1, round(o.lr_peak_fraction * total)))
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, o.learning_rate, up),
+        optax.linear_schedule(o.learning_rate, 0.0, total - up)], [up])
+  return o.learning_rate
+
+
+def make_optimizer(config: configs.Config,
                    steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam or SGD-Nesterov with the configured learning-rate schedule."""
-  lr = config.learning_rate
-  if config.lr_schedule == 'piecewise':
-    lr = optax.piecewise_constant_schedule(lr, {
-        b * steps_per_epoch: config.lr_decay_factor
-        for b in config.lr_boundaries_epochs
-    })
+  lr = learning_rate(config, steps_per_epoch)
+  config = config.optimizer
   if config.name == 'adam':
     tx = optax.adam(lr)
   else:
@@ -244,7 +263,7 @@ def fit(config: configs.Config, split: data.Split, *, num_steps: int,
   """
   model = classifier.create_model(config)
   steps_per_epoch = data.steps_per_epoch(len(split), config.batch_size)
-  tx = make_optimizer(config.optimizer, steps_per_epoch)
+  tx = make_optimizer(config, steps_per_epoch)
   state = create_train_state(config, model, tx, tuple(split.images.shape[1:]))
   step_fn = jax.jit(make_train_step(config, model, tx, axis_name=None))
   for step in range(num_steps):
