@@ -13,6 +13,7 @@ import optax
 from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import models
 from uta_jax import parallel
 from uta_jax import steps
 from uta_jax import uncertainty
@@ -49,6 +50,31 @@ class PmapTest(chex.TestCase):
     self.assertGreater(float(optax.tree.norm(grads_1)), 1e-3)
     np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-5)
     self.assertEqual(int(s4.step), 1)
+
+  def test_batchnorm_statistics_are_global_so_devices_do_not_matter(self):
+    # A small ResNet in training mode: with per-device statistics, 4 devices
+    # of 2 examples would normalise differently from 1 device of 8.
+    config = configs.get_config('cifar10', {
+        'attack.name': 'pgd', 'attack.eps_train': 8 / 255,
+        'attack.num_steps': 2, 'attack.step_size': 4 / 255,
+        'model.dropout_rate': 0.0})
+    model = models.ResNet18(dropout_rate=0.0, stage_sizes=(1, 1), base_width=4)
+    tx = optax.sgd(0.5)
+    state = steps.create_train_state(config, model, tx, (32, 32, 3))
+    x, y = synthetic_images(8, seed=5, shape=(32, 32, 3))
+    batch = {'image': x, 'label': y}
+    single = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
+    p_step = parallel.pmap_train_step(
+        steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
+    s1, p4 = state, parallel.replicate(state)
+    for _ in range(2):
+      s1, m1 = single(s1, batch)
+      p4, m4 = p_step(p4, parallel.shard(batch))
+    s4 = parallel.unreplicate(p4)
+    chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(s4.batch_stats, s1.batch_stats, rtol=1e-4,
+                                atol=1e-5)
+    np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-4)
 
   def test_adam_parameters_match_too(self):
     config, model, tx, state, batch = _setup(

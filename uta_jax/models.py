@@ -179,11 +179,13 @@ class BasicBlock(nn.Module):
   features: int
   stride: int
   dropout_rate: float
+  bn_axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, *, train: bool, mc_dropout: bool):
     deterministic = not (train or mc_dropout)
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                axis_name=self.bn_axis_name)
     y = TorchConv(self.features, 3, padding=1, stride=self.stride,
                   use_bias=False)(x)
     y = nn.relu(norm()(y))
@@ -204,20 +206,28 @@ class ResNet18(nn.Module):
   channels), global average pooling. ``encode`` returns the pooled features
   (z of size 512), ``classify`` the final linear layer. Inputs are normalised
   with the CIFAR-10 channel statistics inside the model.
+
+  ``bn_axis_name``: in training, BatchNorm statistics over that mapped axis
+  too, i.e. over the global batch of a data-parallel step (the train step
+  sets it), so the result does not depend on the number of devices.
+  ``base_width`` (64) and ``stage_sizes`` shrink it for tests.
   """
   num_classes: int = 10
   dropout_rate: float = 0.2
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   mean: Optional[Sequence[float]] = CIFAR10_MEAN
   std: Optional[Sequence[float]] = CIFAR10_STD
+  bn_axis_name: Optional[str] = None
+  base_width: int = 64
 
   def setup(self):
-    self.stem_conv = TorchConv(64, 3, padding=1, use_bias=False)
-    self.stem_bn = nn.BatchNorm(momentum=0.9)
+    self.stem_conv = TorchConv(self.base_width, 3, padding=1, use_bias=False)
+    self.stem_bn = nn.BatchNorm(momentum=0.9, axis_name=self.bn_axis_name)
     self.drop = nn.Dropout(self.dropout_rate)
     self.blocks = [
-        BasicBlock(64 * 2**stage, 2 if stage > 0 and block == 0 else 1,
-                   self.dropout_rate)
+        BasicBlock(self.base_width * 2**stage,
+                   2 if stage > 0 and block == 0 else 1, self.dropout_rate,
+                   self.bn_axis_name)
         for stage, num_blocks in enumerate(self.stage_sizes)
         for block in range(num_blocks)
     ]

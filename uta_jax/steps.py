@@ -210,9 +210,14 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   else:
     inputs, delta = point, None
 
+  # BatchNorm statistics over the global batch, not each device's shard.
+  train_model = (model.clone(bn_axis_name=axis_name)
+                 if axis_name is not None and hasattr(model, 'bn_axis_name')
+                 else model)
+
   def loss_fn(params):
     def one(member_vars, k, member_delta):
-      logits, stats = _train_forward(model, member_vars, inputs, k,
+      logits, stats = _train_forward(train_model, member_vars, inputs, k,
                                      member_delta)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return loss.mean(), (logits, stats)
