@@ -76,6 +76,51 @@ class PmapTest(chex.TestCase):
                                 atol=1e-5)
     np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-4)
 
+  def _one_vs_four_devices(self, config, model, shape, num_steps=3):
+    # SGD: the update is linear in the gradient, so float noise stays small
+    # (Adam divides near-zero gradients by their near-zero scale).
+    tx = optax.sgd(0.1)
+    state = steps.create_train_state(config, model, tx, shape)
+    x, y = synthetic_images(8, seed=6, shape=shape)
+    batch = {'image': x, 'label': y, 'id': np.arange(100, 108, dtype=np.int32)}
+    single = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
+    p_step = parallel.pmap_train_step(
+        steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
+    s1, p4 = state, parallel.replicate(state)
+    for _ in range(num_steps):
+      s1, _ = single(s1, batch)
+      p4, _ = p_step(p4, parallel.shard(batch))
+    s4 = parallel.unreplicate(p4)
+    self.assertFalse(np.allclose(
+        jax.tree_util.tree_leaves(s1.params)[0],
+        jax.tree_util.tree_leaves(state.params)[0]))
+    chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(s4.batch_stats, s1.batch_stats, rtol=1e-4,
+                                atol=1e-5)
+
+  def test_uta_mc_dropout_training_does_not_depend_on_the_devices(self):
+    # Dropout masks, MC-dropout samples and the attack are keyed by example
+    # id: 4 devices of 2 examples draw what 1 device of 8 draws.
+    config = configs.get_config('fashion_mnist', {
+        'attack.name': 'uta', 'attack.eps_train': 0.1, 'attack.num_steps': 2,
+        'attack.uncertainty': 'mc_dropout', 'attack.num_samples': 3,
+        'model.dropout_rate': 0.3})
+    self._one_vs_four_devices(config, classifier.create_model(config),
+                              (28, 28, 1))
+
+  def test_small_resnet_with_mc_dropout_does_not_depend_on_the_devices(self):
+    config = configs.get_config('cifar10', {
+        'attack.num_samples': 2, 'model.dropout_rate': 0.2})
+    model = models.ResNet18(dropout_rate=0.2, stage_sizes=(1, 1), base_width=4)
+    self._one_vs_four_devices(config, model, (32, 32, 3), num_steps=2)
+
+  def test_rfgsm_starts_do_not_depend_on_the_devices(self):
+    config = configs.get_config('fashion_mnist', {
+        'attack.name': 'rfgsm', 'attack.eps_train': 0.1,
+        'attack.step_size': 0.05, 'model.dropout_rate': 0.3})
+    self._one_vs_four_devices(config, classifier.create_model(config),
+                              (28, 28, 1), num_steps=2)
+
   def test_adam_parameters_match_too(self):
     config, model, tx, state, batch = _setup(
         {'attack.name': 'uta', 'attack.eps_train': 0.1, 'attack.num_steps': 3})

@@ -127,6 +127,12 @@ def is_key_batch(key: jax.Array) -> bool:
   return key.ndim == 2
 
 
+def example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """One key per example [B]: ``fold_in(key, id)`` of its global index, so
+  an example's draws do not depend on its batch, device or host."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
+
+
 def uniform_noise(key: jax.Array, x: jax.Array, *, eps) -> jax.Array:
   """U(-eps, eps) noise of ``x``'s shape.
 

@@ -292,13 +292,15 @@ def host_batch_indices(*, seed: int, step: int, num_examples: int,
 
 def get_batch(split: Split, indices: np.ndarray, *,
               augment_seed: Optional[Tuple[int, int]] = None) -> dict:
-  """{'image': float32 [B, ...] in [0, 1], 'label': int32 [B]}; with
-  ``augment_seed=(seed, step)`` the images are ``augment``ed."""
+  """{'image': float32 [B, ...] in [0, 1], 'label': int32 [B], 'id': int32
+  [B] (the examples' indices: per-example random draws are keyed by them)};
+  with ``augment_seed=(seed, step)`` the images are ``augment``ed."""
   images = to_float(split.images[indices])
   if augment_seed is not None:
     images = augment(images, seed=augment_seed[0], step=augment_seed[1],
                      example_ids=indices)
-  return {'image': images, 'label': split.labels[indices]}
+  return {'image': images, 'label': split.labels[indices],
+          'id': np.asarray(indices, np.int32)}
 
 
 AUGMENT_PADDING = 4

@@ -58,11 +58,6 @@ def _entropy(logits: jax.Array) -> jax.Array:
   return uncertainty.entropy_from_log_probs(jax.nn.log_softmax(logits))
 
 
-def example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
-  """One key per example [B]: ``fold_in(key, id)`` of its global index."""
-  return jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
-
-
 def _logits_fns(model, variables, ensemble):
   logits_fn = functools.partial(classifier.predict_logits, model, variables,
                                 ensemble=ensemble)
@@ -116,7 +111,7 @@ def _pgd_restart(variables, batch, key, eps, restart, *, model, ensemble,
   logits_fn, _ = _logits_fns(model, variables, ensemble)
   x, y = batch['image'], batch['label']
   keys = jax.vmap(jax.random.fold_in, (0, None))(
-      example_keys(key, batch['id']), restart)
+      attacks.example_keys(key, batch['id']), restart)
   x_adv = attacks.pgd(logits_fn, x, y, eps=eps,
                       num_steps=eval_config.pgd_steps,
                       step_size=_step_size(eps, eval_config), bounds=bounds,

@@ -127,7 +127,9 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   """The attack's point: x_adv [B, ...], or z_adv [B, l] in latent space.
 
   Runs the model in eval mode; only UTA's MC-dropout samples use dropout,
-  with M explicit keys. UTA never sees ``labels``.
+  with M explicit keys. UTA never sees ``labels``. ``key`` is one key, or
+  one per example [B] (the train step's): then R-FGSM's start and the
+  MC-dropout masks of example i come from its own key alone.
   """
   method = {}
   start = x
@@ -139,7 +141,11 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
     bounds = None
   if attack.name == 'none':
     return start
-  attack_key, sample_key = jax.random.split(key)
+  if attacks.is_key_batch(key):
+    attack_key, sample_key = jnp.swapaxes(jax.vmap(jax.random.split)(key), 0,
+                                          1)
+  else:
+    attack_key, sample_key = jax.random.split(key)
   logits_fn = functools.partial(classifier.predict_logits, model, variables,
                                 ensemble=ensemble, **method)
   if attack.step_schedule == 'triangular':
@@ -157,7 +163,9 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
     return attacks.pgd(logits_fn, start, labels, num_steps=attack.num_steps,
                        step_size=step_size, **common)
   if attack.uncertainty == 'mc_dropout':
-    keys = jax.random.split(sample_key, attack.num_samples)
+    split = functools.partial(jax.random.split, num=attack.num_samples)
+    keys = (jax.vmap(split)(sample_key) if attacks.is_key_batch(sample_key)
+            else split(sample_key))  # [B, M] or [M]
     sample_fn = uncertainty.mc_dropout_sampler(
         functools.partial(model.apply, **method), variables, keys)
   else:
@@ -167,26 +175,50 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
                      step_size=step_size, measure=attack.measure, **common)
 
 
-def _train_forward(model, variables, x, key, delta=None):
+EXAMPLES = 'examples'  # the vmapped axis of the per-example train forward
+
+
+def _has_dropout(model: nn.Module) -> bool:
+  return getattr(model, 'dropout_rate', 0.0) > 0
+
+
+def _train_forward(model, variables, x, keys, delta=None):
   """Training-mode logits [B, C] and new BatchNorm statistics of one model.
 
-  With ``delta`` (latent space), the logits are classify(encode(x) + delta),
-  so gradients reach both the encoder and the classifier.
+  With dropout, example i runs with its own dropout key ``keys[i]``
+  (vmapped, a batch of one each), so its masks do not depend on its batch
+  or device, and BatchNorm (``bn_axis_name`` holds ``EXAMPLES``, set by
+  ``train_step``) still normalises over the whole batch. Without dropout
+  nothing is random and the batch runs as one (vmapping it costs ~25% on
+  CPU). With ``delta`` (latent space), the logits are
+  classify(encode(x) + delta), so gradients reach the encoder too.
   """
   mutable = ['batch_stats'] if 'batch_stats' in variables else False
-  encode_key, classify_key = jax.random.split(key)
+  per_example = _has_dropout(model)
 
-  def apply(inputs, rng, **kwargs):
-    out = model.apply(variables, inputs, train=True, rngs={'dropout': rng},
-                      mutable=mutable, **kwargs)
-    return out if mutable else (out, {})
+  def one(xi, key, di):
+    encode_key, classify_key = jax.random.split(key)
 
-  if delta is None:
-    logits, updates = apply(x, encode_key)
-  else:
-    z, updates = apply(x, encode_key, method=model.encode)
-    logits, _ = apply(z + delta, classify_key, method=model.classify)
-  return logits, updates.get('batch_stats', {})
+    def apply(inputs, rng, **kwargs):
+      if per_example:
+        inputs = inputs[None]
+      out = model.apply(variables, inputs, train=True,
+                        rngs={'dropout': rng}, mutable=mutable, **kwargs)
+      out, updates = out if mutable else (out, {})
+      return (out[0] if per_example else out), updates
+
+    if di is None:
+      logits, updates = apply(xi, encode_key)
+    else:
+      z, updates = apply(xi, encode_key, method=model.encode)
+      logits, _ = apply(z + di, classify_key, method=model.classify)
+    return logits, updates.get('batch_stats', {})
+
+  if not per_example:
+    return one(x, keys[0], delta)  # the key is unused: no dropout
+  logits, stats = jax.vmap(one, axis_name=EXAMPLES)(x, keys, delta)
+  # The statistics were averaged over EXAMPLES: every example holds them.
+  return logits, jax.tree_util.tree_map(lambda s: s[0], stats)
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
@@ -194,15 +226,26 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                attack: configs.AttackConfig, ensemble: bool,
                bounds: Optional[Tuple[float, float]],
                axis_name: Optional[str] = None) -> Tuple[TrainState, dict]:
-  """One step of Alg. 1 on ``batch`` = {'image': [B, ...], 'label': [B]}."""
+  """One step of Alg. 1 on ``batch`` = {'image': [B, ...], 'label': [B],
+  'id': [B]} (without 'id', an example's position in the global batch).
+
+  Every random draw of example i (attack start, MC-dropout masks, training
+  dropout) is keyed by ``fold_in(fold_in(run key, step), id_i)``: the step
+  does not depend on how the batch is split over devices or hosts.
+  """
   key = jax.random.fold_in(run_key(state), state.step)
-  if axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  attack_key, dropout_key = jax.random.split(key)
   x, labels = batch['image'], batch['label']
+  ids = batch.get('id')
+  if ids is None:
+    ids = jnp.arange(x.shape[0])
+    if axis_name is not None:
+      ids = ids + jax.lax.axis_index(axis_name) * x.shape[0]
+  attack_key, dropout_key = jax.random.split(key)
+  attack_keys = attacks.example_keys(attack_key, ids)  # [B]
+  dropout_keys = attacks.example_keys(dropout_key, ids)  # [B]
   variables = variables_of(state)
   point = jax.lax.stop_gradient(perturb(attack, model, variables, x, labels,
-                                        attack_key, ensemble=ensemble,
+                                        attack_keys, ensemble=ensemble,
                                         bounds=bounds))
   if attack.space == 'latent':
     z = classifier.latent_codes(model, variables, x, ensemble=ensemble)
@@ -210,10 +253,13 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   else:
     inputs, delta = point, None
 
-  # BatchNorm statistics over the global batch, not each device's shard.
-  train_model = (model.clone(bn_axis_name=axis_name)
-                 if axis_name is not None and hasattr(model, 'bn_axis_name')
-                 else model)
+  # BatchNorm statistics over the global batch: the vmapped examples and,
+  # under pmap, every device's shard.
+  train_model = model
+  bn_axes = (((EXAMPLES,) if _has_dropout(model) else ()) +
+             ((axis_name,) if axis_name is not None else ()))
+  if hasattr(model, 'bn_axis_name') and bn_axes:
+    train_model = model.clone(bn_axis_name=bn_axes)
 
   def loss_fn(params):
     def one(member_vars, k, member_delta):
@@ -224,10 +270,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     v = dict(variables, params=params)
     if ensemble:
       num = jax.tree_util.tree_leaves(params)[0].shape[0]
+      member_keys = jax.vmap(lambda m: jax.vmap(jax.random.fold_in, (0, None))(
+          dropout_keys, m))(jnp.arange(num))  # [M, B]
       losses, (logits, stats) = uncertainty.map_members(
-          one, v, jax.random.split(dropout_key, num), delta)
+          one, v, member_keys, delta)
       return losses.mean(), (uncertainty.predictive_log_probs(logits), stats)
-    return one(v, dropout_key, delta)
+    return one(v, dropout_keys, delta)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)

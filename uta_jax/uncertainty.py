@@ -90,15 +90,23 @@ def mc_dropout_sampler(apply_fn: Callable[..., jax.Array], variables: Any,
   """M MC-dropout passes, one per key: x -> logits [M, B, C].
 
   ``apply_fn(variables, x, mc_dropout=True, rngs={'dropout': key})`` must be
-  a Flax-style apply. The M passes are one ``jax.vmap`` over ``keys`` [M, 2]
+  a Flax-style apply. The M passes are one ``jax.vmap`` over ``keys`` [M]
   with ``x`` shared, so XLA computes everything before the first dropout
-  layer once. The same keys give the same masks at every call.
+  layer once. The same keys give the same masks at every call. With keys
+  per example, ``keys`` [B, M], example i's masks come from its own keys
+  alone, so they do not depend on its batch or device.
   """
 
   def sample(x):
-    def one(key):
-      return apply_fn(variables, x, mc_dropout=True, rngs={'dropout': key})
-    return jax.vmap(one)(keys)
+    def one(key, inputs):
+      return apply_fn(variables, inputs, mc_dropout=True,
+                      rngs={'dropout': key})
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if keys.ndim == (2 if typed else 3):  # [B, M]: per example, batch of 1
+      per_example = jax.vmap(lambda k, xi: jax.vmap(one, (0, None))(
+          k, xi[None])[:, 0])(keys, x)  # [B, M, C]
+      return jnp.swapaxes(per_example, 0, 1)
+    return jax.vmap(one, (0, None))(keys, x)
 
   return sample
 
