@@ -225,8 +225,18 @@ class MultiProcessTest(absltest.TestCase):
 
   def test_two_processes_agree_with_one(self):
     # No attack: its sign() would turn 1e-7 reduction-order differences into
-    # discrete flips; the point here is the cross-process gradient mean.
-    args = ('--epochs=1', '--checkpoint_every=8', '--attack=none')
+    # discrete flips over 16 steps; the point is the cross-process mean.
+    self._two_processes_agree_with_one(
+        '--epochs=1', '--checkpoint_every=8', '--attack=none')
+
+  def test_two_processes_agree_with_one_with_an_attack_and_dropout(self):
+    # A few steps of R-FGSM with dropout: every random draw is keyed by the
+    # example, so hosts and devices do not change the run.
+    self._two_processes_agree_with_one(
+        '--epochs=1', '--max_train_examples=128', '--checkpoint_every=4',
+        '--attack=rfgsm', '--step_size=0.05', '--dropout_rate=0.3')
+
+  def _two_processes_agree_with_one(self, *args):
     single = self.create_tempdir().full_path
     self.assertEqual(run_train(single, *args).returncode, 0)
     workdir = self.create_tempdir().full_path
