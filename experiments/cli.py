@@ -94,12 +94,27 @@ class StopSignals:
   Call the instance as ``stop_requested``: training checkpoints and returns,
   evaluation and AutoAttack raise ``parallel.Stopped`` between batches,
   keeping what is finished. A second signal ends the process at once.
+
+  In a multi-host run (``multihost``, after ``jax.distributed``) JAX's
+  coordination service owns SIGTERM and the training loop stops every host
+  at one step (``parallel.preemption_reached``); Ctrl-C is passed on to it
+  as SIGTERM, and nothing stops a single host alone (the others would wait
+  for it in a collective).
   """
 
-  def __init__(self):
+  def __init__(self, *, multihost: bool = False):
     self.received = None
+    if multihost:
+      signal.signal(signal.SIGINT, self._forward_to_coordinator)
+      return
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, self._handle)
+
+  def _forward_to_coordinator(self, signum, frame):
+    del signum, frame
+    print('SIGINT received: every host stops at the next synchronised step',
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def _handle(self, signum, frame):
     del frame

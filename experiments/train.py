@@ -73,7 +73,7 @@ def main(argv):
         cli.fail(f'--autoattack_eps {e} is outside (0, 1]: images are in '
                  '[0, 1]')
     workdir = FLAGS.workdir or default_workdir(config)
-    stop = cli.StopSignals()
+    stop = cli.StopSignals(multihost=FLAGS.num_processes > 1)
     results = loop.train_and_evaluate(config, workdir, stop_requested=stop)
     autoattack = None
     if FLAGS.autoattack and results['status'] == 'finished':

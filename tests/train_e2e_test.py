@@ -8,6 +8,7 @@ settings.
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -235,6 +236,42 @@ class MultiProcessTest(absltest.TestCase):
     self._two_processes_agree_with_one(
         '--epochs=1', '--max_train_examples=128', '--checkpoint_every=4',
         '--attack=rfgsm', '--step_size=0.05', '--dropout_rate=0.3')
+
+  def test_sigterm_to_one_host_stops_every_host_at_the_same_step(self):
+    args = ('--epochs=4', '--checkpoint_every=4', '--attack=none')  # 64 steps
+    single = self.create_tempdir().full_path
+    self.assertEqual(run_train(single, *args).returncode, 0)
+    workdir = self.create_tempdir().full_path
+    env = dict(os.environ,
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+
+    def launch():
+      port = _free_port()
+      return [subprocess.Popen(
+          train_command(workdir, *args, f'--coordinator_address=127.0.0.1:'
+                        f'{port}', '--num_processes=2', f'--process_id={i}'),
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for i in range(2)]
+
+    procs = launch()
+    wait_for_checkpoint(workdir, procs[0], min_step=8)
+    procs[1].send_signal(signal.SIGTERM)  # the preemption of one host
+    outs = [p.communicate(timeout=300) for p in procs]
+    stopped_at = []
+    for p, (out, err) in zip(procs, outs):
+      self.assertEqual(p.returncode, 0, err[-2000:])
+      match = re.search(r'preempted at step (\d+)', out)
+      self.assertIsNotNone(match, out[-2000:] + err[-2000:])
+      stopped_at.append(int(match.group(1)))
+    self.assertEqual(stopped_at[0], stopped_at[1])
+    self.assertLess(stopped_at[0], 64)
+    for p in launch():  # the same command resumes on both hosts
+      out, err = p.communicate(timeout=300)
+      self.assertEqual(p.returncode, 0, err[-2000:])
+      self.assertIn(f'resumed from step {stopped_at[0]}', err)
+    a, _ = final_state(single)
+    b, _ = final_state(workdir)
+    chex.assert_trees_all_close(a.params, b.params, atol=1e-5)
 
   def _two_processes_agree_with_one(self, *args):
     single = self.create_tempdir().full_path

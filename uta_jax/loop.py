@@ -127,7 +127,7 @@ def _train(config: configs.Config, workdir: str,
       p_state, metrics = p_step(p_state, batch)
       step += 1
       window_images += config.batch_size
-      stopping = stop_requested()
+      stopping = stop_requested() or parallel.preemption_reached(step)
       saving = step % config.checkpoint_every == 0 or stopping
       logging_now = step % config.log_every == 0 or step == total_steps
       evaluating = step < total_steps and (

@@ -19,10 +19,22 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import flax.jax_utils
 import jax
 import numpy as np
+from orbax.checkpoint import multihost as ocp_multihost
 
 from uta_jax import errors
 
 AXIS = 'batch'
+
+
+def preemption_reached(step: int) -> bool:
+  """In a multi-host run: True on every host at the same ``step`` once any
+  host got SIGTERM (orbax's synchronised check over JAX's coordination
+  service, which owns SIGTERM there), so all hosts checkpoint the same step
+  and none waits in a collective for a host that left. One host: False (its
+  own signal handler stops it)."""
+  if jax.process_count() == 1:
+    return False
+  return ocp_multihost.reached_preemption(step)
 
 
 class ParallelError(errors.NamesSettings, ValueError):
