@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uta_jax import models
 
@@ -29,8 +30,15 @@ def _init(name, **kwargs):
 
 class ArchitectureTest(chex.TestCase, parameterized.TestCase):
 
-  @parameterized.parameters(*EXPECTED_PARAMS)
+  @parameterized.parameters('mlp', 'lenet', 'svhn_lenet')
   def test_parameter_count_and_shapes(self, name):
+    self.check_count_and_shapes(name)
+
+  @pytest.mark.slow  # ResNet-18 runs op by op here
+  def test_resnet18_parameter_count_and_shapes(self):
+    self.check_count_and_shapes('resnet18')
+
+  def check_count_and_shapes(self, name):
     model, variables, shape = _init(name)
     self.assertEqual(models.count_params(variables['params']),
                      EXPECTED_PARAMS[name])
@@ -97,7 +105,9 @@ class DropoutAndBatchNormTest(chex.TestCase):
     chex.assert_trees_all_equal(z, z_mc)
 
   def test_resnet_batchnorm_train_and_eval(self):
-    model, variables, shape = _init('resnet18')
+    # A small ResNet: the same BatchNorm and dropout code, seconds not tens.
+    model, variables, shape = _init('resnet18', stage_sizes=(1, 1),
+                                    base_width=4)
     self.assertEqual(model.dropout_rate, 0.2)
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, *shape))
     logits, updates = model.apply(variables, x, train=True,

@@ -19,12 +19,19 @@ import table1
 FLAGS = flags.FLAGS
 
 
+def restore_parsed_defaults():
+  """Back to conftest's state: defaults, marked parsed (absltest's
+  create_tempdir reads --test_tmpdir in later tests of this worker)."""
+  FLAGS.unparse_flags()
+  FLAGS.mark_as_parsed()
+
+
 class PaperPresetTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
     FLAGS(['presets_test'])  # every flag at its default
-    self.addCleanup(FLAGS.unparse_flags)
+    self.addCleanup(restore_parsed_defaults)
 
   def test_catastrophic_overfitting_settings_follow_app_b(self):
     for preset in ('quick', 'paper'):

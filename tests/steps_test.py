@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from uta_jax import classifier
 from uta_jax import configs
@@ -51,6 +52,7 @@ class PmapTest(chex.TestCase):
     np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-5)
     self.assertEqual(int(s4.step), 1)
 
+  @pytest.mark.slow  # a ResNet compiled for 1 and 4 devices
   def test_batchnorm_statistics_are_global_so_devices_do_not_matter(self):
     # A small ResNet in training mode: with per-device statistics, 4 devices
     # of 2 examples would normalise differently from 1 device of 8.
@@ -108,6 +110,7 @@ class PmapTest(chex.TestCase):
     self._one_vs_four_devices(config, classifier.create_model(config),
                               (28, 28, 1))
 
+  @pytest.mark.slow  # a ResNet compiled for 1 and 4 devices
   def test_small_resnet_with_mc_dropout_does_not_depend_on_the_devices(self):
     config = configs.get_config('cifar10', {
         'attack.num_samples': 2, 'model.dropout_rate': 0.2})
@@ -202,7 +205,7 @@ class StepTest(chex.TestCase):
   def test_ensemble_step_trains_every_member(self):
     config, model, tx, state, batch = _setup(
         {'attack.name': 'uta', 'attack.eps_train': 0.1,
-         'model.ensemble_size': 3})
+         'attack.num_steps': 2, 'model.ensemble_size': 3})
     kernel = state.params['fc3']['Dense_0']['kernel']
     self.assertEqual(kernel.shape[0], 3)
     self.assertFalse(np.allclose(kernel[0], kernel[1]))  # own inits
@@ -265,7 +268,7 @@ class StepTest(chex.TestCase):
 
   def test_mc_dropout_masks_come_from_the_key_and_repeat_with_it(self):
     config, model, tx, state, batch = _setup(
-        {'attack.name': 'uta', 'attack.eps_train': 0.1,
+        {'attack.name': 'uta', 'attack.eps_train': 0.1, 'attack.num_steps': 3,
          'attack.uncertainty': 'mc_dropout', 'attack.num_samples': 5})
     variables = steps.variables_of(state)
     perturb = lambda attack, key: steps.perturb(

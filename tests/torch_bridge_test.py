@@ -181,6 +181,7 @@ class PretrainedResNetTest(absltest.TestCase):
   """Real trained weights, offline: the ResNet-18 shipped with pyautoattack
   ported into models.ResNet18 computes the same function."""
 
+  @pytest.mark.slow  # a full ResNet-18 in both frameworks
   def test_logits_and_input_gradients_match_pytorch(self):
     net, state_dict = _reference_resnet18()
     variables = torch_bridge.resnet18_variables(state_dict)
