@@ -191,6 +191,26 @@ class OrderTest(absltest.TestCase):
       kinds.add(found[0])
     self.assertGreater(len(kinds), 1)  # not one crop for all
 
+  def test_augment_flips_half_the_images_and_crops_uniformly(self):
+    # Two marked pixels side by side (1 left of 2) near the centre of a
+    # 12x12 image survive every crop; their new places show each image's
+    # offset and whether it was flipped.
+    n, size, pad = 2000, 12, data.AUGMENT_PADDING
+    images = np.zeros((n, size, size, 1), np.float32)
+    images[:, 6, 5], images[:, 6, 6] = 1.0, 2.0
+    out = data.augment(images, seed=0, step=0, example_ids=np.arange(n))
+    _, row_1, col_1, _ = np.nonzero(out == 1.0)
+    _, _, col_2, _ = np.nonzero(out == 2.0)
+    self.assertEqual(len(row_1), n)
+    flipped = col_2 < col_1
+    # A fair coin: 1,000 +- 22 (std) flips; a flip drawn with odds 4/9
+    # would give ~889.
+    self.assertAlmostEqual(flipped.mean(), 0.5, delta=0.04)
+    # Vertical offsets: each of the 2 * pad + 1 shifts ~n / 9 = 222 times.
+    counts = np.bincount(row_1 - 6 + pad, minlength=2 * pad + 1)
+    self.assertEqual(len(counts), 2 * pad + 1)
+    self.assertTrue(np.all(np.abs(counts - n / (2 * pad + 1)) < 60), counts)
+
   def test_augment_draws_depend_on_seed_step_and_example_only(self):
     images = np.random.default_rng(1).uniform(size=(4, 8, 8, 1))
     ids = np.array([3, 8, 1, 6])

@@ -23,6 +23,11 @@ class ReportingTest(absltest.TestCase):
     self.assertEqual(reporting.format_eps(0.1), '0.1 (25.5/255)')
     self.assertEqual(reporting.format_eps(16 / 255), '0.06275 (16/255)')
 
+  def test_robustbench_eps_is_a_short_decimal_where_one_is_exact(self):
+    # 0.2 is also 51/255: RobustBench's MNIST eps stays '0.2', CIFAR's '8/255'.
+    self.assertEqual([reporting.eps_text(e) for e in (0.2, 0.3, 0.1, 8 / 255)],
+                     ['0.2', '0.3', '0.1', '8/255'])
+
   def test_robustbench_records_one_per_eps_in_its_conventions(self):
     config = configs.get_config('cifar10', {'attack.name': 'pgd'})
     report = {'num_examples': 1000, 'version': 'standard', 'backend': 'torch',

@@ -307,6 +307,11 @@ AUGMENT_PADDING = 4
 _AUGMENT_STREAM = 0x617567  # 'aug': keeps these draws apart from the order's
 
 
+def _crop_and_flip(rng: np.random.Generator, padding: int) -> np.ndarray:
+  """Uniform crop offsets in [0, 2 * padding] and a fair flip bit: [3]."""
+  return np.append(rng.integers(0, 2 * padding + 1, 2), rng.integers(0, 2))
+
+
 def augment(images: np.ndarray, *, seed: int, step: int,
             example_ids: np.ndarray,
             padding: int = AUGMENT_PADDING) -> np.ndarray:
@@ -319,14 +324,14 @@ def augment(images: np.ndarray, *, seed: int, step: int,
   batch is split over hosts and devices.
   """
   b, h, w, _ = images.shape
-  draws = np.stack([np.random.default_rng(
-      [seed, _AUGMENT_STREAM, step, int(i)]).integers(0, 2 * padding + 1, 3)
-                    for i in example_ids])  # [B, 3]: dy, dx, flip (odd)
+  draws = np.stack([_crop_and_flip(np.random.default_rng(
+      [seed, _AUGMENT_STREAM, step, int(i)]), padding)
+                    for i in example_ids])  # [B, 3]: dy, dx, flip
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding),
                            (0, 0)))
   rows = draws[:, 0, None] + np.arange(h)  # [B, H]
   cols = draws[:, 1, None] + np.arange(w)  # [B, W]
-  flip = draws[:, 2] % 2 == 1
+  flip = draws[:, 2] == 1
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
   return padded[np.arange(b)[:, None, None], rows[:, :, None],
                 cols[:, None, :]]

@@ -82,7 +82,10 @@ def format_eps(eps: float) -> str:
 
 
 def eps_text(eps: float) -> str:
-  """eps as RobustBench writes it: '8/255' for whole 255ths, else '0.1'."""
+  """eps as RobustBench writes it: a short decimal when one is exact ('0.3',
+  '0.2', not '51/255'), else whole 255ths ('8/255'), else the decimal."""
+  if float(f'{eps:.4g}') == eps:
+    return f'{eps:g}'
   whole = _whole_255ths(eps)
   return f'{whole}/255' if whole is not None else f'{eps:g}'
 
