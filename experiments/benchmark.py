@@ -3,12 +3,19 @@ r"""JAX vs PyTorch eager, side by side in one process.
   python experiments/benchmark.py                       # attacks + AT step
   python experiments/benchmark.py --sections=autoattack # JAX vs reference
   python experiments/benchmark.py --sections=attacks --models=lenet --reps=9
+  python experiments/benchmark.py --sections=convs      # per conv layer
 
 Section ``attacks``: for the MLP, LeNet and SVHN LeNet, PGD-10, UTA-10
 (M = 1), UTA-10 with 5 MC-dropout samples (batch --batch_size) and one full
 UTA-10 adversarial-training step (attack + Adam, batch --train_batch_size),
 each as uta_jax runs it and as a typical PyTorch research codebase writes it
 (a Python loop with ``torch.autograd.grad``), with the same weights.
+
+Section ``convs``: each 5x5 convolution of LeNet and SVHN LeNet at the
+attack batch, forward and input gradient (the transposed convolution the
+attack runs every step), as plain ``lax``, as ``uta_jax.fast_ops`` runs it,
+and as PyTorch (``conv2d`` and ``convolution_backward``): where the time of
+the attacks goes, layer by layer.
 
 Section ``autoattack``: AutoAttack's APGD-CE + APGD-T (version ``apgd``) on
 1,000 embedded-MNIST test points of a PGD-trained MLP and LeNet: natively in
@@ -52,12 +59,13 @@ from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import fast_ops
 from uta_jax import models
+from uta_jax import reporting
 from uta_jax import steps
 from uta_jax import torch_bridge
 from uta_jax import uncertainty
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('sections', ['attacks'], 'attacks and/or autoattack')
+flags.DEFINE_list('sections', ['attacks'], 'attacks, convs and/or autoattack')
 flags.DEFINE_list('models', ['mlp', 'lenet', 'svhn_lenet'], 'models to run')
 flags.DEFINE_integer('batch_size', 256, 'attack batch size')
 flags.DEFINE_integer('train_batch_size', 128, 'AT-step batch size')
@@ -266,6 +274,59 @@ def run_attacks(torch, peak: float) -> list:
   return rows
 
 
+# ---------------------------------------------------------------- convs
+
+# (layer, input side, input channels, output channels, padding) at 5x5.
+CONV_LAYERS = (('lenet conv1', 28, 1, 6, 2), ('lenet conv2', 14, 6, 16, 0),
+               ('svhn_lenet conv1', 32, 3, 32, 2),
+               ('svhn_lenet conv2', 16, 32, 64, 0))
+
+
+def run_convs(torch) -> list:
+  """Milliseconds per forward and input gradient of each layer: plain lax,
+  fast_ops and PyTorch, interleaved."""
+  fn = torch.nn.functional
+  dn = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1),
+                                      ('NHWC', 'HWIO', 'NHWC'))
+  rng = np.random.default_rng(0)
+  rows = []
+  for layer, side, cin, cout, pad in CONV_LAYERS:
+    x = rng.standard_normal((FLAGS.batch_size, side, side, cin), np.float32)
+    k = rng.standard_normal((5, 5, cin, cout), np.float32)
+    padding = [(pad, pad)] * 2
+    conv = lambda impl: jax.jit(lambda x_, k_: impl(
+        x_, k_, (1, 1), padding, dimension_numbers=dn))
+    plain, fast = conv(jax.lax.conv_general_dilated), conv(
+        fast_ops.conv_general_dilated)
+    g = rng.standard_normal(plain(x, k).shape, np.float32)
+    input_grad = lambda f: jax.jit(lambda x_, k_, g_: jax.vjp(
+        lambda a: f(a, k_), x_)[1](g_)[0])
+    plain_grad, fast_grad = input_grad(plain), input_grad(fast)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    kt = torch.from_numpy(k.transpose(3, 2, 0, 1).copy())
+    gt = torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
+    torch_grad = lambda: torch.ops.aten.convolution_backward(
+        gt, xt, kt, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+        [True, False, False])
+    for op, fns in (
+        ('forward', {'lax': lambda: plain(x, k).block_until_ready(),
+                     'fast_ops': lambda: fast(x, k).block_until_ready(),
+                     'torch': lambda: fn.conv2d(xt, kt, padding=pad)}),
+        ('input gradient',
+         {'lax': lambda: plain_grad(x, k, g).block_until_ready(),
+          'fast_ops': lambda: fast_grad(x, k, g).block_until_ready(),
+          'torch': torch_grad})):
+      times = interleaved(fns, FLAGS.reps)
+      row = {'layer': layer, 'op': op, 'batch': FLAGS.batch_size,
+             **{f'{impl}_ms': 1e3 * statistics.median(t)
+                for impl, t in times.items()}}
+      rows.append(row)
+      print(f"{layer:17s} {op:14s} lax {row['lax_ms']:7.2f} ms  fast_ops "
+            f"{row['fast_ops_ms']:7.2f} ms  torch {row['torch_ms']:7.2f} ms",
+            flush=True)
+  return rows
+
+
 # --------------------------------------------------------------- AutoAttack
 
 
@@ -385,6 +446,35 @@ def time_evaluate(model, variables, split, devices) -> dict:
           'speedup': med['one_device'] / med['all_devices']}
 
 
+WORKLOAD_NAMES = {'pgd10': 'PGD-10 (img x steps/s)', 'uta10': 'UTA-10',
+                  'uta10_mc5': 'UTA-10, 5 MC-dropout samples',
+                  'at_step': 'UTA-10 AT step (img/s)'}
+
+
+def attacks_markdown(rows) -> str:
+  """The README's speed table of the ``attacks`` section."""
+  lines = ['| model | workload | JAX | PyTorch | ratio | JAX / PyTorch '
+           'GFLOP/s |', '| --- | --- | ---: | ---: | ---: | --- |']
+  for r in rows:
+    lines.append(
+        f"| {reporting.ARCHITECTURES.get(r['model'], r['model'])} | "
+        f"{WORKLOAD_NAMES[r['workload']]} | {r['jax']['throughput']:,.0f} | "
+        f"{r['torch']['throughput']:,.0f} | "
+        f"{r['ratio_jax_over_torch']:.2f} | {r['jax']['gflops']:.0f} / "
+        f"{r['torch']['gflops']:.0f} |")
+  return '\n'.join(lines)
+
+
+def convs_markdown(rows) -> str:
+  """The README's per-layer table of the ``convs`` section."""
+  lines = ['| layer | op | lax (ms) | fast_ops (ms) | PyTorch (ms) |',
+           '| --- | --- | ---: | ---: | ---: |']
+  for r in rows:
+    lines.append(f"| {r['layer']} | {r['op']} | {r['lax_ms']:.2f} | "
+                 f"{r['fast_ops_ms']:.2f} | {r['torch_ms']:.2f} |")
+  return '\n'.join(lines)
+
+
 def autoattack_markdown(rows) -> str:
   """The README's speed table of the ``autoattack`` section."""
   fmt = lambda v: '-' if v is None else f'{v:.1f} s'
@@ -420,10 +510,10 @@ def main(argv):
   torch = torch_bridge.require_torch()
   if FLAGS.plain_ops:
     use_plain_ops()
-  unknown = set(FLAGS.sections) - {'attacks', 'autoattack'}
+  unknown = set(FLAGS.sections) - {'attacks', 'convs', 'autoattack'}
   if unknown:
     print(f'error: unknown sections {sorted(unknown)}; choose attacks, '
-          'autoattack', file=sys.stderr)
+          'convs, autoattack', file=sys.stderr)
     sys.exit(2)
   peak = matmul_peak_gflops()
   result = {
@@ -443,6 +533,10 @@ def main(argv):
         f'{jax.devices()[0].platform}, torch {torch.__version__}', flush=True)
   if 'attacks' in FLAGS.sections:
     result['attacks'] = run_attacks(torch, peak)
+    print(attacks_markdown(result['attacks']))
+  if 'convs' in FLAGS.sections:
+    result['convs'] = run_convs(torch)
+    print(convs_markdown(result['convs']))
   if 'autoattack' in FLAGS.sections:
     # AutoAttack's own progress lines would drown the summary.
     logging.getLogger(evaluation.AUTOATTACK_LOGGER).propagate = False

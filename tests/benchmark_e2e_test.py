@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 
 class BenchmarkTest(absltest.TestCase):
 
-  def test_both_sections_on_the_mlp(self):
+  def test_every_section_on_the_mlp(self):
     out = os.path.join(self.create_tempdir().full_path, 'bench.json')
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
-         '--sections=attacks,autoattack', '--models=mlp', '--reps=1',
+         '--sections=attacks,convs,autoattack', '--models=mlp', '--reps=1',
          '--batch_size=8', '--train_batch_size=8', '--aa_examples=16',
          '--aa_train_steps=20', f'--output={out}'], capture_output=True,
         text=True, timeout=600)
@@ -35,6 +35,13 @@ class BenchmarkTest(absltest.TestCase):
       self.assertGreater(row['jax']['throughput'], 0)
       self.assertGreater(row['torch']['throughput'], 0)
       self.assertGreater(row['jax']['gflops'], 0)
+    layers = [(r['layer'], r['op']) for r in result['convs']]
+    self.assertEqual(len(layers), 8)
+    self.assertEqual(layers[:2], [('lenet conv1', 'forward'),
+                                  ('lenet conv1', 'input gradient')])
+    for row in result['convs']:
+      for impl in ('lax_ms', 'fast_ops_ms', 'torch_ms'):
+        self.assertGreater(row[impl], 0)
     (aa,) = result['autoattack']
     for key in ('jax_seconds', 'bridge_seconds', 'native_seconds',
                 'jax_1_device_seconds'):  # conftest's 4 devices

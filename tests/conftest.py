@@ -7,6 +7,11 @@ os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') +
     ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Two xdist workers share the cores with XLA's threads and the subprocesses'
+# own: PyTorch's OpenMP threads spin-wait while another process holds a core,
+# which made a 30 s train.py + AutoAttack run exceed 300 s. One torch thread
+# per process (inherited by the scripts the tests start).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 import jax

@@ -1,6 +1,7 @@
 """Tests of uta_jax.fast_ops against lax, and a guard on the attack program."""
 
 import functools
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -19,13 +20,18 @@ DN = ('NHWC', 'HWIO', 'NHWC')
 
 class ConvTest(chex.TestCase, parameterized.TestCase):
 
+  # Every form: shifted products (1 or 3 input channels), tap products (one
+  # output channel, and the input gradient of a grey layer), batch chunks
+  # (batch 4 in chunks of 2) and one convolution (batch 3: no chunks).
   @chex.all_variants(with_pmap=False)
-  @parameterized.parameters(((28, 1, 6), 2), ((14, 6, 16), 0), ((32, 3, 32), 2),
-                            ((9, 4, 5), 1))
-  def test_values_and_both_gradients_match_lax(self, shape, pad):
+  @parameterized.parameters(((28, 1, 6), 2, 4), ((14, 6, 16), 0, 4),
+                            ((32, 3, 32), 2, 4), ((9, 4, 5), 1, 3),
+                            ((12, 32, 8), 4, 4), ((28, 6, 1), 2, 4),
+                            ((14, 6, 16), 0, 3))
+  def test_values_and_both_gradients_match_lax(self, shape, pad, batch):
     side, cin, cout = shape
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (3, side, side, cin))
+    x = jax.random.normal(kx, (batch, side, side, cin))
     k = jax.random.normal(kk, (5, 5, cin, cout))
 
     def loss(conv, x, k):
@@ -33,6 +39,7 @@ class ConvTest(chex.TestCase, parameterized.TestCase):
       weights = jax.random.normal(kg, out.shape)
       return jnp.sum(out * weights), out
 
+    self.enter_context(mock.patch.object(fast_ops, 'CHUNK_EXAMPLES', 2))
     fast = self.variant(jax.value_and_grad(
         functools.partial(loss, fast_ops.conv_general_dilated),
         argnums=(0, 1), has_aux=True))
@@ -42,6 +49,22 @@ class ConvTest(chex.TestCase, parameterized.TestCase):
     (_, out_ref), grads_ref = ref(x, k)
     chex.assert_trees_all_close(out_fast, out_ref, rtol=1e-5, atol=1e-4)
     chex.assert_trees_all_close(grads_fast, grads_ref, rtol=1e-4, atol=1e-3)
+
+  @parameterized.parameters((1, 6), (3, 8), (6, 1), (8, 5))
+  def test_every_form_handles_uneven_padding(self, cin, cout):
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 11, 9, cin))
+    k = jax.random.normal(jax.random.PRNGKey(1), (5, 3, cin, cout))
+    padding = ((1, 3), (0, 2))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, DN)
+    ref = lax.conv_general_dilated(x, k, (1, 1), padding,
+                                   dimension_numbers=dn)
+    forms = [fast_ops._forward(x, k, padding, dn, chunked=False)]  # pylint: disable=protected-access
+    if cout == 1:
+      forms.append(fast_ops._tap_products(x, k, padding))  # pylint: disable=protected-access
+    if cin <= fast_ops.FEW_CHANNELS:
+      forms.append(fast_ops._shifted_products(x, k, padding))  # pylint: disable=protected-access
+    for out in forms:
+      chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-4)
 
   def test_strided_convolution_falls_back_to_lax(self):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
@@ -88,15 +111,26 @@ class AttackProgramGuardTest(parameterized.TestCase):
     ctor, shape = models.MODELS[name]
     model = ctor()
     variables = models.init_variables(model, jax.random.PRNGKey(0), shape)
-    x = jnp.zeros((4, *shape))
-    y = jnp.zeros((4,), jnp.int32)
+    batch = 2 * fast_ops.CHUNK_EXAMPLES
+    x = jnp.zeros((batch, *shape))
+    y = jnp.zeros((batch,), jnp.int32)
     text = jax.jit(lambda v, x_, y_: attacks.pgd(
         functools.partial(model.apply, v), x_, y_, eps=0.1, num_steps=3,
         step_size=0.01)).lower(variables, x, y).as_text()
     self.assertIn('stablehlo.while', text)
     self.assertNotIn('select_and_scatter', text)
     convs = [l for l in text.splitlines() if 'stablehlo.convolution' in l]
-    self.assertLen(convs, 4)  # 2 forward + 2 input gradients
+    # Few-channel layers (LeNet's conv1 and its 1-channel input gradient,
+    # SVHN LeNet's RGB conv1) are shifted or tap products, not
+    # convolutions; conv2's forward runs in 2 batch chunks, the other input
+    # gradients whole.
+    chunk = f'tensor<{fast_ops.CHUNK_EXAMPLES}x'
+    whole = f'tensor<{batch}x'
+    self.assertEqual(
+        sorted(chunk if chunk in l.split(':')[-1].split('->')[0] else whole
+               for l in convs),
+        {'lenet': [chunk, chunk, whole],
+         'svhn_lenet': [chunk, chunk, whole, whole]}[name])
     for line in convs:
       self.assertIn('x[0, 1, i, o]->', line)
       self.assertNotRegex(line, r'reverse = \[true')
