@@ -104,6 +104,7 @@ class DropoutAndBatchNormTest(chex.TestCase):
                        rngs={'dropout': jax.random.PRNGKey(2)})
     chex.assert_trees_all_equal(z, z_mc)
 
+  @pytest.mark.slow  # ResNet op by op, even small
   def test_resnet_batchnorm_train_and_eval(self):
     # A small ResNet: the same BatchNorm and dropout code, seconds not tens.
     model, variables, shape = _init('resnet18', stage_sizes=(1, 1),

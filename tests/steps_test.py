@@ -117,6 +117,7 @@ class PmapTest(chex.TestCase):
     model = models.ResNet18(dropout_rate=0.2, stage_sizes=(1, 1), base_width=4)
     self._one_vs_four_devices(config, model, (32, 32, 3), num_steps=2)
 
+  @pytest.mark.slow  # several compiled training programs
   def test_rfgsm_starts_do_not_depend_on_the_devices(self):
     config = configs.get_config('fashion_mnist', {
         'attack.name': 'rfgsm', 'attack.eps_train': 0.1,
@@ -124,6 +125,7 @@ class PmapTest(chex.TestCase):
     self._one_vs_four_devices(config, classifier.create_model(config),
                               (28, 28, 1), num_steps=2)
 
+  @pytest.mark.slow  # several compiled training programs
   def test_adam_parameters_match_too(self):
     config, model, tx, state, batch = _setup(
         {'attack.name': 'uta', 'attack.eps_train': 0.1, 'attack.num_steps': 3})
@@ -266,6 +268,7 @@ class StepTest(chex.TestCase):
         seen[0][1]['params']['fc1']['Dense_0']['kernel'],
         seen[1][1]['params']['fc1']['Dense_0']['kernel']))
 
+  @pytest.mark.slow  # several compiled training programs
   def test_mc_dropout_masks_come_from_the_key_and_repeat_with_it(self):
     config, model, tx, state, batch = _setup(
         {'attack.name': 'uta', 'attack.eps_train': 0.1, 'attack.num_steps': 3,
