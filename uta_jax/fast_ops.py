@@ -111,15 +111,6 @@ def _tap_products(lhs: jax.Array, rhs: jax.Array, padding) -> jax.Array:
   return out.reshape(b, out_h, out_w, cout)
 
 
-TAP_PRODUCT_CHANNELS = 1  # output channels up to which tap products win
-
-
-def _tap_products_win(rhs_shape) -> bool:
-  """Tap products for one output channel (measured: with 3 or more, XLA's
-  convolution is faster than reading T shifted planes)."""
-  return rhs_shape[3] <= TAP_PRODUCT_CHANNELS
-
-
 def _chunks(x: jax.Array) -> Optional[list]:
   """``x`` split over its batch into chunks of ``CHUNK_EXAMPLES``, or None
   when the batch is not a multiple of several chunks."""
@@ -138,7 +129,7 @@ def _forward(lhs, rhs, padding, dimension_numbers, *,
     return _lax_conv(lhs, rhs, padding, dimension_numbers)
   if rhs.shape[2] <= FEW_CHANNELS:
     return _shifted_products(lhs, rhs, padding)
-  if _tap_products_win(rhs.shape):
+  if rhs.shape[3] == 1:  # with 3 or more outputs XLA's conv is faster
     return _tap_products(lhs, rhs, padding)
   chunks = _chunks(lhs) if chunked else None
   if chunks is None:
@@ -151,9 +142,7 @@ def _kernel_gradient(lhs, rhs, padding, dimension_numbers, g) -> jax.Array:
   """d rhs of a stride-1 convolution with cotangent ``g``: [kh, kw, I, O]."""
   vjp = lambda x, gx: jax.vjp(
       lambda r: _lax_conv(x, r, padding, dimension_numbers), rhs)[1](gx)[0]
-  if dimension_numbers != _NHWC:
-    return vjp(lhs, g)
-  chunks = _chunks(lhs)
+  chunks = _chunks(lhs) if dimension_numbers == _NHWC else None
   if chunks is None:
     return vjp(lhs, g)
   return sum(vjp(x, gx) for x, gx in zip(chunks, jnp.split(g, len(chunks))))
