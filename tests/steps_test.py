@@ -164,6 +164,23 @@ class PmapTest(chex.TestCase):
       parallel.shard({'image': np.zeros((6, 2))})
     parallel.check_global_batch(8)
 
+  def test_the_step_compiles_once_on_a_replicated_state(self):
+    # A replicated state sharded unlike the step's output made JAX compile
+    # the step again at its second call (on the first call's output).
+    def count(state, batch):
+      return {'n': state['n'] + 1,
+              'key': jax.random.fold_in(state['key'], 1)}, batch.sum()
+
+    step = parallel.pmap_train_step(count)
+    state = parallel.replicate({'n': jnp.zeros((3,)),
+                                'key': jax.random.key(0)})
+    batch = np.ones((jax.local_device_count(), 2), np.float32)
+    state, _ = step(state, batch)
+    with jax.log_compiles(), self.assertNoLogs('jax', 'WARNING'):
+      for _ in range(2):
+        state, _ = step(state, batch)
+    np.testing.assert_array_equal(parallel.unreplicate(state)['n'], 3)
+
 
 class StepTest(chex.TestCase):
 

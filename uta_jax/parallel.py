@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.jax_utils
 import jax
+import jax.numpy as jnp
 import numpy as np
 from orbax.checkpoint import multihost as ocp_multihost
 
@@ -66,7 +67,10 @@ def check_global_batch(global_batch: int) -> None:
   if global_batch % devices:
     raise ParallelError(
         f'batch size {global_batch} does not divide over {devices} devices: '
-        f'set batch_size to a multiple of {devices}', 'batch_size')
+        f'set batch_size to a multiple of {devices}' + (
+            ' (or the CPU device count: XLA_FLAGS='
+            '--xla_force_host_platform_device_count=N)'
+            if jax.default_backend() == 'cpu' else ''), 'batch_size')
 
 
 def shard(host_batch: Any) -> Any:
@@ -85,9 +89,24 @@ def shard(host_batch: Any) -> Any:
 
 def replicate(tree: Any, devices: Optional[Sequence[Any]] = None) -> Any:
   """One copy of ``tree`` on every device of ``devices`` (default: every
-  local device), stacked on a leading device axis."""
-  return flax.jax_utils.replicate(
-      tree, devices=list(devices) if devices else None)
+  local device), stacked on a leading device axis.
+
+  Sharded as a ``pmap`` over ``AXIS`` shards its outputs: the train step's
+  second call (on its first call's output) then reuses the compiled step
+  (flax's ``replicate`` shards over another mesh axis name, and JAX compiled
+  the step twice). Across hosts, flax's per-process replication.
+  """
+  if jax.process_count() > 1:
+    return flax.jax_utils.replicate(
+        tree, devices=list(devices) if devices else None)
+  devices = list(devices or jax.local_devices())
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), (AXIS,)),
+      jax.sharding.PartitionSpec(AXIS))
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(
+          jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding),
+      tree)
 
 
 def unreplicate(tree: Any) -> Any:
