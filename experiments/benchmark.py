@@ -8,8 +8,10 @@ r"""JAX vs PyTorch eager, side by side in one process.
 Section ``attacks``: for the MLP, LeNet and SVHN LeNet, PGD-10, UTA-10
 (M = 1), UTA-10 with 5 MC-dropout samples (batch --batch_size) and one full
 UTA-10 adversarial-training step (attack + Adam, batch --train_batch_size),
-each as uta_jax runs it and as a typical PyTorch research codebase writes it
-(a Python loop with ``torch.autograd.grad``), with the same weights.
+each as uta_jax runs it (data-parallel over the local devices: on a CPU one
+per core, ``cli.use_cpu_cores_as_devices``; also on one device, the
+"before") and as a typical PyTorch research codebase writes it (a Python
+loop with ``torch.autograd.grad``), with the same weights.
 
 Section ``convs``: each 5x5 convolution of LeNet and SVHN LeNet at the
 attack batch, forward and input gradient (the transposed convolution the
@@ -21,10 +23,8 @@ Section ``autoattack``: AutoAttack's APGD-CE + APGD-T (version ``apgd``) on
 1,000 embedded-MNIST test points of a PGD-trained MLP and LeNet: natively in
 JAX (``uta_jax.apgd``, every local device, and one device), and the
 reference ``pyautoattack`` through ``uta_jax.torch_bridge`` and on the native
-PyTorch network. For the 2-device speed-up on a CPU, fake two devices:
-
-  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
-      python experiments/benchmark.py --sections=autoattack
+PyTorch network. XLA_FLAGS chooses the CPU device count (one device:
+``XLA_FLAGS=--xla_force_host_platform_device_count=1``).
 
 Repetitions are interleaved (JAX, torch, JAX, torch, ...) after one warm-up
 call each; the table gives medians, the spread (min-max) and the ratio of
@@ -47,7 +47,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen  # pylint: disable=g-import-not-at-top
+import cli  # pylint: disable=g-import-not-at-top
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +60,7 @@ from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import fast_ops
 from uta_jax import models
+from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import steps
 from uta_jax import torch_bridge
@@ -162,12 +164,16 @@ def torch_workloads(torch, name, params, x_np, y_np, x_train, y_train):
 # ----------------------------------------------------------------- JAX side
 
 
-def jax_workloads(name, variables, x, y, x_train, y_train):
-  """Jitted uta_jax programs and their FLOP counts.
+def jax_workloads(name, variables, x, y, x_train, y_train, devices):
+  """uta_jax programs data-parallel over ``devices`` (as train.py and
+  evaluation run them: the batch split over the devices, the weights
+  replicated) and their FLOP counts.
 
   XLA's cost analysis counts a while loop's body once, so an attack's FLOPs
   are K times those of one gradient step of its objective.
   """
+  n = len(devices)
+  split = lambda a: np.asarray(a).reshape((n, -1) + a.shape[1:])
   ctor = models.MODELS[name][0]
   model = ctor()
   mc_model = ctor(dropout_rate=0.2)
@@ -185,9 +191,10 @@ def jax_workloads(name, variables, x, y, x_train, y_train):
           functools.partial(model.apply, v), labels)
     return attacks.uncertainty_objective(samplers[label](v))
 
-  def attack(label, v, x_):
-    return attacks.projected_sign_ascent(objective(label, v, y), x_, eps=EPS,
-                                         num_steps=K, step_size=ALPHA)
+  def attack(label, v, x_, y_):
+    return attacks.projected_sign_ascent(objective(label, v, y_), x_,
+                                         eps=EPS, num_steps=K,
+                                         step_size=ALPHA)
 
   def step_flops(label, v, x_, labels):
     grad = jax.jit(jax.grad(lambda x__: jnp.sum(
@@ -195,10 +202,12 @@ def jax_workloads(name, variables, x, y, x_train, y_train):
     return _flops(grad, x_)
 
   fns, flops = {}, {}
+  xs, ys = split(x), split(y)
   for label in samplers:
-    jitted = jax.jit(functools.partial(attack, label))
+    mapped = jax.pmap(functools.partial(attack, label), in_axes=(None, 0, 0),
+                      devices=devices)
     fns[label] = functools.partial(
-        lambda j: j(variables, x).block_until_ready(), jitted)
+        lambda m: m(variables, xs, ys).block_until_ready(), mapped)
     flops[label] = K * step_flops(label, variables, x, y)
 
   config = configs.get_config('mnist', {'model.name': name,
@@ -206,13 +215,14 @@ def jax_workloads(name, variables, x, y, x_train, y_train):
                                         'attack.eps_train': EPS,
                                         'attack.num_steps': K})
   tx = optax.adam(1e-3)
-  train_step = jax.jit(steps.make_train_step(config, model, tx,
-                                             axis_name=None))
-  state = {'s': steps.TrainState(
+  train_step = jax.pmap(
+      steps.make_train_step(config, model, tx, axis_name=parallel.AXIS),
+      axis_name=parallel.AXIS, donate_argnums=(0,), devices=devices)
+  state = {'s': parallel.replicate(steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
       batch_stats={}, opt_state=tx.init(variables['params']),
-      key=jax.random.PRNGKey(2))}
-  batch = {'image': x_train, 'label': y_train}
+      key=jax.random.PRNGKey(2)), devices)}
+  batch = {'image': split(x_train), 'label': split(y_train)}
 
   def at_step():
     state['s'], metrics = train_step(state['s'], batch)
@@ -245,13 +255,16 @@ def run_attacks(torch, peak: float) -> list:
     y = rng.integers(0, 10, FLAGS.batch_size).astype(np.int32)
     xt = x[:FLAGS.train_batch_size]
     yt = y[:FLAGS.train_batch_size]
-    jfns, flops = jax_workloads(name, variables, jnp.asarray(x),
-                                jnp.asarray(y), jnp.asarray(xt),
-                                jnp.asarray(yt))
+    devices = jax.local_devices()
+    jfns, flops = jax_workloads(name, variables, x, y, xt, yt, devices)
+    one = (jax_workloads(name, variables, x, y, xt, yt, devices[:1])[0]
+           if len(devices) > 1 else {})
     tfns = torch_workloads(torch, name, variables['params'], x, y, xt, yt)
     for workload in jfns:
-      times = interleaved({'jax': jfns[workload], 'torch': tfns[workload]},
-                          FLAGS.reps)
+      fns = {'jax': jfns[workload], 'torch': tfns[workload]}
+      if one:
+        fns['jax_1_device'] = one[workload]
+      times = interleaved(fns, FLAGS.reps)
       images = FLAGS.train_batch_size if workload == 'at_step' else (
           FLAGS.batch_size * K)
       row = {'model': name, 'workload': workload,
@@ -263,12 +276,18 @@ def run_attacks(torch, peak: float) -> list:
                      'throughput': images / med,
                      'gflops': flops[workload] / med / 1e9,
                      'fraction_of_peak': flops[workload] / med / 1e9 / peak}
+      row['jax_devices'] = len(devices)
       row['ratio_jax_over_torch'] = (row['jax']['throughput'] /
                                      row['torch']['throughput'])
+      if one:
+        row['ratio_1_device_over_torch'] = (
+            row['jax_1_device']['throughput'] / row['torch']['throughput'])
       rows.append(row)
       print(f"{name:10s} {workload:9s} JAX {row['jax']['throughput']:9.0f} "
             f"torch {row['torch']['throughput']:9.0f} {row['unit']:18s} "
-            f"ratio {row['ratio_jax_over_torch']:.2f}  "
+            f"ratio {row['ratio_jax_over_torch']:.2f} ({len(devices)} "
+            f"devices; 1 device "
+            f"{row.get('ratio_1_device_over_torch', float('nan')):.2f})  "
             f"(JAX {row['jax']['gflops']:.1f} GFLOP/s, torch "
             f"{row['torch']['gflops']:.1f}; peak {peak:.0f})", flush=True)
   return rows
@@ -453,14 +472,18 @@ WORKLOAD_NAMES = {'pgd10': 'PGD-10 (img x steps/s)', 'uta10': 'UTA-10',
 
 def attacks_markdown(rows) -> str:
   """The README's speed table of the ``attacks`` section."""
-  lines = ['| model | workload | JAX | PyTorch | ratio | JAX / PyTorch '
-           'GFLOP/s |', '| --- | --- | ---: | ---: | ---: | --- |']
+  devices = rows[0].get('jax_devices', 1) if rows else 1
+  lines = [f'| model | workload | JAX ({devices} CPU devices) | PyTorch | '
+           'ratio | ratio, JAX on 1 device | JAX / PyTorch GFLOP/s |',
+           '| --- | --- | ---: | ---: | ---: | ---: | --- |']
   for r in rows:
+    one = r.get('ratio_1_device_over_torch')
     lines.append(
         f"| {reporting.ARCHITECTURES.get(r['model'], r['model'])} | "
         f"{WORKLOAD_NAMES[r['workload']]} | {r['jax']['throughput']:,.0f} | "
         f"{r['torch']['throughput']:,.0f} | "
-        f"{r['ratio_jax_over_torch']:.2f} | {r['jax']['gflops']:.0f} / "
+        f"{r['ratio_jax_over_torch']:.2f} | "
+        f"{'-' if one is None else f'{one:.2f}'} | {r['jax']['gflops']:.0f} / "
         f"{r['torch']['gflops']:.0f} |")
   return '\n'.join(lines)
 
@@ -507,6 +530,7 @@ def use_plain_ops() -> None:
 
 def main(argv):
   del argv
+  cli.use_cpu_cores_as_devices()  # as the scripts run: one device per core
   torch = torch_bridge.require_torch()
   if FLAGS.plain_ops:
     use_plain_ops()

@@ -1,5 +1,5 @@
 """What the experiment scripts share: one-line errors, log set-up, flag
-parsing, and stopping on SIGTERM / Ctrl-C."""
+parsing, CPU devices, and stopping on SIGTERM / Ctrl-C."""
 
 import fractions
 import logging as std_logging
@@ -13,6 +13,12 @@ from absl import logging
 
 # Loggers whose lines users read: our progress, and AutoAttack's own wording.
 USER_LOGGERS = ('uta_jax', 'auto-attack')
+
+DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+# The most CPU devices use_cpu_cores_as_devices makes: the count is a power
+# of two (the batch sizes divide over it), at most 8 (>= 16 examples per
+# device at the default batch of 128).
+MAX_CPU_DEVICES = 8
 
 
 def fail(message: str) -> None:
@@ -55,6 +61,24 @@ def show_logs(stream, *, timestamps: bool) -> None:
     logger.setLevel(std_logging.DEBUG)
     logger.addHandler(handler)
     logger.propagate = False
+
+
+def use_cpu_cores_as_devices() -> None:
+  """Lets XLA split the CPU into one device per core (rounded down to a
+  power of two, at most ``MAX_CPU_DEVICES``) unless XLA_FLAGS sets a count.
+
+  The scripts run every program data-parallel over the local devices, and
+  two CPU devices ran the attacks and the AT step 1.1-1.7x faster than one
+  on 2 cores (README, "CPU devices"); results do not depend on the device
+  count. Only the CPU backend reads the flag, so accelerators are unchanged.
+  Call before JAX starts a backend (the first ``jax.devices()``).
+  """
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if DEVICE_COUNT_FLAG in flags_now:
+    return
+  cores = min(len(os.sched_getaffinity(0)), MAX_CPU_DEVICES)
+  count = 1 << (cores.bit_length() - 1)
+  os.environ['XLA_FLAGS'] = f'{flags_now} {DEVICE_COUNT_FLAG}={count}'.strip()
 
 
 def parse_number(text: str) -> float:

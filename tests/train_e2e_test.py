@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from unittest import mock
 
@@ -26,11 +27,15 @@ from uta_jax import configs
 from uta_jax import loop
 from uta_jax import runs
 
-from testutil import final_state  # pylint: disable=g-bad-import-order
+from testutil import ROOT  # pylint: disable=g-bad-import-order
+from testutil import final_state
 from testutil import require
 from testutil import run_train
 from testutil import train_command
 from testutil import wait_for_checkpoint
+
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import cli  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 # End-to-end: subprocesses, minutes. Deselect with -m "not slow".
 pytestmark = pytest.mark.slow
@@ -274,8 +279,16 @@ class MultiProcessTest(absltest.TestCase):
     chex.assert_trees_all_close(a.params, b.params, atol=1e-5)
 
   def _two_processes_agree_with_one(self, *args):
+    # The single process runs with the scripts' default CPU device count
+    # (XLA_FLAGS without one): one device per core.
     single = self.create_tempdir().full_path
-    self.assertEqual(run_train(single, *args).returncode, 0)
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    proc = run_train(single, *args, env=env)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    with mock.patch.dict(os.environ, {}, clear=True):
+      cli.use_cpu_cores_as_devices()
+      default_count = os.environ['XLA_FLAGS'].rsplit('=', 1)[1]
+    self.assertIn(f', {default_count} devices,', proc.stderr)
     workdir = self.create_tempdir().full_path
     env = dict(os.environ,
                XLA_FLAGS='--xla_force_host_platform_device_count=2')
