@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uta_jax import apgd
 from uta_jax import models
@@ -187,6 +188,7 @@ class AttackTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(whole[0])[6:],
                                   np.asarray(half[0]))
 
+  @pytest.mark.slow  # APGD-T compiled for the vmapped targets and per target
   def test_vmapped_targets_equal_a_loop_over_targets(self):
     key = jax.random.key(3)
     robust, _ = apgd.apgd_t(self.logits_fn, self.x, self.y, eps=0.2, key=key,

@@ -235,6 +235,7 @@ class StepTest(chex.TestCase):
         axis=(1, 2))
     self.assertTrue(np.all(moved > 0))
 
+  @pytest.mark.slow  # an ensemble of LeNets compiled with its latent attack
   def test_latent_ensemble_moves_each_members_own_code(self):
     config, model, tx, state, batch = _setup(
         {'attack.name': 'uta', 'attack.eps_train': 0.3,
