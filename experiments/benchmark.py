@@ -164,10 +164,12 @@ def torch_workloads(torch, name, params, x_np, y_np, x_train, y_train):
 # ----------------------------------------------------------------- JAX side
 
 
-def jax_workloads(name, variables, x, y, x_train, y_train, devices):
+def jax_workloads(name, variables, x, y, x_train, y_train, devices, *,
+                  count_flops=True):
   """uta_jax programs data-parallel over ``devices`` (as train.py and
   evaluation run them: the batch split over the devices, the weights
-  replicated) and their FLOP counts.
+  replicated) and, with ``count_flops``, their FLOP counts (each costs a
+  compilation; the device count does not change them).
 
   XLA's cost analysis counts a while loop's body once, so an attack's FLOPs
   are K times those of one gradient step of its objective.
@@ -208,7 +210,8 @@ def jax_workloads(name, variables, x, y, x_train, y_train, devices):
                       devices=devices)
     fns[label] = functools.partial(
         lambda m: m(variables, xs, ys).block_until_ready(), mapped)
-    flops[label] = K * step_flops(label, variables, x, y)
+    if count_flops:
+      flops[label] = K * step_flops(label, variables, x, y)
 
   config = configs.get_config('mnist', {'model.name': name,
                                         'attack.name': 'uta',
@@ -229,6 +232,8 @@ def jax_workloads(name, variables, x, y, x_train, y_train, devices):
     metrics['loss'].block_until_ready()
 
   fns['at_step'] = at_step
+  if not count_flops:
+    return fns, flops
   update = jax.jit(jax.grad(lambda p: jnp.sum(
       optax.softmax_cross_entropy_with_integer_labels(
           model.apply({'params': p}, x_train), y_train))))
@@ -257,7 +262,8 @@ def run_attacks(torch, peak: float) -> list:
     yt = y[:FLAGS.train_batch_size]
     devices = jax.local_devices()
     jfns, flops = jax_workloads(name, variables, x, y, xt, yt, devices)
-    one = (jax_workloads(name, variables, x, y, xt, yt, devices[:1])[0]
+    one = (jax_workloads(name, variables, x, y, xt, yt, devices[:1],
+                         count_flops=False)[0]
            if len(devices) > 1 else {})
     tfns = torch_workloads(torch, name, variables['params'], x, y, xt, yt)
     for workload in jfns:

@@ -153,7 +153,8 @@ class Checkpointer:
 
     orbax raises at the first failed write while tensorstore's other writes of
     that step are still in flight (in C++); one removal can race with them
-    (1 run in 5 on a full 3 MB tmpfs left ``20.orbax-checkpoint-tmp`` behind).
+    (3 runs in 10 on a full 3 MB tmpfs left ``20.orbax-checkpoint-tmp``
+    behind).
     """
     deadline = time.monotonic() + MAX_WAIT_SECONDS
     self._remove_tmp_folders()
