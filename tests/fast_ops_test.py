@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 from uta_jax import attacks
 from uta_jax import fast_ops
@@ -90,10 +91,75 @@ class PoolTest(chex.TestCase):
     chex.assert_trees_all_equal(out, ref_out)
     chex.assert_trees_all_equal(vjp(g), ref_vjp(g))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ties_send_the_gradient_to_the_first_maximum_like_flax(self):
+    # Equal values in a window: a blank region, rounded values, and a
+    # window whose later elements tie above an earlier one.
+    rounded = jnp.round(jax.random.normal(jax.random.PRNGKey(0),
+                                          (2, 6, 8, 3)))
+    blank = jnp.full((2, 6, 8, 3), 0.25)
+    later = jnp.tile(jnp.array([[0., 1.], [1., 1.]]), (3, 4))[None, :, :, None]
+    for x in (rounded, blank, later):
+      g = jax.random.normal(jax.random.PRNGKey(1),
+                            (x.shape[0], x.shape[1] // 2, x.shape[2] // 2,
+                             x.shape[3]))
+      fast = self.variant(lambda v, g_: jax.vjp(fast_ops.max_pool_2x2, v)[1](
+          g_)[0])
+      ref = jax.vjp(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2)),
+                    x)[1](g)[0]
+      chex.assert_trees_all_equal(fast(x, g), ref)
+    self.assertEqual(float(jnp.sum(ref != 0)), ref.size / 4)
+
   def test_odd_sizes_fall_back(self):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 3))
     chex.assert_trees_all_equal(fast_ops.max_pool_2x2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def _plain_ops():
+  """Patches the models back to plain ``lax`` convolutions and
+  ``nn.max_pool`` (autodiff's gradients): the reference for fast_ops."""
+  return (mock.patch.object(fast_ops, 'conv_general_dilated',
+                            lax.conv_general_dilated),
+          mock.patch.object(fast_ops, 'max_pool_2x2',
+                            lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))))
+
+
+class ModelsMatchPlainOpsTest(parameterized.TestCase):
+  """The models with fast_ops compute what they compute with plain ops."""
+
+  @parameterized.parameters('lenet', 'svhn_lenet')
+  def test_logits_gradients_and_attack_match(self, name):
+    ctor, shape = models.MODELS[name]
+    model = ctor()
+    variables = models.init_variables(model, jax.random.PRNGKey(0), shape)
+    # Half of each image blank, as in MNIST's background: the first layer
+    # then gives equal values across pool windows (ties).
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, *shape))
+    x = x.at[:, :shape[0] // 2].set(0.)
+    y = jnp.arange(4) % 10
+
+    def run():
+      def loss(params, x_):
+        logits = model.apply({'params': params}, x_)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            logits, y)), logits
+      (_, logits), grads = jax.jit(jax.value_and_grad(
+          loss, argnums=(0, 1), has_aux=True))(variables['params'], x)
+      adv = jax.jit(lambda x_: attacks.pgd(
+          functools.partial(model.apply, variables), x_, y, eps=0.1,
+          num_steps=3, step_size=0.02))(x)
+      return logits, grads, adv
+
+    with mock.patch.object(fast_ops, 'CHUNK_EXAMPLES', 2):
+      logits, grads, adv = run()
+    patches = _plain_ops()
+    with patches[0], patches[1]:
+      ref_logits, ref_grads, ref_adv = run()
+    chex.assert_trees_all_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-3, atol=1e-6)
+    # Sign steps: only a gradient within rounding of 0 may flip a pixel.
+    self.assertLess(float(jnp.mean(adv != ref_adv)), 1e-3)
 
 
 class AttackProgramGuardTest(parameterized.TestCase):

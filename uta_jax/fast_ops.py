@@ -12,10 +12,11 @@ Attacks differentiate the model with respect to its input K times inside a
 ``lax.conv_general_dilated``; for stride-1, undilated, ungrouped
 convolutions its input gradient is an ordinary forward convolution of the
 cotangent with the explicitly flipped and transposed kernel. ``max_pool_2x2``
-pools non-overlapping 2x2 windows by a reshape and routes the gradient with
-an elementwise mask that XLA fuses. Forward values are identical and
-gradients equal up to float rounding (tested); anything else falls back to
-``lax``.
+pools non-overlapping 2x2 windows by a reshape and routes the gradient to
+each window's first maximum, as ``select_and_scatter_add`` does, with an
+elementwise mask that XLA fuses. Forward values are identical and
+gradients equal up to float rounding (tested, ties included); anything
+else falls back to ``lax``.
 
 XLA:CPU's convolution is also slow with few channels (measured per layer
 with ``python experiments/benchmark.py --sections=convs``). For NHWC/HWIO
@@ -201,24 +202,48 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
       preferred_element_type=preferred_element_type)
 
 
-def _upsample2(a: jax.Array) -> jax.Array:
-  return jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2)
+def _windows2(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H/2, 2, W/2, 2, C]: the windows of a 2x2 pool."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _window_position(shape, dtype) -> jax.Array:
+  """Row-major position 0..3 of each element of windows of ``shape``
+  [B, H/2, 2, W/2, 2, C] inside its 2x2 window."""
+  return (2 * lax.broadcasted_iota(dtype, shape, 2) +
+          lax.broadcasted_iota(dtype, shape, 4))
+
+
+def _expand(a: jax.Array) -> jax.Array:
+  """[B, H/2, W/2, C] -> [B, H/2, 1, W/2, 1, C], broadcast over windows."""
+  return a[:, :, None, :, None, :]
 
 
 @jax.custom_vjp
 def _pool2(x: jax.Array) -> jax.Array:
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _windows2(x).max(axis=(2, 4))
 
 
 def _pool2_fwd(x):
-  y = _pool2(x)
-  return y, (x, y)
+  windows = _windows2(x)
+  y = windows.max(axis=(2, 4))
+  # Position of the first maximum of each window, [B, H/2, W/2, C]: where
+  # autodiff's select_and_scatter_add sends the whole gradient, ties too.
+  position = _window_position(windows.shape, x.dtype)
+  first = jnp.where(windows == _expand(y), position, 4).min(axis=(2, 4))
+  return y, first
 
 
-def _pool2_bwd(residuals, g):
-  x, y = residuals
-  return (jnp.where(x == _upsample2(y), _upsample2(g), 0).astype(x.dtype),)
+def _pool2_bwd(first, g):
+  # An elementwise mask, fused into the consumer. It reads only pooled
+  # arrays: a mask read from the pooled input made XLA recompute the fused
+  # convolution below it inside the consumer.
+  b, h, w, c = first.shape
+  windows = (b, h, 2, w, 2, c)
+  grad = jnp.where(_window_position(windows, g.dtype) == _expand(first),
+                   _expand(g), jnp.zeros((), g.dtype))
+  return (grad.reshape(b, 2 * h, 2 * w, c),)
 
 
 _pool2.defvjp(_pool2_fwd, _pool2_bwd)
@@ -227,9 +252,11 @@ _pool2.defvjp(_pool2_fwd, _pool2_bwd)
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, on NHWC: [B, H, W, C] -> [B, H/2, W/2, C].
 
-  With even H and W the gradient is an elementwise mask (exact ties, which
-  ReLU inputs only produce at 0 where the gradient vanishes anyway, would
-  each receive it); odd sizes fall back to ``nn.max_pool`` semantics.
+  Values and gradients equal ``nn.max_pool``'s: the gradient of each window
+  goes to its first maximum in row-major order, also on ties (a blank image
+  region gives a ReLU layer equal positive values). With even H and W it is
+  an elementwise mask instead of XLA's scalar ``select_and_scatter_add``
+  loop; odd sizes fall back to ``lax.reduce_window``.
   """
   if x.ndim == 4 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
     return _pool2(x)
