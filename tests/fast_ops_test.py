@@ -58,11 +58,13 @@ class ConvTest(chex.TestCase, parameterized.TestCase):
     dn = lax.conv_dimension_numbers(x.shape, k.shape, DN)
     ref = lax.conv_general_dilated(x, k, (1, 1), padding,
                                    dimension_numbers=dn)
-    forms = [fast_ops._forward(x, k, padding, dn, chunked=False)]  # pylint: disable=protected-access
+    forms = [fast_ops._forward(x, k, padding, dn, primal=primal)  # pylint: disable=protected-access
+             for primal in (True, False)]
     if cout == 1:
       forms.append(fast_ops._tap_products(x, k, padding))  # pylint: disable=protected-access
     if cin <= fast_ops.FEW_CHANNELS:
       forms.append(fast_ops._shifted_products(x, k, padding))  # pylint: disable=protected-access
+      forms.append(fast_ops._patch_products(x, k, padding))  # pylint: disable=protected-access
     for out in forms:
       chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-4)
 
@@ -186,7 +188,7 @@ class AttackProgramGuardTest(parameterized.TestCase):
     self.assertNotIn('select_and_scatter', text)
     convs = [l for l in text.splitlines() if 'stablehlo.convolution' in l]
     # Few-channel layers (LeNet's conv1 and its 1-channel input gradient,
-    # SVHN LeNet's RGB conv1) are shifted or tap products, not
+    # SVHN LeNet's RGB conv1) are shifted, tap or patch products, not
     # convolutions; conv2's forward runs in 2 batch chunks, the other input
     # gradients whole.
     chunk = f'tensor<{fast_ops.CHUNK_EXAMPLES}x'
@@ -199,6 +201,10 @@ class AttackProgramGuardTest(parameterized.TestCase):
     for line in convs:
       self.assertIn('x[0, 1, i, o]->', line)
       self.assertNotRegex(line, r'reverse = \[true')
+    # SVHN LeNet's conv1 forward: one matmul of 5 * 5 * 3 = 75-long patches.
+    patch_matmuls = [l for l in text.splitlines()
+                     if 'stablehlo.dot_general' in l and 'x75xf32>' in l]
+    self.assertLen(patch_matmuls, {'lenet': 0, 'svhn_lenet': 1}[name])
 
 
 if __name__ == '__main__':
