@@ -1,5 +1,6 @@
 """Tests of uta_jax.fast_ops against lax, and a guard on the attack program."""
 
+import contextlib
 import functools
 from unittest import mock
 
@@ -118,13 +119,15 @@ class PoolTest(chex.TestCase):
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
+@contextlib.contextmanager
 def _plain_ops():
-  """Patches the models back to plain ``lax`` convolutions and
-  ``nn.max_pool`` (autodiff's gradients): the reference for fast_ops."""
-  return (mock.patch.object(fast_ops, 'conv_general_dilated',
-                            lax.conv_general_dilated),
-          mock.patch.object(fast_ops, 'max_pool_2x2',
-                            lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))))
+  """The models with plain ``lax`` convolutions and ``nn.max_pool``
+  (autodiff's gradients) inside: the reference for fast_ops."""
+  with mock.patch.object(fast_ops, 'conv_general_dilated',
+                         lax.conv_general_dilated), mock.patch.object(
+                             fast_ops, 'max_pool_2x2',
+                             lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))):
+    yield
 
 
 class ModelsMatchPlainOpsTest(parameterized.TestCase):
@@ -155,8 +158,7 @@ class ModelsMatchPlainOpsTest(parameterized.TestCase):
 
     with mock.patch.object(fast_ops, 'CHUNK_EXAMPLES', 2):
       logits, grads, adv = run()
-    patches = _plain_ops()
-    with patches[0], patches[1]:
+    with _plain_ops():
       ref_logits, ref_grads, ref_adv = run()
     chex.assert_trees_all_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(grads, ref_grads, rtol=1e-3, atol=1e-6)

@@ -69,13 +69,20 @@ def _lax_conv(lhs, rhs, padding, dimension_numbers):
                                   dimension_numbers=dimension_numbers)
 
 
+def _padded(lhs: jax.Array, kernel_hw: Tuple[int, int],
+            padding) -> Tuple[jax.Array, int, int]:
+  """The zero-padded input [B, H + pads, W + pads, C] and the output height
+  and width H', W' of a stride-1 kernel of ``kernel_hw`` over it."""
+  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  return x, x.shape[1] - kernel_hw[0] + 1, x.shape[2] - kernel_hw[1] + 1
+
+
 def _shifted_windows(lhs: jax.Array, kernel_hw: Tuple[int, int],
                      padding) -> list:
   """The kh * kw views of the padded input a stride-1 kernel sees:
   [B, H, W, C] -> kh * kw arrays [B, H', W', C], row-major over the taps."""
   kh, kw = kernel_hw
-  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  x, h, w = _padded(lhs, kernel_hw, padding)
   return [x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)]
 
 
@@ -98,11 +105,11 @@ def _patch_products(lhs: jax.Array, rhs: jax.Array, padding) -> jax.Array:
   ``patches[b, y, x]`` is the padded input window at (y, x) flattened in
   ``rhs``'s (kh, kw, I) order, [B, H', W', kh * kw * I], built by two
   concatenations of at most ``max(kh, kw)`` shifted slices each (XLA fuses
-  both into one loop).
+  both into one loop; one concatenation of all kh * kw windows, too many
+  operands for XLA:CPU to fuse, was slower).
   """
   kh, kw, cin, cout = rhs.shape
-  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  x, h, w = _padded(lhs, (kh, kw), padding)
   rows = jnp.concatenate([x[:, :, j:j + w, :] for j in range(kw)],
                          axis=-1)  # [B, H + pads, W', kw * I]
   patches = jnp.concatenate([rows[:, i:i + h] for i in range(kh)], axis=-1)
