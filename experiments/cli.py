@@ -1,5 +1,6 @@
 """What the experiment scripts share: one-line errors, log set-up, flag
-parsing, CPU devices, and stopping on SIGTERM / Ctrl-C."""
+parsing, the backend set-up (CPU devices, the compilation cache), and
+stopping on SIGTERM / Ctrl-C."""
 
 import fractions
 import logging as std_logging
@@ -10,6 +11,14 @@ from typing import List, Optional, Sequence
 
 from absl import flags
 from absl import logging
+
+flags.DEFINE_string(
+    'compilation_cache_dir', None,
+    'JAX\'s persistent compilation cache, shared by every run and workdir of '
+    'this user (a rerun, a new seed, a sweep\'s next run start without '
+    'compiling again); default $JAX_COMPILATION_CACHE_DIR, else '
+    '$XDG_CACHE_HOME/uta_jax/jax or ~/.cache/uta_jax/jax; "none" turns it '
+    'off')
 
 # Loggers whose lines users read: our progress, and AutoAttack's own wording.
 USER_LOGGERS = ('uta_jax', 'auto-attack')
@@ -79,6 +88,52 @@ def use_cpu_cores_as_devices() -> None:
   cores = min(len(os.sched_getaffinity(0)), MAX_CPU_DEVICES)
   count = 1 << (cores.bit_length() - 1)
   os.environ['XLA_FLAGS'] = f'{flags_now} {DEVICE_COUNT_FLAG}={count}'.strip()
+
+
+# The cache's size cap (least recently used entries go first). Setting one
+# makes JAX lock the folder, so concurrent runs (a sweep, pytest -n) never
+# read an entry another process is still writing.
+COMPILATION_CACHE_BYTES = 4 << 30
+
+
+def default_compilation_cache_dir() -> str:
+  """$JAX_COMPILATION_CACHE_DIR, else the per-user cache folder."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'uta_jax', 'jax')
+
+
+def enable_compilation_cache(folder: Optional[str]) -> Optional[str]:
+  """JAX's persistent compilation cache in ``folder`` (None: the default;
+  'none' or '': off). Every program that took at least 0.2 s to compile is
+  stored and reused by later processes. Returns the folder used, or None."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if folder is None:
+    folder = default_compilation_cache_dir()
+  if folder.lower() in ('', 'none'):
+    jax.config.update('jax_enable_compilation_cache', False)
+    return None
+  folder = os.path.abspath(os.path.expanduser(folder))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    fail(f'--compilation_cache_dir {folder}: {e.strerror}; choose another '
+         'folder, or "none"')
+  jax.config.update('jax_enable_compilation_cache', True)
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_BYTES)
+  return folder
+
+
+def set_up_backend() -> None:
+  """What every script does before JAX starts: one CPU device per core
+  (``use_cpu_cores_as_devices``) and the compilation cache
+  (``--compilation_cache_dir``)."""
+  use_cpu_cores_as_devices()
+  enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
 
 
 def parse_number(text: str) -> float:

@@ -64,7 +64,7 @@ def parse_eps(values):
 
 def main(argv):
   del argv
-  cli.use_cpu_cores_as_devices()
+  cli.set_up_backend()
   cli.show_logs(sys.stdout, timestamps=False)
   if not FLAGS.workdir:
     cli.fail('--workdir is required: a folder written by experiments/train.py')

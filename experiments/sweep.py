@@ -103,7 +103,7 @@ def start(script: str, *, unused: Sequence[str] = ()) -> str:
   flags in ``unused`` (they would be silently ignored); returns the output
   folder, created and locked for this process (a second script on the same
   folder stops at once, naming this one)."""
-  cli.use_cpu_cores_as_devices()
+  cli.set_up_backend()
   cli.show_logs(sys.stderr, timestamps=True)
   for name in unused:
     if FLAGS[name].present:

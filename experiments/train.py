@@ -60,7 +60,7 @@ def default_workdir(config: configs.Config) -> str:
 
 def main(argv):
   del argv
-  cli.use_cpu_cores_as_devices()
+  cli.set_up_backend()
   cli.show_logs(sys.stderr, timestamps=True)
   try:
     config = config_flags.config(FLAGS.dataset)

@@ -1,4 +1,4 @@
-"""Smoke test: experiments/benchmark.py runs both sections and writes JSON."""
+"""Smoke tests: experiments/benchmark.py runs its sections and writes JSON."""
 
 import json
 import os
@@ -9,6 +9,9 @@ from absl.testing import absltest
 import pytest
 
 from testutil import ROOT  # pylint: disable=g-bad-import-order
+
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+from benchmarks import loop  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
 # End-to-end: subprocesses, minutes. Deselect with -m "not slow".
@@ -31,6 +34,7 @@ class BenchmarkTest(absltest.TestCase):
     self.assertGreater(result['machine']['matmul_peak_gflops'], 0)
     workloads = [r['workload'] for r in result['attacks']]
     self.assertEqual(workloads, ['pgd10', 'uta10', 'uta10_mc5', 'at_step'])
+    self.assertEqual(result['machine']['torch_device'], 'cpu')
     for row in result['attacks']:
       self.assertGreater(row['jax']['throughput'], 0)
       self.assertGreater(row['torch']['throughput'], 0)
@@ -51,6 +55,18 @@ class BenchmarkTest(absltest.TestCase):
     self.assertLessEqual(abs(robust['bridge'] - robust['native']),
                          100 / 16 + 1e-6)  # within one test point
     self.assertEqual(robust['jax'], robust['jax_1_device'])
+
+  def test_loop_section_measures_the_loop_against_the_bare_step(self):
+    tiny = {'tiny': ('mnist_embedded', {
+        'max_train_examples': 256, 'batch_size': 32, 'epochs': 2,
+        'checkpoint_every': 4, 'log_every': 2})}
+    (row,) = loop.run(bare_steps=4, runs=tiny)
+    self.assertEqual(row['window_steps'], [2, 16])
+    self.assertEqual(row['saves_in_window'], 4)  # steps 4, 8, 12, 16
+    self.assertGreater(row['loop_images_per_sec'], 0)
+    self.assertAlmostEqual(row['efficiency'], row['loop_images_per_sec'] /
+                           row['bare_step_images_per_sec'])
+    self.assertIn('| tiny |', loop.markdown([row]))
 
 
 if __name__ == '__main__':

@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+from unittest import mock
 
 from absl.testing import absltest
 import chex
@@ -184,6 +186,71 @@ class CheckpointerTest(absltest.TestCase):
     b = {'w': np.array([0, 0, 0, 1e-30], np.float32)}
     self.assertNotEqual(checkpointing.tree_checksum(a),
                         checkpointing.tree_checksum(b))
+
+
+class BackgroundSaverTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.checkpointer = checkpointing.Checkpointer(
+        self.create_tempdir().full_path)
+    self.state = _state()
+
+  def test_the_caller_goes_on_while_the_writer_saves(self):
+    release = threading.Event()
+    real_save = checkpointing.Checkpointer.save
+
+    def blocked_save(checkpointer, step, state):
+      self.assertTrue(release.wait(10))
+      real_save(checkpointer, step, state)
+
+    saver = checkpointing.BackgroundSaver(self.checkpointer)
+    with mock.patch.object(checkpointing.Checkpointer, 'save', blocked_save):
+      saver.submit(3, self.state)  # returns while the save waits
+      self.assertTrue(saver.busy())
+      self.assertEqual(self.checkpointer.steps(), [])
+      release.set()
+      saver.wait()
+    self.assertFalse(saver.busy())
+    self.assertEqual(self.checkpointer.steps(), [3])
+    restored, step = self.checkpointer.restore_latest(self.state)
+    self.assertEqual(step, 3)
+    chex.assert_trees_all_equal(restored, self.state)
+    saver.close()
+
+  def test_a_refused_state_is_not_written_and_its_error_comes_back(self):
+    def refuse(step, state):
+      del state
+      if step == 2:
+        raise ValueError('non-finite parameters at step 2')
+
+    saver = checkpointing.BackgroundSaver(self.checkpointer, validate=refuse)
+    saver.submit(1, self.state)
+    saver.submit(2, self.state)
+    with self.assertRaisesRegex(ValueError, 'step 2'):
+      saver.wait()
+    self.assertEqual(self.checkpointer.steps(), [1])
+    saver.submit(3, self.state)  # the error is reported once
+    saver.wait()
+    self.assertEqual(self.checkpointer.steps(), [1, 3])
+    saver.close()
+
+  def test_a_failed_write_is_raised_by_the_next_submit(self):
+    saver = checkpointing.BackgroundSaver(self.checkpointer)
+    with mock.patch.object(checkpointing.Checkpointer, 'save',
+                           side_effect=OSError(28, 'No space left')):
+      saver.submit(1, self.state)
+      with self.assertRaises(OSError):
+        saver.submit(2, self.state)
+    saver.close()
+
+  def test_in_the_callers_thread_when_not_in_the_background(self):
+    saver = checkpointing.BackgroundSaver(self.checkpointer, background=False)
+    with mock.patch.object(checkpointing.Checkpointer, 'save') as save:
+      saver.submit(5, self.state)
+      save.assert_called_once()
+      self.assertFalse(saver.busy())
+    saver.close()
 
 
 if __name__ == '__main__':

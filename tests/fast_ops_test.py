@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import re
 from unittest import mock
 
 from absl.testing import absltest
@@ -10,12 +11,16 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import export
 from jax import lax
 import optax
 
 from uta_jax import attacks
+from uta_jax import classifier
+from uta_jax import configs
 from uta_jax import fast_ops
 from uta_jax import models
+from uta_jax import steps
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -208,6 +213,60 @@ class AttackProgramGuardTest(parameterized.TestCase):
                      if 'stablehlo.dot_general' in l and 'x75xf32>' in l]
     self.assertLen(patch_matmuls, {'lenet': 0, 'svhn_lenet': 1}[name])
 
+
+class BackendFormsTest(parameterized.TestCase):
+  """The CPU forms only in programs for the CPU: a train step exported for
+  a GPU or TPU holds lax's convolutions and max-pool (cuDNN's, the TPU's),
+  none of the CPU forms (they made ResNet-18's step 2.1x slower on a GPU)."""
+
+  PRESETS = {'lenet': 'fashion_mnist', 'svhn_lenet': 'svhn',
+             'resnet18': 'cifar10'}
+
+  def _train_step_program(self, name, platform):
+    # The dataset's preset train step (CIFAR-10: UTA-1 with 5 MC-dropout
+    # samples), exported for ``platform`` without needing its hardware. A
+    # batch of two chunks, so that the CPU would chunk its convolutions.
+    config = configs.get_config(self.PRESETS[name])
+    model = classifier.create_model(config)
+    if name == 'resnet18':  # the same layers, fewer of them, to trace fast
+      model = model.clone(base_width=8, stage_sizes=(1, 1))
+    shape = models.MODELS[name][1]
+    tx = steps.make_optimizer(config, 10)
+    state = steps.create_train_state(config, model, tx, shape)
+    batch_size = 2 * fast_ops.CHUNK_EXAMPLES
+    batch = {'image': jnp.zeros((batch_size, *shape)),
+             'label': jnp.zeros((batch_size,), jnp.int32),
+             'id': jnp.arange(batch_size, dtype=jnp.int32)}
+    step = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
+    return export.export(step, platforms=[platform])(state,
+                                                     batch).mlir_module()
+
+  def _chunked_convolutions(self, text):
+    """Convolutions over a batch chunk: the CPU's forward form."""
+    chunk = f'tensor<{fast_ops.CHUNK_EXAMPLES}x'
+    return [l for l in text.splitlines() if 'stablehlo.convolution' in l and
+            l.split(':')[-1].split('->')[0].strip(' (').startswith(chunk)]
+
+  @parameterized.product(name=['lenet', 'svhn_lenet', 'resnet18'],
+                         platform=['cuda', 'tpu'])
+  def test_gpu_and_tpu_programs_hold_no_cpu_form(self, name, platform):
+    text = self._train_step_program(name, platform)
+    self.assertFalse(fast_ops.CPU_SCOPE in text, 'a CPU form')
+    self.assertTrue('stablehlo.convolution' in text, 'no convolution')
+    self.assertEqual(self._chunked_convolutions(text), [])
+    # No im2col patch matmul (5 * 5 * 3 = 75 long).
+    self.assertIsNone(re.search(r'dot_general.*x75xf32>', text))
+    if name != 'resnet18':  # LeNets pool: XLA's max-pool and its gradient
+      self.assertTrue('reduce_window' in text, 'no reduce_window')
+      self.assertTrue('select_and_scatter' in text, 'no select_and_scatter')
+
+  @parameterized.parameters('lenet', 'svhn_lenet', 'resnet18')
+  def test_cpu_program_holds_the_cpu_forms(self, name):
+    text = self._train_step_program(name, 'cpu')
+    self.assertTrue(fast_ops.CPU_SCOPE in text, 'no CPU form')
+    self.assertFalse('select_and_scatter' in text, 'select_and_scatter')
+    if name == 'svhn_lenet':  # its conv2 forward runs in batch chunks
+      self.assertNotEqual(self._chunked_convolutions(text), [])
 
 if __name__ == '__main__':
   absltest.main()

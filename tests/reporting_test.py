@@ -2,13 +2,15 @@
 
 import glob
 import os
-import struct
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
 
 from uta_jax import configs
 from uta_jax import reporting
+
+from testutil import tensorboard_scalars  # pylint: disable=g-bad-import-order
 
 
 class ReportingTest(absltest.TestCase):
@@ -100,28 +102,54 @@ class ReportingTest(absltest.TestCase):
     self.assertTrue(reporting.write_tensorboard(path, board))
     self.assertTrue(reporting.write_tensorboard(path, board))  # rewrites
     (events_file,) = glob.glob(os.path.join(board, 'events.out.tfevents.*'))
-    scalars = sorted(_read_scalars(events_file))
+    scalars = sorted(tensorboard_scalars(events_file))
     self.assertEqual(scalars, [('eval/pgd_accuracy', 40, 41.0),
                                ('train/accuracy', 40, 0.6),
                                ('train/loss', 20, 3.0),
                                ('train/loss', 40, 2.0)])
 
+  def test_metrics_log_shows_each_step_once_across_a_resume(self):
+    folder = self.create_tempdir().full_path
+    path, board = (os.path.join(folder, 'metrics.jsonl'),
+                   os.path.join(folder, 'tensorboard'))
+    first = reporting.MetricsLog(path, board, resumed_step=0)
+    for step in (4, 8, 12):  # killed after step 12, checkpoint at 8
+      first.append({'kind': 'train', 'step': step, 'loss': float(step)})
+    first.close()
+    resumed = reporting.MetricsLog(path, board, resumed_step=8)
+    for step in (12, 16):  # step 12 replayed with another value
+      resumed.append({'kind': 'train', 'step': step, 'loss': step + 0.5})
+    resumed.append({'kind': 'eval', 'step': 16, 'clean_accuracy': 90.0})
+    resumed.append({'kind': 'eval', 'step': 16, 'clean_accuracy': 91.0})
+    resumed.close()
+    self.assertEqual(sorted(tensorboard_scalars(board)), [
+        ('eval/clean_accuracy', 16, 91.0), ('train/loss', 4, 4.0),
+        ('train/loss', 8, 8.0), ('train/loss', 12, 12.5),
+        ('train/loss', 16, 16.5)])
+    self.assertEqual([r['step'] for r in reporting.read_metrics(path)],
+                     [4, 8, 12, 16, 16])
 
-def _read_scalars(path):
-  """(tag, step, value) of an event file, read as TFRecords (no TF)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out = []
-  with open(path, 'rb') as f:
-    data = f.read()
-  offset = 0
-  while offset < len(data):
-    (length,) = struct.unpack('<Q', data[offset:offset + 8])
-    payload = data[offset + 12:offset + 12 + length]
-    offset += 12 + length + 4  # length, its crc, the record, its crc
-    event = event_pb2.Event.FromString(payload)
-    for value in event.summary.value:
-      out.append((value.tag, event.step, round(value.simple_value, 6)))
-  return out
+  def test_metrics_log_appends_without_rewriting(self):
+    folder = self.create_tempdir().full_path
+    log = reporting.MetricsLog(os.path.join(folder, 'metrics.jsonl'),
+                               os.path.join(folder, 'tensorboard'),
+                               resumed_step=0)
+    with mock.patch.object(reporting, 'write_tensorboard') as rewrite:
+      for step in range(1, 50):
+        log.append({'kind': 'train', 'step': step, 'loss': 1.0})
+    log.close()
+    rewrite.assert_not_called()
+    self.assertLen(tensorboard_scalars(os.path.join(folder, 'tensorboard')),
+                   49)
+
+  def test_a_disabled_metrics_log_writes_nothing(self):
+    folder = self.create_tempdir().full_path
+    log = reporting.MetricsLog(os.path.join(folder, 'metrics.jsonl'),
+                               os.path.join(folder, 'tensorboard'),
+                               resumed_step=0, enabled=False)
+    log.append({'kind': 'train', 'step': 1, 'loss': 1.0})
+    log.close()
+    self.assertEqual(os.listdir(folder), [])
 
 
 if __name__ == '__main__':

@@ -4,9 +4,11 @@ Imported after ``conftest`` has set XLA_FLAGS (4 fake CPU devices), which
 the scripts run here as subprocesses inherit.
 """
 
+import glob
 import importlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -102,3 +104,24 @@ def synthetic_images(num: int, *, seed: int, shape=(28, 28, 1),
   noise = rng.normal(scale=0.3, size=(num, *shape)).astype(np.float32)
   images = np.clip(prototypes[labels] + noise, 0.0, 1.0)
   return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+
+
+def tensorboard_scalars(path):
+  """(tag, step, value) of an event file, or of every event file in a
+  folder, read as TFRecords (no TensorFlow)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    return [s for f in sorted(glob.glob(os.path.join(
+        path, 'events.out.tfevents.*'))) for s in tensorboard_scalars(f)]
+  out = []
+  with open(path, 'rb') as f:
+    data = f.read()
+  offset = 0
+  while offset < len(data):
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    payload = data[offset + 12:offset + 12 + length]
+    offset += 12 + length + 4  # length, its crc, the record, its crc
+    event = event_pb2.Event.FromString(payload)
+    for value in event.summary.value:
+      out.append((value.tag, event.step, round(value.simple_value, 6)))
+  return out

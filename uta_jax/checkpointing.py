@@ -12,10 +12,14 @@ On restore, every step that has no checksum, does not load or fails its
 checksum is removed with a warning naming it (a later save of the same step
 would otherwise fail with orbax's ``StepAlreadyExistsError``), as are the
 temporary folders of interrupted saves; the newest valid step is used.
+
+``BackgroundSaver`` runs those saves on a writer thread, so that training
+goes on while a step is fetched, checked, hashed and written.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import glob
 import hashlib
@@ -25,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.serialization
 import jax
@@ -187,3 +191,70 @@ def _as_os_error(e: Exception, directory: str) -> Exception:
   if 'RESOURCE_EXHAUSTED' in str(e):
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
   return e
+
+
+class BackgroundSaver:
+  """``Checkpointer.save`` on a writer thread: training goes on during a save.
+
+  ``submit(step, state)`` takes a state that later steps will not touch
+  (the training loop hands a device copy, made before the next step
+  donates its buffers). The writer fetches it to the host, runs
+  ``validate(step, host_state)`` (which raises to refuse it: a non-finite
+  state is never written) and saves it with its checksum first, as
+  ``Checkpointer.save`` does. One save is in flight at a time: a submit
+  waits for the previous one. A failed save (disk full, a refused state)
+  is raised by the next ``submit``, ``check`` or ``wait``.
+
+  ``background=False`` saves in the caller's thread (multi-host runs, whose
+  orbax saves synchronise the hosts).
+  """
+
+  def __init__(self, checkpointer: Checkpointer, *,
+               validate: Callable[[int, Any], None] = lambda step, state: None,
+               background: bool = True):
+    self.checkpointer = checkpointer
+    self._validate = validate
+    self._pool = (concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix='checkpoint-writer')
+                  if background else None)
+    self._in_flight: Optional[concurrent.futures.Future] = None
+    self.submitted_step: Optional[int] = None
+
+  def _save(self, step: int, state: Any) -> None:
+    host_state = jax.device_get(state)
+    self._validate(step, host_state)
+    self.checkpointer.save(step, host_state)
+
+  def submit(self, step: int, state: Any) -> None:
+    self.wait()
+    self.submitted_step = step
+    if self._pool is None:
+      self._save(step, state)
+    else:
+      self._in_flight = self._pool.submit(self._save, step, state)
+
+  def busy(self) -> bool:
+    """A save is being written now."""
+    return self._in_flight is not None and not self._in_flight.done()
+
+  def check(self) -> None:
+    """Raises the error of a finished failed save; never waits."""
+    if self._in_flight is not None and self._in_flight.done():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises its error."""
+    future, self._in_flight = self._in_flight, None
+    if future is not None:
+      future.result()
+
+  def close(self) -> None:
+    """Waits for the save in flight (its error is dropped: the caller is
+    already ending, by another error or after ``wait``) and closes."""
+    try:
+      self.wait()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if self._pool is not None:
+      self._pool.shutdown(wait=True)
+    self.checkpointer.close()

@@ -1,4 +1,13 @@
-"""Convolution and 2x2 max-pool with CPU-friendly gradients (custom VJPs).
+"""Convolution and 2x2 max-pool: XLA:CPU-fast forms on CPUs, lax elsewhere.
+
+The models call ``conv_general_dilated`` and ``max_pool_2x2``. Each picks
+its form when the program is lowered (``lax.platform_dependent``): for the
+CPU the forms below, measured to win on XLA:CPU; for every other platform
+(cuDNN on GPUs, TPUs) plain ``lax.conv_general_dilated`` and the
+``reduce_window`` max-pool, which the CPU forms made ResNet-18's train step
+2.1x slower on an H200. A program lowered for a GPU or TPU holds no CPU
+form (tested by exporting for them); the CPU forms run under the named
+scope ``CPU_SCOPE``, so a lowered program shows whether it holds any.
 
 Attacks differentiate the model with respect to its input K times inside a
 ``lax.fori_loop``. On XLA's CPU backend two parts of that gradient are slow:
@@ -8,12 +17,11 @@ Attacks differentiate the model with respect to its input K times inside a
   convolution path, about 2x slower than the same step outside the loop;
 * the gradient of max-pooling (``select_and_scatter_add``), a scalar loop.
 
-``conv_general_dilated`` has the same signature and forward as
-``lax.conv_general_dilated``; for stride-1, undilated, ungrouped
-convolutions its input gradient is an ordinary forward convolution of the
-cotangent with the explicitly flipped and transposed kernel. ``max_pool_2x2``
-pools non-overlapping 2x2 windows by a reshape and routes the gradient to
-each window's first maximum, as ``select_and_scatter_add`` does, with an
+On the CPU, for stride-1, undilated, ungrouped convolutions the input
+gradient is an ordinary forward convolution of the cotangent with the
+explicitly flipped and transposed kernel, and the 2x2 max-pool pools
+non-overlapping windows by a reshape and routes the gradient to each
+window's first maximum, as ``select_and_scatter_add`` does, with an
 elementwise mask that XLA fuses. Forward values are identical and
 gradients equal up to float rounding (tested, ties included); anything
 else falls back to ``lax``.
@@ -59,6 +67,7 @@ def _is_fast_case(window_strides, padding, lhs_dilation, rhs_dilation,
           not isinstance(padding, str))
 
 
+CPU_SCOPE = 'fast_ops_cpu'  # named scope of the CPU forms in a program
 FEW_CHANNELS = 3  # input channels up to which shifted products win
 CHUNK_EXAMPLES = 32  # batch chunk of the remaining forward convolutions
 _NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -219,19 +228,27 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
-  """Drop-in ``lax.conv_general_dilated`` with a fast stride-1 input gradient."""
-  if (_is_fast_case(window_strides, padding, lhs_dilation, rhs_dilation,
-                    feature_group_count) and batch_group_count == 1 and
-      precision is None and preferred_element_type is None):
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv_stride1(lhs, rhs, pads, dn)
-  return lax.conv_general_dilated(
-      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+  """Drop-in ``lax.conv_general_dilated``: on the CPU, a stride-1
+  convolution takes its fastest measured form; elsewhere it is lax's."""
+  plain = functools.partial(
+      lax.conv_general_dilated, window_strides=window_strides,
+      padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count,
       batch_group_count=batch_group_count, precision=precision,
       preferred_element_type=preferred_element_type)
+  if not (_is_fast_case(window_strides, padding, lhs_dilation, rhs_dilation,
+                        feature_group_count) and batch_group_count == 1 and
+          precision is None and preferred_element_type is None):
+    return plain(lhs, rhs)
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+
+  def cpu(lhs, rhs):
+    with jax.named_scope(CPU_SCOPE):
+      return _conv_stride1(lhs, rhs, pads, dn)
+
+  return lax.platform_dependent(lhs, rhs, cpu=cpu, default=plain)
 
 
 def _windows2(x: jax.Array) -> jax.Array:
@@ -281,16 +298,28 @@ def _pool2_bwd(first, g):
 _pool2.defvjp(_pool2_fwd, _pool2_bwd)
 
 
+def _reduce_window_pool(x: jax.Array) -> jax.Array:
+  """``nn.max_pool(x, (2, 2), strides=(2, 2))``: XLA's own 2x2 max-pool,
+  its gradient ``select_and_scatter_add`` (cuDNN and TPU kernels)."""
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                           'VALID')
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool, stride 2, on NHWC: [B, H, W, C] -> [B, H/2, W/2, C].
 
   Values and gradients equal ``nn.max_pool``'s: the gradient of each window
   goes to its first maximum in row-major order, also on ties (a blank image
-  region gives a ReLU layer equal positive values). With even H and W it is
-  an elementwise mask instead of XLA's scalar ``select_and_scatter_add``
-  loop; odd sizes fall back to ``lax.reduce_window``.
+  region gives a ReLU layer equal positive values). On the CPU, with even H
+  and W, the gradient is an elementwise mask instead of XLA's scalar
+  ``select_and_scatter_add`` loop; elsewhere, and for odd sizes, it is
+  ``lax.reduce_window``'s.
   """
-  if x.ndim == 4 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
-    return _pool2(x)
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                           'VALID')
+  if not (x.ndim == 4 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0):
+    return _reduce_window_pool(x)
+
+  def cpu(x):
+    with jax.named_scope(CPU_SCOPE):
+      return _pool2(x)
+
+  return lax.platform_dependent(x, cpu=cpu, default=_reduce_window_pool)

@@ -68,7 +68,10 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
       trained = _train(config, workdir, stop_requested)
       if trained['status'] != 'finished':
         return trained
-      return _report(config, workdir, stop_requested, trained, start=start)
+      try:
+        return _report(config, workdir, stop_requested, trained, start=start)
+      finally:
+        trained['metrics_log'].close()
     except OSError as e:
       raise workdir_lock.write_error(e, workdir) from e
 
@@ -76,7 +79,12 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
 def _train(config: configs.Config, workdir: str,
            stop_requested: Callable[[], bool]) -> Dict[str, Any]:
   """The training loop: {'status': 'finished', 'state', 'dataset', 'model',
-  'timings'} or {'status': 'preempted', 'step'}."""
+  'timings'} or {'status': 'preempted', 'step'}.
+
+  The device is kept busy: the next batch is sent while a step runs, a
+  step's metrics are read once the next step is queued (``_Progress``),
+  and checkpoints are written by a writer thread (``BackgroundSaver``).
+  """
   runs.prepare_workdir(config, workdir)
   dataset = data.load_dataset(
       config.dataset, data_dir=config.data_dir,
@@ -100,86 +108,148 @@ def _train(config: configs.Config, workdir: str,
   if restored is not None:
     state = restored
     log.info('resumed from step %d of %d', restored_step, total_steps)
-  metrics_path = os.path.join(workdir, reporting.METRICS)
+  step = int(state.step)
+  metrics_log = reporting.MetricsLog(
+      os.path.join(workdir, reporting.METRICS),
+      os.path.join(workdir, reporting.TENSORBOARD), resumed_step=step,
+      enabled=jax.process_index() == 0)
+  saver = checkpointing.BackgroundSaver(
+      checkpointer, validate=_refuse_non_finite,
+      background=jax.process_count() == 1)
   p_step = parallel.pmap_train_step(
       steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
   p_state = parallel.replicate(state)
+  progress = _Progress(config, total_steps, steps_per_epoch, metrics_log,
+                       saver, start_step=step)
 
-  def save(step):
-    host_state = parallel.unreplicate(p_state)
-    if not all(np.all(np.isfinite(leaf)) for leaf in
-               jax.tree_util.tree_leaves(host_state.params)):
-      raise TrainingError(
-          f'non-finite parameters at step {step}; stopped without saving them, '
-          'last good checkpoint kept. Lower optimizer.learning_rate or '
-          'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
-    checkpointer.save(step, host_state)
-    if jax.process_index() == 0:
-      reporting.write_tensorboard(
-          metrics_path, os.path.join(workdir, reporting.TENSORBOARD))
+  def save(at):
+    saver.submit(at, parallel.first_replica(p_state))
 
-  step = int(state.step)
-  start_step, t0 = step, time.time()
-  window_start, window_images = time.time(), 0
+  def evaluating(at):
+    return at < total_steps and (
+        (config.eval_every and
+         at % (config.eval_every * steps_per_epoch) == 0) or
+        (config.eval_every_steps and at % config.eval_every_steps == 0))
+
+  t0 = time.time()
   try:
+    batch = (parallel.device_batch(_global_batch(dataset.train, step, config))
+             if step < total_steps else None)
     while step < total_steps:
-      batch = parallel.shard(_global_batch(dataset.train, step, config))
       p_state, metrics = p_step(p_state, batch)
       step += 1
-      window_images += config.batch_size
+      progress.queued(step, metrics)  # reads the step before this one
       stopping = stop_requested() or parallel.preemption_reached(step)
-      saving = step % config.checkpoint_every == 0 or stopping
-      logging_now = step % config.log_every == 0 or step == total_steps
-      evaluating = step < total_steps and (
-          (config.eval_every and
-           step % (config.eval_every * steps_per_epoch) == 0) or
-          (config.eval_every_steps and step % config.eval_every_steps == 0))
-      if not (saving or logging_now or evaluating):
-        continue  # no host sync: the device runs ahead
-      # A non-finite loss poisons every later step, so checking it here,
-      # before any save, keeps the last checkpoint good.
-      metrics = jax.tree_util.tree_map(lambda m: float(m[0]),
-                                       jax.device_get(metrics))
-      if not math.isfinite(metrics['loss']):
-        last = checkpointer.steps()[-1] if checkpointer.steps() else 'none'
-        raise TrainingError(
-            f'non-finite loss by step {step}; stopped, last good checkpoint '
-            f'kept (step {last}). Lower optimizer.learning_rate or '
-            'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
-      if logging_now:
-        elapsed = time.time() - window_start
-        rate = window_images / max(elapsed, 1e-9)
-        eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
-        record = dict(kind='train', step=step, epoch=step / steps_per_epoch,
-                      images_per_sec=rate, **metrics)
-        if jax.process_index() == 0:
-          reporting.append_metrics(metrics_path, record)
-        log.info('epoch %.2f step %d/%d loss %.4f train acc %.2f%% '
-                 '%.0f img/s ETA %.0fs', record['epoch'], step, total_steps,
-                 metrics['loss'], 100 * metrics['accuracy'], rate, eta)
-        window_start, window_images = time.time(), 0
-      if saving:
-        save(step)
+      if step % config.checkpoint_every == 0 or stopping:
+        save(step)  # a device copy, before the next step donates the state
+      if step < total_steps:  # sent while the device computes this step
+        batch = parallel.device_batch(_global_batch(dataset.train, step,
+                                                    config))
       if stopping:
+        progress.finish()
+        saver.wait()
+        metrics_log.close()
         log.info('stop requested: checkpointed step %d, exiting', step)
         return {'status': 'preempted', 'step': step}
-      if evaluating:
+      if evaluating(step):
+        progress.finish()
         try:
           _eval_during_training(config, model, p_state, dataset, step,
-                                metrics_path, stop_requested)
+                                metrics_log, stop_requested)
         except parallel.Stopped:
-          save(step)
+          if saver.submitted_step != step:
+            save(step)
+          saver.wait()
+          metrics_log.close()
           log.info('stop requested during evaluation: checkpointed step %d',
                    step)
           return {'status': 'preempted', 'step': step}
-    if step not in checkpointer.steps():
+      saver.check()
+    progress.finish()
+    if step not in checkpointer.steps() and saver.submitted_step != step:
       save(step)
+    saver.wait()
+  except BaseException:
+    metrics_log.close()
+    raise
   finally:
-    checkpointer.close()
+    saver.close()
   return {'status': 'finished', 'state': parallel.unreplicate(p_state),
-          'dataset': dataset, 'model': model,
+          'dataset': dataset, 'model': model, 'metrics_log': metrics_log,
           'timings': {'train_seconds_this_run': time.time() - t0,
-                      'steps_this_run': step - start_step}}
+                      'steps_this_run': step - progress.start_step,
+                      'first_step_seconds': progress.first_step_seconds}}
+
+
+def _refuse_non_finite(step: int, host_state: Any) -> None:
+  """The writer thread's check: non-finite parameters are never saved."""
+  if not all(np.all(np.isfinite(leaf)) for leaf in
+             jax.tree_util.tree_leaves(host_state.params)):
+    raise TrainingError(
+        f'non-finite parameters at step {step}; stopped without saving them, '
+        'last good checkpoint kept. Lower optimizer.learning_rate or '
+        'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
+
+
+class _Progress:
+  """Reads each step's metrics one step late, when the next step is already
+  queued (the device never waits for the host), checks the loss, and logs
+  every ``log_every`` steps (``metrics.jsonl``, TensorBoard, a line)."""
+
+  def __init__(self, config, total_steps, steps_per_epoch, metrics_log,
+               saver, *, start_step):
+    self.config, self.total_steps = config, total_steps
+    self.steps_per_epoch, self.metrics_log = steps_per_epoch, metrics_log
+    self.saver, self.start_step = saver, start_step
+    self._pending = None  # (step, device metrics) not yet read
+    self._started = time.time()
+    self.first_step_seconds = None
+    self._window_start, self._window_step = time.time(), start_step
+
+  def queued(self, step: int, metrics: Dict[str, Any]) -> None:
+    """Step ``step`` is queued: completes the one before it."""
+    self.finish()
+    self._pending = (step, metrics)
+
+  def finish(self) -> None:
+    """Waits for the pending step and handles its metrics."""
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    loss = metrics['loss']
+    loss.block_until_ready()
+    now = time.time()
+    if self.first_step_seconds is None:
+      self.first_step_seconds = now - self._started
+    if not (step % self.config.log_every == 0 or step == self.total_steps or
+            not math.isfinite(float(loss[0]))):
+      return
+    metrics = jax.tree_util.tree_map(lambda m: float(m[0]),
+                                     jax.device_get(metrics))
+    if not math.isfinite(metrics['loss']):
+      # A non-finite loss poisons every later step: stop before it is saved
+      # (the writer refuses non-finite parameters too).
+      try:
+        self.saver.wait()
+      except TrainingError:
+        pass
+      done = self.saver.checkpointer.steps()
+      raise TrainingError(
+          f'non-finite loss by step {step}; stopped, last good checkpoint '
+          f'kept (step {done[-1] if done else "none"}). Lower '
+          'optimizer.learning_rate or attack.eps_train',
+          'optimizer.learning_rate', 'attack.eps_train')
+    images = (step - self._window_step) * self.config.batch_size
+    rate = images / max(now - self._window_start, 1e-9)
+    eta = (self.total_steps - step) * self.config.batch_size / max(rate, 1e-9)
+    record = dict(kind='train', step=step, epoch=step / self.steps_per_epoch,
+                  images_per_sec=rate, **metrics)
+    self.metrics_log.append(record)
+    log.info('epoch %.2f step %d/%d loss %.4f train acc %.2f%% '
+             '%.0f img/s ETA %.0fs', record['epoch'], step, self.total_steps,
+             metrics['loss'], 100 * metrics['accuracy'], rate, eta)
+    self._window_start, self._window_step = now, step
 
 
 def _report(config: configs.Config, workdir: str,
@@ -200,15 +270,13 @@ def _report(config: configs.Config, workdir: str,
              'and checkpointed at step %d)', step)
     return {'status': 'preempted', 'step': step}
   metrics_path = os.path.join(workdir, reporting.METRICS)
+  metrics_log = trained['metrics_log']
+  metrics_log.append({'kind': 'eval', 'step': step,
+                      'clean_accuracy': results_eval['clean_accuracy'],
+                      **_first_eps_accuracies(results_eval)})
   if jax.process_index() == 0:
-    reporting.append_metrics(metrics_path, {
-        'kind': 'eval', 'step': step,
-        'clean_accuracy': results_eval['clean_accuracy'],
-        **_first_eps_accuracies(results_eval)})
     reporting.plot_training_curves(metrics_path,
                                    os.path.join(workdir, reporting.CURVES))
-    reporting.write_tensorboard(metrics_path,
-                                os.path.join(workdir, reporting.TENSORBOARD))
   return runs.update_results(
       workdir, replace=True,
       status='finished',
@@ -226,7 +294,7 @@ def _report(config: configs.Config, workdir: str,
 
 
 def _eval_during_training(config, model, p_state, dataset, step,
-                          metrics_path, stop_requested) -> None:
+                          metrics_log, stop_requested) -> None:
   state = parallel.unreplicate(p_state)
   ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
                            config=config,
@@ -236,10 +304,8 @@ def _eval_during_training(config, model, p_state, dataset, step,
   log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '
            '(eps=%s)', step, ev['clean_accuracy'], first['fgsm_accuracy'],
            first['pgd_accuracy'], config.eval.eps[0])
-  if jax.process_index() == 0:
-    reporting.append_metrics(metrics_path, {
-        'kind': 'eval', 'step': step, 'clean_accuracy': ev['clean_accuracy'],
-        **first})
+  metrics_log.append({'kind': 'eval', 'step': step,
+                      'clean_accuracy': ev['clean_accuracy'], **first})
 
 
 def _first_eps_accuracies(ev: Dict[str, Any]) -> Dict[str, float]:

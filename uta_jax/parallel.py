@@ -87,6 +87,36 @@ def shard(host_batch: Any) -> Any:
   return jax.tree_util.tree_map(split, host_batch)
 
 
+def _device_axis_sharding(devices: Sequence[Any]) -> jax.sharding.Sharding:
+  """How ``pmap`` over ``AXIS`` shards its inputs and outputs: the leading
+  axis over ``devices``."""
+  return jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(list(devices)), (AXIS,)),
+      jax.sharding.PartitionSpec(AXIS))
+
+
+def device_batch(host_batch: Any) -> Any:
+  """``shard``ed and sent to the local devices now (asynchronously), so the
+  transfer overlaps the step the devices are computing."""
+  sharded = shard(host_batch)
+  if jax.process_count() > 1:
+    return sharded  # pmap places each host's shards itself
+  return jax.device_put(sharded, _device_axis_sharding(jax.local_devices()))
+
+
+_copy_first = jax.jit(lambda tree: jax.tree_util.tree_map(lambda a: a[0],
+                                                          tree))
+
+
+def first_replica(tree: Any) -> Any:
+  """A new copy, on the first local device, of the first replica of a
+  replicated ``tree``: enqueued now, so a later step that donates ``tree``'s
+  buffers does not change it. Fetch it with ``jax.device_get``."""
+  shards = jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data,
+                                  tree)
+  return _copy_first(shards)
+
+
 def replicate(tree: Any, devices: Optional[Sequence[Any]] = None) -> Any:
   """One copy of ``tree`` on every device of ``devices`` (default: every
   local device), stacked on a leading device axis.
@@ -100,9 +130,7 @@ def replicate(tree: Any, devices: Optional[Sequence[Any]] = None) -> Any:
     return flax.jax_utils.replicate(
         tree, devices=list(devices) if devices else None)
   devices = list(devices or jax.local_devices())
-  sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(devices), (AXIS,)),
-      jax.sharding.PartitionSpec(AXIS))
+  sharding = _device_axis_sharding(devices)
   return jax.tree_util.tree_map(
       lambda x: jax.device_put(
           jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding),

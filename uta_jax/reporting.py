@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Dict, Iterable, List, Optional
 
 METRICS = 'metrics.jsonl'
@@ -46,25 +47,97 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
   return sorted(by_step.values(), key=lambda r: r.get('step', 0))
 
 
-def write_tensorboard(metrics_path: str, folder: str) -> bool:
-  """Rewrites ``folder`` as TensorBoard event files holding every numeric
-  metric of ``metrics.jsonl`` (``train/loss``, ``eval/pgd_accuracy``, ...).
-
-  Written from the JSONL, so a resumed run shows each step once. Needs
-  ``tensorboardX`` (no TensorFlow); returns False without it.
-  """
+def _summary_writer(folder: str):
+  """A fresh tensorboardX ``SummaryWriter`` on an emptied ``folder``, or
+  None without tensorboardX (no TensorFlow needed)."""
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return False
+    return None
   shutil.rmtree(folder, ignore_errors=True)
-  with SummaryWriter(folder) as writer:
+  return SummaryWriter(folder, flush_secs=10, filename_suffix=_unique())
+
+
+def _unique() -> str:
+  """An event-file name suffix: tensorboardX names files by the second, so
+  two writers within a second would write the same file."""
+  return f'.{os.getpid()}.{time.time_ns()}'
+
+
+def _add_scalars(writer, record: Dict[str, Any]) -> None:
+  """Every numeric metric of ``record`` as ``<kind>/<name>`` at its step."""
+  for key, value in record.items():
+    if key not in ('kind', 'step') and isinstance(value, (int, float)):
+      writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value,
+                        global_step=record['step'])
+
+
+def write_tensorboard(metrics_path: str, folder: str) -> bool:
+  """Rewrites ``folder`` as TensorBoard event files holding every numeric
+  metric of ``metrics.jsonl`` (``train/loss``, ``eval/pgd_accuracy``, ...),
+  each step once (the later record wins). Returns False without
+  ``tensorboardX``."""
+  writer = _summary_writer(folder)
+  if writer is None:
+    return False
+  with writer:
     for record in read_metrics(metrics_path):
-      for key, value in record.items():
-        if key not in ('kind', 'step') and isinstance(value, (int, float)):
-          writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value,
-                            global_step=record['step'])
+      _add_scalars(writer, record)
   return True
+
+
+class MetricsLog:
+  """``metrics.jsonl`` and its TensorBoard events, appended record by record.
+
+  Opened when a run (re)starts from ``resumed_step``: a resumed run replays
+  the steps after its last checkpoint, so the events are rewritten once
+  here from the JSONL records up to ``resumed_step``, and each ``append``
+  then adds one record's events. A record for a (kind, step) already shown
+  (the final evaluation repeated after an interrupted one) rewrites them
+  from the JSONL, where the later record wins: TensorBoard shows each step
+  once. ``enabled=False`` (hosts other than the first) writes nothing.
+  """
+
+  def __init__(self, metrics_path: str, tensorboard_folder: str, *,
+               resumed_step: int, enabled: bool = True):
+    self.metrics_path, self.folder = metrics_path, tensorboard_folder
+    self.enabled = enabled
+    self._shown = set()
+    self._writer = None
+    if not enabled:
+      return
+    self._writer = _summary_writer(tensorboard_folder)
+    for record in read_metrics(metrics_path):
+      if record.get('step', 0) <= resumed_step:
+        self._show(record)
+
+  def _show(self, record: Dict[str, Any]) -> None:
+    self._shown.add((record.get('kind'), record.get('step')))
+    if self._writer is not None:
+      _add_scalars(self._writer, record)
+
+  def append(self, record: Dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    append_metrics(self.metrics_path, record)
+    if (record.get('kind'), record.get('step')) not in self._shown:
+      self._show(record)
+      return
+    if self._writer is not None:
+      self._writer.close()
+      write_tensorboard(self.metrics_path, self.folder)
+      self._writer = _reopen(self.folder)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def _reopen(folder: str):
+  """A writer adding a new event file to ``folder``, keeping its events."""
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  return SummaryWriter(folder, flush_secs=10, filename_suffix=_unique())
 
 
 def _whole_255ths(eps: float) -> Optional[int]:
