@@ -60,8 +60,8 @@ flags.DEFINE_integer('aa_reps', 1, 'timed AutoAttack runs per implementation')
 flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the attacked '
                      'models')
 flags.DEFINE_string('output', 'benchmark_results.json', 'JSON output path')
-flags.DEFINE_integer('loop_bare_steps', 60, 'timed steps of the bare train '
-                     'step (loop section)')
+flags.DEFINE_float('loop_bare_seconds', 5.0, 'seconds of each timing of the '
+                   'bare train step (loop section)')
 flags.DEFINE_bool('plain_ops', False, 'run the models with plain lax '
                   'convolutions and nn.max_pool instead of uta_jax.fast_ops '
                   '(the "before" of the fast_ops A/B)')
@@ -118,7 +118,7 @@ def main(argv):
     result['autoattack'] = autoattack.run(torch, FLAGS)
     print(autoattack.markdown(result['autoattack']))
   if 'loop' in FLAGS.sections:
-    result['loop'] = loop.run(bare_steps=FLAGS.loop_bare_steps)
+    result['loop'] = loop.run(bare_seconds=FLAGS.loop_bare_seconds)
     print(loop.markdown(result['loop']))
   with open(FLAGS.output, 'w') as f:
     json.dump(result, f, indent=2)

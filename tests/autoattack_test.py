@@ -71,6 +71,7 @@ class JaxAutoAttackTest(absltest.TestCase):
     self.assertLessEqual(report['per_attack']['apgd-t'],
                          report['per_attack']['apgd-ce'])
 
+  @pytest.mark.slow  # APGD compiled for 1 and 4 devices
   def test_one_device_and_four_devices_give_the_same_points(self):
     devices = jax.local_devices()
     one = self.autoattack(devices=devices[:1])

@@ -60,7 +60,7 @@ class BenchmarkTest(absltest.TestCase):
     tiny = {'tiny': ('mnist_embedded', {
         'max_train_examples': 256, 'batch_size': 32, 'epochs': 2,
         'checkpoint_every': 4, 'log_every': 2})}
-    (row,) = loop.run(bare_steps=4, runs=tiny)
+    (row,) = loop.run(bare_seconds=0.1, runs=tiny, repeats=1)
     self.assertEqual(row['window_steps'], [2, 16])
     self.assertEqual(row['saves_in_window'], 4)  # steps 4, 8, 12, 16
     self.assertGreater(row['loop_images_per_sec'], 0)

@@ -8,6 +8,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 
 from uta_jax import data
 
@@ -108,6 +109,7 @@ class TfdsTest(parameterized.TestCase):
     self.assertEqual(batch['image'].dtype, np.float32)
     self.assertTrue(0 <= batch['image'].min() and batch['image'].max() <= 1)
 
+  @pytest.mark.slow  # TFDS mock data prepared for two datasets
   @parameterized.parameters('svhn', 'cifar10')
   def test_test_points_come_in_release_order(self, name):
     # --max_eval_examples=N must mean the first N of the original release,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import export
 from jax import lax
 import optax
+import pytest
 
 from uta_jax import attacks
 from uta_jax import classifier
@@ -247,9 +248,7 @@ class BackendFormsTest(parameterized.TestCase):
     return [l for l in text.splitlines() if 'stablehlo.convolution' in l and
             l.split(':')[-1].split('->')[0].strip(' (').startswith(chunk)]
 
-  @parameterized.product(name=['lenet', 'svhn_lenet', 'resnet18'],
-                         platform=['cuda', 'tpu'])
-  def test_gpu_and_tpu_programs_hold_no_cpu_form(self, name, platform):
+  def _assert_no_cpu_form(self, name, platform):
     text = self._train_step_program(name, platform)
     self.assertFalse(fast_ops.CPU_SCOPE in text, 'a CPU form')
     self.assertTrue('stablehlo.convolution' in text, 'no convolution')
@@ -260,13 +259,29 @@ class BackendFormsTest(parameterized.TestCase):
       self.assertTrue('reduce_window' in text, 'no reduce_window')
       self.assertTrue('select_and_scatter' in text, 'no select_and_scatter')
 
-  @parameterized.parameters('lenet', 'svhn_lenet', 'resnet18')
-  def test_cpu_program_holds_the_cpu_forms(self, name):
+  def _assert_cpu_forms(self, name):
     text = self._train_step_program(name, 'cpu')
     self.assertTrue(fast_ops.CPU_SCOPE in text, 'no CPU form')
     self.assertFalse('select_and_scatter' in text, 'select_and_scatter')
     if name == 'svhn_lenet':  # its conv2 forward runs in batch chunks
       self.assertNotEqual(self._chunked_convolutions(text), [])
+
+  @parameterized.parameters('lenet', 'svhn_lenet', 'resnet18')
+  def test_gpu_programs_hold_no_cpu_form(self, name):
+    self._assert_no_cpu_form(name, 'cuda')
+
+  @pytest.mark.slow  # the same lowering rule as for cuda, three more traces
+  @parameterized.parameters('lenet', 'svhn_lenet', 'resnet18')
+  def test_tpu_programs_hold_no_cpu_form(self, name):
+    self._assert_no_cpu_form(name, 'tpu')
+
+  def test_the_cpu_program_holds_the_cpu_forms(self):
+    self._assert_cpu_forms('svhn_lenet')
+
+  @pytest.mark.slow  # two more traces
+  @parameterized.parameters('lenet', 'resnet18')
+  def test_other_cpu_programs_hold_the_cpu_forms(self, name):
+    self._assert_cpu_forms(name)
 
 if __name__ == '__main__':
   absltest.main()

@@ -100,6 +100,7 @@ class PmapTest(chex.TestCase):
     chex.assert_trees_all_close(s4.batch_stats, s1.batch_stats, rtol=1e-4,
                                 atol=1e-5)
 
+  @pytest.mark.slow  # MC-dropout steps compiled for 1 and 4 devices
   def test_uta_mc_dropout_training_does_not_depend_on_the_devices(self):
     # Dropout masks, MC-dropout samples and the attack are keyed by example
     # id: 4 devices of 2 examples draw what 1 device of 8 draws.
@@ -221,6 +222,7 @@ class StepTest(chex.TestCase):
     conv = lambda s: s.params['conv1']['Conv_0']['kernel']
     self.assertFalse(np.allclose(conv(new), conv(state)))
 
+  @pytest.mark.slow  # a 5-member ensemble's step compiled
   def test_ensemble_step_trains_every_member(self):
     config, model, tx, state, batch = _setup(
         {'attack.name': 'uta', 'attack.eps_train': 0.1,

@@ -106,6 +106,32 @@ class MainJobTest(absltest.TestCase):
                      'tfds svhn_cropped, release order (by example id)')
     self.assertEqual(results['steps'], 2)
 
+  def test_a_rerun_in_a_new_workdir_starts_sooner_from_the_compilation_cache(
+      self):
+    cache = self.create_tempdir().full_path
+    first_step = []
+    for _ in range(2):  # the same configuration, a new workdir each time
+      workdir = self.create_tempdir().full_path
+      proc = run_train(workdir, '--epochs=1', '--eval_pgd_restarts=1',
+                       f'--compilation_cache_dir={cache}')
+      self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+      with open(os.path.join(workdir, 'results.json')) as f:
+        first_step.append(
+            json.load(f)['timings']['first_step_seconds'])
+      if len(first_step) == 1:
+        self.assertNotEqual(os.listdir(cache), [])  # the programs stored
+    self.assertLess(first_step[1], first_step[0])
+
+  def test_the_compilation_cache_can_be_turned_off(self):
+    workdir = self.create_tempdir().full_path
+    home = self.create_tempdir().full_path
+    env = dict(os.environ, XDG_CACHE_HOME=home)
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
+    proc = run_train(workdir, '--epochs=1', '--eval_pgd_restarts=1',
+                     '--compilation_cache_dir=none', env=env)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertEqual(os.listdir(home), [])
+
 
 class FaultToleranceTest(absltest.TestCase):
 

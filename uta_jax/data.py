@@ -22,6 +22,7 @@ batch (``host_batch_indices``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import importlib.resources
 import os
@@ -262,8 +263,19 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The example order of ``epoch``: a function of (seed, epoch) alone."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+  """The example order of ``epoch``: a function of (seed, epoch) alone.
+
+  Memoised (read-only): the loop asks for it at every step, and drawing a
+  60,000-long permutation took longer than a small model's host work.
+  """
+  return _permutation(seed, epoch, num_examples)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  order.setflags(write=False)
+  return order
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:

@@ -15,6 +15,7 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import os
@@ -132,19 +133,16 @@ def _train(config: configs.Config, workdir: str,
         (config.eval_every_steps and at % config.eval_every_steps == 0))
 
   t0 = time.time()
+  batches = _Prefetcher(lambda at: parallel.device_batch(
+      _global_batch(dataset.train, at, config)), start=step, stop=total_steps)
   try:
-    batch = (parallel.device_batch(_global_batch(dataset.train, step, config))
-             if step < total_steps else None)
     while step < total_steps:
-      p_state, metrics = p_step(p_state, batch)
+      p_state, metrics = p_step(p_state, batches.get(step))
       step += 1
       progress.queued(step, metrics)  # reads the step before this one
       stopping = stop_requested() or parallel.preemption_reached(step)
       if step % config.checkpoint_every == 0 or stopping:
         save(step)  # a device copy, before the next step donates the state
-      if step < total_steps:  # sent while the device computes this step
-        batch = parallel.device_batch(_global_batch(dataset.train, step,
-                                                    config))
       if stopping:
         progress.finish()
         saver.wait()
@@ -173,12 +171,39 @@ def _train(config: configs.Config, workdir: str,
     metrics_log.close()
     raise
   finally:
+    batches.close()
     saver.close()
   return {'status': 'finished', 'state': parallel.unreplicate(p_state),
           'dataset': dataset, 'model': model, 'metrics_log': metrics_log,
           'timings': {'train_seconds_this_run': time.time() - t0,
                       'steps_this_run': step - progress.start_step,
                       'first_step_seconds': progress.first_step_seconds}}
+
+
+class _Prefetcher:
+  """``make(step)`` for the steps ``start`` .. ``stop - 1`` in order, each
+  made on a helper thread while the step before it runs (XLA releases the
+  GIL while it computes), so the host's batch work overlaps the device's."""
+
+  def __init__(self, make: Callable[[int], Any], *, start: int, stop: int):
+    self._make, self._stop = make, stop
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix='batch-prefetch')
+    self._next = self._submit(start)
+
+  def _submit(self, step: int):
+    return (step, self._pool.submit(self._make, step)) if step < self._stop \
+        else None
+
+  def get(self, step: int) -> Any:
+    """The batch of ``step`` (the next one in order); starts the one after."""
+    made, future = self._next
+    assert made == step, (made, step)
+    self._next = self._submit(step + 1)
+    return future.result()
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _refuse_non_finite(step: int, host_state: Any) -> None:
@@ -217,13 +242,12 @@ class _Progress:
       return
     step, metrics = self._pending
     self._pending = None
-    loss = metrics['loss']
-    loss.block_until_ready()
+    loss = float(np.asarray(metrics['loss'])[0])  # waits for the step
     now = time.time()
     if self.first_step_seconds is None:
       self.first_step_seconds = now - self._started
     if not (step % self.config.log_every == 0 or step == self.total_steps or
-            not math.isfinite(float(loss[0]))):
+            not math.isfinite(loss)):
       return
     metrics = jax.tree_util.tree_map(lambda m: float(m[0]),
                                      jax.device_get(metrics))

@@ -57,10 +57,10 @@ def _loop_rate(config: configs.Config, workdir: str) -> dict:
           'saves_in_window': saves}
 
 
-def _bare_rate(config: configs.Config, num_steps: int) -> float:
+def _bare_rate(config: configs.Config, seconds: float) -> float:
   """images/s of the pmapped train step alone, on one device-resident
   batch of the run's data (compiled by a warm-up step), the next step
-  always queued."""
+  always queued, for at least ``seconds``."""
   dataset = data.load_dataset(config.dataset,
                               max_train_examples=config.max_train_examples,
                               max_eval_examples=1, seed=config.seed)
@@ -80,44 +80,56 @@ def _bare_rate(config: configs.Config, num_steps: int) -> float:
   batch = jax.device_put(batch, sharding)
   state, metrics = p_step(state, batch)
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(num_steps):
+  start, done = time.perf_counter(), 0
+  while done < 10 or time.perf_counter() - start < seconds:
     # At most two steps in flight, as in the loop: the device never idles,
     # and XLA:CPU's collectives can deadlock with many steps queued.
     state, next_metrics = p_step(state, batch)
     jax.block_until_ready(metrics)
-    metrics = next_metrics
+    metrics, done = next_metrics, done + 1
   jax.block_until_ready((state, metrics))
-  return num_steps * config.batch_size / (time.perf_counter() - start)
+  return done * config.batch_size / (time.perf_counter() - start)
 
 
-def run(*, bare_steps: int, runs: Optional[dict] = None) -> list:
+def run(*, bare_seconds: float, runs: Optional[dict] = None,
+        repeats: int = 3) -> list:
   """One row per run of ``runs`` (default ``RUNS``): loop and bare-step
-  images/s and their ratio (the bare step timed before and after the loop,
-  averaged)."""
+  images/s and their ratio. A CPU's speed drifts by 10-20% within minutes,
+  so the bare step is timed before and after each of ``repeats`` loop runs
+  (bare, loop, bare, loop, bare) and each loop is divided by the mean of
+  its two neighbours; the row gives the median of those ratios (the bare
+  step runs ``bare_seconds`` each time)."""
   rows = []
   for name, (dataset, overrides) in (runs or RUNS).items():
     config = configs.get_config(dataset, dict(overrides, **CHEAP_EVAL))
-    with tempfile.TemporaryDirectory() as workdir:
-      bare_before = _bare_rate(config, bare_steps)
-      looped = _loop_rate(config, workdir)
-      bare_after = _bare_rate(config, bare_steps)
-    bare = (bare_before + bare_after) / 2
+    bare = [_bare_rate(config, bare_seconds)]
+    looped = []
+    for _ in range(repeats):
+      with tempfile.TemporaryDirectory() as workdir:
+        looped.append(_loop_rate(config, workdir))
+      bare.append(_bare_rate(config, bare_seconds))
+    ratios = [l['images_per_sec'] / ((bare[i] + bare[i + 1]) / 2)
+              for i, l in enumerate(looped)]
+    median = int(np.argsort(ratios)[len(ratios) // 2])
     row = {'run': name, 'dataset': dataset, 'batch_size': config.batch_size,
            'checkpoint_every': config.checkpoint_every,
            'log_every': config.log_every,
            'backend': jax.default_backend(), 'devices': jax.device_count(),
-           'loop_images_per_sec': looped['images_per_sec'],
-           'bare_step_images_per_sec': bare,
-           'bare_step_images_per_sec_before_after': [bare_before, bare_after],
-           'window_steps': looped['steps'],
-           'saves_in_window': looped['saves_in_window'],
-           'efficiency': looped['images_per_sec'] / bare}
+           'loop_images_per_sec': looped[median]['images_per_sec'],
+           'bare_step_images_per_sec': (bare[median] + bare[median + 1]) / 2,
+           'loop_images_per_sec_runs': [l['images_per_sec'] for l in looped],
+           'bare_step_images_per_sec_runs': bare,
+           'efficiency_runs': ratios,
+           'window_steps': looped[median]['steps'],
+           'saves_in_window': looped[median]['saves_in_window'],
+           'efficiency': ratios[median]}
     rows.append(row)
     print(f"{name}: loop {row['loop_images_per_sec']:,.0f} img/s, bare step "
-          f"{bare:,.0f} img/s -> efficiency {row['efficiency']:.2f} (steps "
-          f"{looped['steps'][0]}-{looped['steps'][1]}, "
-          f"{looped['saves_in_window']} saves)", flush=True)
+          f"{row['bare_step_images_per_sec']:,.0f} img/s -> efficiency "
+          f"{row['efficiency']:.2f} (runs: "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}; steps "
+          f"{row['window_steps'][0]}-{row['window_steps'][1]}, "
+          f"{row['saves_in_window']} saves)", flush=True)
   return rows
 
 
