@@ -23,7 +23,11 @@ from testutil import final_state, run_train, train_command  # pylint: disable=g-
 from uta_jax import checkpointing
 from uta_jax import runs
 
-ARGS = ('--epochs=2', '--checkpoint_every=1', '--eval_pgd_restarts=1')
+ARGS = ('--checkpoint_every=1', '--eval_pgd_restarts=1')
+# Enough 16-step epochs that the reruns are still training when the last
+# kill comes (a rerun gets ~0.1 s past its first new checkpoint, and steps
+# no longer wait for saves).
+EPOCHS_PER_KILL = 0.5
 
 # End-to-end: subprocesses, minutes. Deselect with -m "not slow".
 pytestmark = pytest.mark.slow
@@ -67,20 +71,21 @@ class FaultInjectionTest(absltest.TestCase):
 
   def test_random_kills_never_wedge_and_end_bitwise_equal(self):
     kills = int(os.environ.get('UTA_FAULT_KILLS', '8'))
+    args = (*ARGS, f'--epochs={max(4, round(kills * EPOCHS_PER_KILL))}')
     reference = self.create_tempdir().full_path
-    ref = run_train(reference, *ARGS)
+    ref = run_train(reference, *args)
     self.assertEqual(ref.returncode, 0, ref.stderr[-2000:])
     workdir = self.create_tempdir().full_path
     rng = random.Random(0)
     landed = in_save = 0
     for i in range(kills):
-      proc = subprocess.Popen(train_command(workdir, *ARGS),
+      proc = subprocess.Popen(train_command(workdir, *args),
                               stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
       # Once this rerun has saved a step, kill it a random moment later:
       # inside a training step or, often, inside the next save.
       wait_for_new_checkpoint(workdir, proc)
-      time.sleep(rng.uniform(0.0, 0.3))
+      time.sleep(rng.uniform(0.0, 0.1))
       if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -93,7 +98,7 @@ class FaultInjectionTest(absltest.TestCase):
     # Saves run on a writer thread beside the training steps: some kills
     # land while one is in flight (half a step on disk), and resume anyway.
     self.assertGreater(in_save, 0)
-    final = run_train(workdir, *ARGS)
+    final = run_train(workdir, *args)
     self.assertEqual(final.returncode, 0, final.stderr[-2000:])
     a, step_a = final_state(reference)
     b, step_b = final_state(workdir)
