@@ -185,25 +185,33 @@ class PaperScriptsTest(absltest.TestCase):
   def test_ctrl_c_checkpoints_the_run_and_a_rerun_finishes_the_sweep(self):
     out = self.create_tempdir().full_path
     args = ['--datasets=mnist_embedded', '--methods=uta', '--eps_train=0.1',
-            '--seeds=0', '--max_train_examples=1024', '--epochs=30',
+            '--seeds=0', '--max_train_examples=1024', '--epochs=60',
             '--max_eval_examples=32', '--aa_examples=16',
             f'--output_dir={out}']
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, 'experiments', 'table1.py'),
          *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=ROOT)
-    checkpoints = os.path.join(out, 'runs', 'mnist_embedded', 'uta_eps0.1',
-                               'seed0', 'checkpoints')
-    deadline = time.time() + 300
-    while not glob.glob(os.path.join(checkpoints, '[0-9]*')):
-      self.assertIsNone(proc.poll(), 'finished before it could be stopped')
-      self.assertLess(time.time(), deadline)
-      time.sleep(0.2)
-    # One writer per output folder: a second sweep there stops at once.
+    run_dir = os.path.join(out, 'runs', 'mnist_embedded', 'uta_eps0.1',
+                           'seed0')
+    checkpoints = os.path.join(run_dir, 'checkpoints')
+
+    def wait_for(pattern):
+      deadline = time.time() + 300
+      while not glob.glob(pattern):
+        self.assertIsNone(proc.poll(), 'finished before it could be stopped')
+        self.assertLess(time.time(), deadline)
+        time.sleep(0.05)
+
+    # One writer per output folder: a second sweep there stops at once. Run
+    # while the first starts up, so that it is still training after it.
+    wait_for(run_dir)
     second = run_script('toy2d', f'--output_dir={out}', '--seeds=0')
     self.assertEqual(second.returncode, 2, second.stderr[-2000:])
     self.assertRegex(second.stderr.strip(),
                      r'^error: workdir .* is in use by pid \d+ .*table1\.py')
+    # Stopped as soon as a checkpoint exists: inside training.
+    wait_for(os.path.join(checkpoints, '[0-9]*'))
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     self.assertEqual(proc.returncode, 130, stderr[-2000:])

@@ -52,6 +52,22 @@ class PmapTest(chex.TestCase):
     np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-5)
     self.assertEqual(int(s4.step), 1)
 
+  def test_first_replica_is_a_copy_that_later_donating_steps_leave_alone(
+      self):
+    # The checkpoint writer reads the copy while the next steps run; the
+    # step donates the replicated state's buffers.
+    config, model, tx, state, batch = _setup({'attack.name': 'none'})
+    p_step = parallel.pmap_train_step(
+        steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
+    p_state = parallel.replicate(state)
+    copy = parallel.first_replica(p_state)
+    sent = parallel.device_batch(batch)
+    self.assertEqual(sent['image'].shape, (4, 4, 28, 28, 1))
+    for _ in range(2):
+      p_state, _ = p_step(p_state, sent)
+    chex.assert_trees_all_equal(jax.device_get(copy), jax.device_get(state))
+    self.assertEqual(int(parallel.unreplicate(p_state).step), 2)
+
   @pytest.mark.slow  # a ResNet compiled for 1 and 4 devices
   def test_batchnorm_statistics_are_global_so_devices_do_not_matter(self):
     # A small ResNet in training mode: with per-device statistics, 4 devices

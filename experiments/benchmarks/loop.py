@@ -72,12 +72,8 @@ def _bare_rate(config: configs.Config, seconds: float) -> float:
       config, model, tx, dataset.input_shape)))
   p_step = parallel.pmap_train_step(
       steps.make_train_step(config, model, tx, axis_name=parallel.AXIS))
-  batch = parallel.shard(data.get_batch(dataset.train,
-                                        np.arange(config.batch_size)))
-  sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(jax.local_devices()), (parallel.AXIS,)),
-      jax.sharding.PartitionSpec(parallel.AXIS))
-  batch = jax.device_put(batch, sharding)
+  batch = parallel.device_batch(data.get_batch(dataset.train,
+                                               np.arange(config.batch_size)))
   state, metrics = p_step(state, batch)
   jax.block_until_ready(metrics)
   start, done = time.perf_counter(), 0
