@@ -13,7 +13,8 @@ vs the reference) and ``loop`` (the loop efficiency of ``train.py``).
 
 PyTorch runs on the device JAX computes on: CUDA, synchronised after every
 call, when JAX runs on a GPU; the CPU otherwise. Matmuls and convolutions
-are full float32 on both sides (TF32 off). Repetitions are interleaved
+are full float32 on both sides (TF32 off); the ``loop`` section runs first,
+at the precision ``train.py`` uses (JAX's default). Repetitions are interleaved
 (JAX, torch, JAX, torch, ...) after one warm-up call each; the tables give
 medians, and ratios of medians. GFLOP/s use XLA's cost analysis of the JAX
 program for both frameworks and are compared with a float32 1024x1024
@@ -84,6 +85,10 @@ def main(argv):
     cli.fail(f'unknown sections {sorted(unknown)}; choose from '
              f'{", ".join(SECTIONS)}')
   device = torch_bridge.torch_device()
+  # The loop as train.py runs it, at JAX's default precision; the
+  # comparisons with PyTorch after it at full float32 on both sides.
+  loop_rows = (loop.run(bare_seconds=FLAGS.loop_bare_seconds)
+               if 'loop' in FLAGS.sections else None)
   precision = common.set_matmul_precision(torch)
   peak = common.matmul_peak_gflops(torch, device)
   backend = jax.devices()[0].platform
@@ -117,9 +122,9 @@ def main(argv):
     logging.getLogger(evaluation.AUTOATTACK_LOGGER).propagate = False
     result['autoattack'] = autoattack.run(torch, FLAGS)
     print(autoattack.markdown(result['autoattack']))
-  if 'loop' in FLAGS.sections:
-    result['loop'] = loop.run(bare_seconds=FLAGS.loop_bare_seconds)
-    print(loop.markdown(result['loop']))
+  if loop_rows is not None:
+    result['loop'] = loop_rows
+    print(loop.markdown(loop_rows))
   with open(FLAGS.output, 'w') as f:
     json.dump(result, f, indent=2)
   print(f'results: {FLAGS.output}')

@@ -47,14 +47,16 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
   return sorted(by_step.values(), key=lambda r: r.get('step', 0))
 
 
-def _summary_writer(folder: str):
-  """A fresh tensorboardX ``SummaryWriter`` on an emptied ``folder``, or
-  None without tensorboardX (no TensorFlow needed)."""
+def _summary_writer(folder: str, *, empty_first: bool = True):
+  """A tensorboardX ``SummaryWriter`` adding a new event file to ``folder``
+  (emptied first unless ``empty_first`` is false), or None without
+  tensorboardX (no TensorFlow needed)."""
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  shutil.rmtree(folder, ignore_errors=True)
+  if empty_first:
+    shutil.rmtree(folder, ignore_errors=True)
   return SummaryWriter(folder, flush_secs=10, filename_suffix=_unique())
 
 
@@ -126,18 +128,12 @@ class MetricsLog:
     if self._writer is not None:
       self._writer.close()
       write_tensorboard(self.metrics_path, self.folder)
-      self._writer = _reopen(self.folder)
+      self._writer = _summary_writer(self.folder, empty_first=False)
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
-
-
-def _reopen(folder: str):
-  """A writer adding a new event file to ``folder``, keeping its events."""
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  return SummaryWriter(folder, flush_secs=10, filename_suffix=_unique())
 
 
 def _whole_255ths(eps: float) -> Optional[int]:

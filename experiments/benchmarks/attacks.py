@@ -36,6 +36,7 @@ from uta_jax import uncertainty
 
 K, EPS, ALPHA, M = 10, 0.1, 0.01, 5
 ATTACK_WORKLOADS = ('pgd10', 'uta10', 'uta10_mc5')
+CIFAR10_STEPS_PER_EPOCH = 50_000 // 128  # the preset's learning-rate schedule
 
 def torch_attack(torch, net, x, y, *, objective):
   """K projected sign steps in a Python loop, as PyTorch codebases write it."""
@@ -321,7 +322,7 @@ def _jax_train_step(config, variables, x, y, devices):
   """``steps.train_step`` of ``config`` pmapped over ``devices`` from
   ``variables`` (normalisation off, as the reference network)."""
   model = classifier.create_model(config).clone(mean=None, std=None)
-  tx = steps.make_optimizer(config, 391)
+  tx = steps.make_optimizer(config, CIFAR10_STEPS_PER_EPOCH)
   state = steps.create_train_state(config, model, tx, (32, 32, 3))
   state = state.replace(params=variables['params'],
                         batch_stats=variables['batch_stats'],
