@@ -13,6 +13,7 @@ import pytest
 from uta_jax import checkpointing
 from uta_jax import configs
 from uta_jax import loop
+from uta_jax import training
 from uta_jax import reporting
 from uta_jax import runs
 
@@ -37,7 +38,7 @@ class SlowWriterTest(absltest.TestCase):
 
   def test_training_steps_advance_while_a_save_is_in_flight(self):
     queued, seen_during_save = [], {}
-    real_queued = loop._Progress.queued  # pylint: disable=protected-access
+    real_queued = training.Progress.queued  # pylint: disable=protected-access
     real_save = checkpointing.Checkpointer.save
 
     def record_queued(progress, step, metrics):
@@ -51,7 +52,7 @@ class SlowWriterTest(absltest.TestCase):
       real_save(checkpointer, step, state)
 
     workdir = self.create_tempdir().full_path
-    with mock.patch.object(loop._Progress, 'queued', record_queued), \
+    with mock.patch.object(training.Progress, 'queued', record_queued), \
         mock.patch.object(checkpointing.Checkpointer, 'save', slow_save):  # pylint: disable=protected-access
       results = loop.train_and_evaluate(_config(), workdir)
     self.assertEqual(results['status'], 'finished')

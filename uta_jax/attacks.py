@@ -36,6 +36,11 @@ box), and feed ``z_adv`` to the head:
 
 Step sizes are a float or a schedule ``i -> alpha_i``
 (``constant_schedule``, ``triangular_schedule``).
+
+A program of many runs (``programs``) passes eps, the step size and K as
+traced per-run values (K bounds a ``while`` loop then: under ``vmap`` a run
+with a smaller K stops moving after its K steps), and may choose PGD's or
+UTA's objective per run on one forward (``selected_objective``).
 """
 
 from __future__ import annotations
@@ -66,15 +71,16 @@ def constant_schedule(step_size: float) -> Schedule:
   return lambda i: jnp.asarray(step_size, jnp.float32)
 
 
-def triangular_schedule(*, num_steps: int, eps: float,
+def triangular_schedule(*, num_steps, eps,
                         base: float = TRIANGULAR_BASE_STEP) -> Schedule:
   """The paper's triangular step size (§5.1).
 
   Rises linearly from ``base`` at step 0 to ``max(base, eps / 5)`` at step
   K/2 and falls back to ``base`` at step K (K = ``num_steps``). The paper
   writes eps_test/5; the attack's own eps is what a training attack knows.
+  K and eps may be traced (a program of runs).
   """
-  peak = max(base, eps / 5.0)
+  peak = jnp.maximum(base, jnp.asarray(eps, jnp.float32) / 5.0)
 
   def schedule(i):
     t = jnp.asarray(i, jnp.float32) / num_steps  # in [0, 1]
@@ -105,6 +111,25 @@ def uncertainty_objective(sample_fn: uncertainty.SampleFn,
   """Per-example uncertainty of ``sample_fn(x)`` [M, B, C]; uses no labels."""
   measure_fn = uncertainty.get_measure(measure)
   return lambda x: measure_fn(sample_fn(x))
+
+
+def selected_objective(logits_fn: Callable[[jax.Array], jax.Array],
+                       labels: jax.Array, *, use_uncertainty: jax.Array
+                      ) -> Objective:
+  """UTA's entropy (``use_uncertainty`` true) or PGD's cross-entropy of one
+  model, chosen by a traced bool on one forward ``logits_fn(x)`` [B, C].
+
+  The select passes an exact zero cotangent to the branch not chosen, so a
+  UTA run's gradient, and its attack, do not depend on ``labels``.
+  """
+  entropy = uncertainty.get_measure('entropy')
+
+  def objective(x):
+    logits = logits_fn(x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.where(use_uncertainty, entropy(logits[None]), ce)
+
+  return objective
 
 
 # ---------------------------------------------------------------- the loop
@@ -145,7 +170,9 @@ def uniform_noise(key: jax.Array, x: jax.Array, *, eps) -> jax.Array:
   return jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
 
 
-def _check_static(*, eps, num_steps: int, random_start: bool, key) -> None:
+def _check_static(*, eps, num_steps, random_start: bool, key) -> None:
+  if isinstance(num_steps, jax.Array):  # traced per run: checked by configs
+    return
   if not isinstance(num_steps, numbers.Integral) or num_steps < 1:
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
   if isinstance(eps, numbers.Real) and not eps > 0:
@@ -167,7 +194,7 @@ def projected_sign_ascent(objective: Objective, x: jax.Array, *, eps: float,
     objective: per-example objective, ``x [B, ...] -> [B]``.
     x: clean points (images NHWC in [0, 1], or latent codes).
     eps: L-inf radius (``float('inf')`` for an unbounded attack).
-    num_steps: K, a static Python int >= 1.
+    num_steps: K, a Python int >= 1, or a traced int (a ``while`` loop).
     step_size: alpha as a float or a schedule ``i -> alpha_i``.
     bounds: box the result must stay in; ``None`` in latent space.
     key: PRNG key, needed only with ``random_start``; a batch of keys

@@ -73,16 +73,20 @@ def check_global_batch(global_batch: int) -> None:
             if jax.default_backend() == 'cpu' else ''), 'batch_size')
 
 
-def shard(host_batch: Any) -> Any:
-  """[B, ...] -> [local_devices, B / local_devices, ...] for every leaf."""
+def shard(host_batch: Any, *, axis: int = 0) -> Any:
+  """[B, ...] -> [local_devices, B / local_devices, ...] for every leaf;
+  with ``axis=1`` (a program of runs) [R, B, ...] -> [local_devices, R,
+  B / local_devices, ...]."""
   n = jax.local_device_count()
 
   def split(x):
     x = np.asarray(x)
-    if x.shape[0] % n:
-      raise ParallelError(f'host batch of {x.shape[0]} does not divide over '
-                          f'{n} local devices')
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    if x.shape[axis] % n:
+      raise ParallelError(f'host batch of {x.shape[axis]} does not divide '
+                          f'over {n} local devices')
+    x = x.reshape(x.shape[:axis] + (n, x.shape[axis] // n) +
+                  x.shape[axis + 1:])
+    return np.moveaxis(x, axis, 0)
 
   return jax.tree_util.tree_map(split, host_batch)
 
@@ -95,10 +99,11 @@ def _device_axis_sharding(devices: Sequence[Any]) -> jax.sharding.Sharding:
       jax.sharding.PartitionSpec(AXIS))
 
 
-def device_batch(host_batch: Any) -> Any:
-  """``shard``ed and sent to the local devices now (asynchronously), so the
-  transfer overlaps the step the devices are computing."""
-  sharded = shard(host_batch)
+def device_batch(host_batch: Any, *, axis: int = 0) -> Any:
+  """``shard``ed (along ``axis``) and sent to the local devices now
+  (asynchronously), so the transfer overlaps the step the devices are
+  computing."""
+  sharded = shard(host_batch, axis=axis)
   if jax.process_count() > 1:
     return sharded  # pmap places each host's shards itself
   return jax.device_put(sharded, _device_axis_sharding(jax.local_devices()))

@@ -120,17 +120,46 @@ def variables_of(state: TrainState) -> dict:
   return {'params': state.params}
 
 
+class RunAttack(flax.struct.PyTreeNode):
+  """The attack settings that may differ between the runs of one program
+  (``programs``), as traced values: [R] each in the program, scalars in a
+  run's step."""
+  eps: jax.Array  # float32: eps_train
+  step_size: jax.Array  # float32: alpha (constant schedule)
+  num_steps: jax.Array  # int32: K
+  use_uncertainty: jax.Array  # bool: UTA's entropy, else PGD's cross-entropy
+
+  @classmethod
+  def of(cls, attack: configs.AttackConfig) -> 'RunAttack':
+    return cls(eps=jnp.float32(attack.eps_train),
+               step_size=jnp.float32(attack.step_size),
+               num_steps=jnp.int32(attack.num_steps),
+               use_uncertainty=jnp.bool_(attack.name == 'uta'))
+
+
+def selectable_objective(attack: configs.AttackConfig, ensemble: bool) -> bool:
+  """PGD and single-model entropy UTA: one forward serves both objectives,
+  so runs of either share a program (``attacks.selected_objective``)."""
+  return (attack.name in ('pgd', 'uta') and not ensemble and
+          attack.uncertainty == 'single' and attack.measure == 'entropy')
+
+
 def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
             x: jax.Array, labels: jax.Array, key: jax.Array, *,
-            ensemble: bool, bounds: Optional[Tuple[float, float]]
-           ) -> jax.Array:
+            ensemble: bool, bounds: Optional[Tuple[float, float]],
+            run: Optional[RunAttack] = None) -> jax.Array:
   """The attack's point: x_adv [B, ...], or z_adv [B, l] in latent space.
 
   Runs the model in eval mode; only UTA's MC-dropout samples use dropout,
   with M explicit keys. UTA never sees ``labels``. ``key`` is one key, or
   one per example [B] (the train step's): then R-FGSM's start and the
-  MC-dropout masks of example i come from its own key alone.
+  MC-dropout masks of example i come from its own key alone. ``run`` (a
+  program of runs) replaces eps, alpha and K by its traced values, and for
+  ``selectable_objective`` attacks picks PGD's or UTA's objective.
   """
+  eps, num_steps, alpha = attack.eps_train, attack.num_steps, attack.step_size
+  if run is not None:
+    eps, num_steps, alpha = run.eps, run.num_steps, run.step_size
   method = {}
   start = x
   if attack.space == 'latent':
@@ -149,18 +178,22 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   logits_fn = functools.partial(classifier.predict_logits, model, variables,
                                 ensemble=ensemble, **method)
   if attack.step_schedule == 'triangular':
-    step_size = attacks.triangular_schedule(num_steps=attack.num_steps,
-                                            eps=attack.eps_train)
+    step_size = attacks.triangular_schedule(num_steps=num_steps, eps=eps)
   else:
-    step_size = attack.step_size
-  common = dict(eps=attack.eps_train, bounds=bounds)
+    step_size = alpha
+  common = dict(eps=eps, bounds=bounds)
+  if run is not None and selectable_objective(attack, ensemble):
+    return attacks.projected_sign_ascent(
+        attacks.selected_objective(logits_fn, labels,
+                                   use_uncertainty=run.use_uncertainty),
+        start, num_steps=num_steps, step_size=step_size, **common)
   if attack.name == 'fgsm':
     return attacks.fgsm(logits_fn, start, labels, **common)
   if attack.name == 'rfgsm':
     return attacks.rfgsm(logits_fn, start, labels, key=attack_key,
-                         step_size=attack.step_size, **common)
+                         step_size=alpha, **common)
   if attack.name == 'pgd':
-    return attacks.pgd(logits_fn, start, labels, num_steps=attack.num_steps,
+    return attacks.pgd(logits_fn, start, labels, num_steps=num_steps,
                        step_size=step_size, **common)
   if attack.uncertainty == 'mc_dropout':
     split = functools.partial(jax.random.split, num=attack.num_samples)
@@ -171,7 +204,7 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   else:
     sample_fn = functools.partial(classifier.member_logits, model, variables,
                                   ensemble=ensemble, **method)
-  return attacks.uta(sample_fn, start, num_steps=attack.num_steps,
+  return attacks.uta(sample_fn, start, num_steps=num_steps,
                      step_size=step_size, measure=attack.measure, **common)
 
 
@@ -225,9 +258,11 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation,
                attack: configs.AttackConfig, ensemble: bool,
                bounds: Optional[Tuple[float, float]],
-               axis_name: Optional[str] = None) -> Tuple[TrainState, dict]:
+               axis_name: Optional[str] = None,
+               run: Optional[RunAttack] = None) -> Tuple[TrainState, dict]:
   """One step of Alg. 1 on ``batch`` = {'image': [B, ...], 'label': [B],
-  'id': [B]} (without 'id', an example's position in the global batch).
+  'id': [B]} (without 'id', an example's position in the global batch);
+  ``run``: this run's attack settings in a program of runs.
 
   Every random draw of example i (attack start, MC-dropout masks, training
   dropout) is keyed by ``fold_in(fold_in(run key, step), id_i)``: the step
@@ -246,7 +281,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   variables = variables_of(state)
   point = jax.lax.stop_gradient(perturb(attack, model, variables, x, labels,
                                         attack_keys, ensemble=ensemble,
-                                        bounds=bounds))
+                                        bounds=bounds, run=run))
   if attack.space == 'latent':
     z = classifier.latent_codes(model, variables, x, ensemble=ensemble)
     inputs, delta = x, point - z  # delta: [B, l] or [M, B, l]

@@ -1,0 +1,178 @@
+"""Many independent runs trained as one program: a leading run axis.
+
+A sweep's runs (seeds, eps_train, PGD vs UTA) are small programs that leave
+an accelerator mostly idle; stacked on a leading run axis R they train as
+one. Run r keeps everything it has alone: its seed (initial weights, data
+order, every key), optimiser state and evaluation key stream, so it ends as
+the run trained alone does (up to the order batched kernels sum in).
+
+Which runs share a program (``group``): equal configs but for the seed and
+the attack settings ``steps.RunAttack`` traces per run (eps_train, the step
+size, K and, for ``steps.selectable_objective`` attacks, PGD's or UTA's
+objective on one forward). MC-dropout and ensemble UTA need their own
+forwards: they share a program with runs of the same attack only.
+
+How the step maps over runs (``RUN_MAPS``): ``vmap`` batches the runs
+(a run with a smaller K is masked after its K steps, to the largest K);
+``map`` (``lax.map``) runs them one after another inside the program, each
+with its own K. XLA:CPU turns vmapped weights into grouped convolutions,
+several times slower (see ``benchmark.py --sections=runs``): ``map`` is the
+CPU default, ``vmap`` elsewhere.
+
+Memory: ``runs_that_fit`` sizes a program from the compiled step's memory
+analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from uta_jax import classifier
+from uta_jax import configs
+from uta_jax import steps
+
+RUN_MAPS = ('map', 'vmap')
+
+
+def default_run_map(backend: str) -> str:
+  """``map`` on XLA:CPU (vmapped weights become grouped convolutions),
+  ``vmap`` on accelerators."""
+  return 'map' if backend == 'cpu' else 'vmap'
+
+
+def program_key(config: configs.Config, *, mix_num_steps: bool = True
+               ) -> Hashable:
+  """What the runs of one program share: the config with the seed and the
+  per-run attack settings (``steps.RunAttack``) blanked. ``mix_num_steps``
+  false keeps K in the key (runs of another K get another program)."""
+  attack = config.attack
+  blank = dict(eps_train=0.0, step_size=0.0)
+  if mix_num_steps:
+    blank['num_steps'] = 0
+  if steps.selectable_objective(attack, classifier.is_ensemble(config)):
+    blank['name'] = 'pgd|uta'
+  key = dataclasses.replace(
+      config, attack=dataclasses.replace(attack, **blank),
+      # the 2D toy's data are drawn from the seed: one program per seed
+      seed=config.seed if config.dataset == 'toy2d' else 0)
+  return configs.to_json(key)
+
+
+def group(run_configs: Sequence[configs.Config], *,
+          mix_num_steps: bool = True) -> List[List[int]]:
+  """The indices of ``run_configs`` that share a program, in first-seen
+  order (each list in the order given)."""
+  programs: Dict[Hashable, List[int]] = {}
+  for i, config in enumerate(run_configs):
+    programs.setdefault(program_key(config, mix_num_steps=mix_num_steps),
+                        []).append(i)
+  return list(programs.values())
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Runs' pytrees (host arrays) stacked on a leading run axis [R, ...]."""
+  return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *trees)
+
+
+def unstack(tree: Any, run: int) -> Any:
+  """Run ``run``'s slice of a stacked pytree."""
+  return jax.tree_util.tree_map(lambda leaf: leaf[run], tree)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def unstack_all(tree: Any, num_runs: int) -> List[Any]:
+  """Every run's slice of a stacked pytree on a device, as new buffers
+  made by one program (a later step that donates ``tree`` leaves them)."""
+  return [jax.tree_util.tree_map(lambda leaf: leaf[r], tree)
+          for r in range(num_runs)]
+
+
+def run_attacks(run_configs: Sequence[configs.Config]) -> steps.RunAttack:
+  """The runs' ``steps.RunAttack``, stacked [R]."""
+  return stack([jax.device_get(steps.RunAttack.of(c.attack))
+                for c in run_configs])
+
+
+def make_train_step(config: configs.Config, model, tx, *,
+                    axis_name: Optional[str], run_map: str
+                   ) -> Callable[..., Any]:
+  """``(states [R, ...], batch [R, B, ...], runs [R]) -> (states, metrics
+  [R])``: ``steps.train_step`` of every run of a program (``config``: any of
+  its runs; the per-run attack settings come from ``runs``)."""
+  if run_map not in RUN_MAPS:
+    raise ValueError(f'run_map must be one of {RUN_MAPS}, got {run_map!r}')
+  step = steps.make_train_step(config, model, tx, axis_name=axis_name)
+
+  def one(state, batch, run):
+    return step(state, batch, run=run)
+
+  def runs_step(states, batch, runs):
+    if run_map == 'vmap':
+      return jax.vmap(one)(states, batch, runs)
+    return jax.lax.map(lambda args: one(*args), (states, batch, runs))
+
+  return runs_step
+
+
+# ------------------------------------------------------------------ memory
+
+
+def device_memory_bytes(device: Any) -> int:
+  """What one program may hold on ``device``: its allocator's limit on an
+  accelerator; on a CPU, the machine's memory shared by its devices."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  return total // max(1, len(jax.local_devices(backend=device.platform)))
+
+
+def compiled_bytes(compiled: Any) -> int:
+  """Peak bytes of one device's compiled program: arguments, outputs and
+  temporaries (aliased donated buffers counted once)."""
+  ma = compiled.memory_analysis()
+  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes +
+             ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+
+
+MEMORY_HEADROOM = 0.8  # of the device's memory a program may plan for
+
+
+class ProgramTooLarge(ValueError):
+  """Not even one run fits the device's memory."""
+
+
+def runs_that_fit(bytes_of: Callable[[int], int], num_runs: int, *,
+                  limit_bytes: int) -> int:
+  """The largest R <= ``num_runs`` whose program (``bytes_of(R)``: bytes
+  of the compiled program of R runs) fits ``MEMORY_HEADROOM`` of
+  ``limit_bytes``, halving from ``num_runs``; raises ``ProgramTooLarge``
+  when one run does not fit."""
+  budget = int(MEMORY_HEADROOM * limit_bytes)
+  r = num_runs
+  while True:
+    need = bytes_of(r)
+    if need <= budget:
+      return r
+    if r == 1:
+      raise ProgramTooLarge(
+          f'one run needs {need / 2**20:.1f} MiB of device memory, more than '
+          f'{MEMORY_HEADROOM:.0%} of the {limit_bytes / 2**20:.1f} MiB '
+          'available: lower batch_size')
+    r = max(1, r // 2)
+
+
+def split(items: Sequence[Any], size: int) -> List[List[Any]]:
+  """``items`` in consecutive programs of at most ``size``."""
+  return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def per_run_metrics(metrics: Any, run: int) -> Dict[str, float]:
+  """Run ``run``'s scalars of a program's fetched metrics ([R] leaves)."""
+  return {k: float(np.asarray(v)[run]) for k, v in metrics.items()}

@@ -1,0 +1,353 @@
+"""The step loop of one program of runs (``Program.train``).
+
+Keeps the device busy: the next batch of every run is built on a helper
+thread and sent while a step runs (``Prefetcher``), a step's metrics are read
+once the next step is queued (``Progress``: every run's loss checked each
+step, records every ``log_every``), and each run's checkpoints are device
+copies written by its own writer thread (``checkpointing.BackgroundSaver``).
+A run whose loss or parameters turn non-finite is stopped alone (``Run.fail``);
+the step goes on for the others. ``loop`` groups runs into programs and
+reports them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import jax
+import numpy as np
+
+from uta_jax import checkpointing
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import evaluation
+from uta_jax import parallel
+from uta_jax import programs
+from uta_jax import reporting
+from uta_jax import runs
+from uta_jax import steps
+
+log = logging.getLogger('uta_jax')
+
+
+class TrainingError(runs.RunError):
+  """Training cannot go on (a non-finite loss or parameters)."""
+
+
+
+def global_batch(split: data.Split, step: int, config: configs.Config):
+  idx = data.host_batch_indices(
+      seed=config.seed, step=step, num_examples=len(split),
+      global_batch=config.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  return data.get_batch(split, idx, augment_seed=(
+      (config.seed, step) if config.augment else None))
+
+
+
+class Run:
+  """One run of a program: its config, workdir, state and outcome."""
+
+  def __init__(self, config: configs.Config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.state: Any = None  # host TrainState between programs
+    self.checkpointer: Optional[checkpointing.Checkpointer] = None
+    self.saver: Optional[checkpointing.BackgroundSaver] = None
+    self.metrics_log: Optional[reporting.MetricsLog] = None
+    self.error: Optional[TrainingError] = None
+    self.start_step = 0
+    self.stopped_at: Optional[int] = None  # the step a stop checkpointed
+    self.timings: Dict[str, Any] = {}
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+  @property
+  def active(self) -> bool:
+    return self.error is None
+
+  def fail(self, error: TrainingError) -> None:
+    """Stops this run alone: its last good checkpoint stays."""
+    log.error('%s: %s', self.workdir, error)
+    self.error = error
+    self.close()
+
+  def close(self) -> None:
+    if self.saver is not None:
+      self.saver.close()
+    if self.metrics_log is not None:
+      self.metrics_log.close()
+
+
+
+class Program:
+  """The pmapped step of a group's runs and the loop that drives it."""
+
+  def __init__(self, config, model, tx, dataset, total_steps,
+               steps_per_epoch, *, run_map: str):
+    self.config, self.model, self.dataset = config, model, dataset
+    self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+    self.first_step_seconds = None
+    self._p_step = parallel.pmap_train_step(programs.make_train_step(
+        config, model, tx, axis_name=parallel.AXIS, run_map=run_map))
+    self._compiled: Dict[int, Any] = {}
+
+  def _inputs(self, chunk: List[Run]):
+    p_states = parallel.replicate(programs.stack([r.state for r in chunk]))
+    p_runs = parallel.replicate(programs.run_attacks([r.config
+                                                      for r in chunk]))
+    return p_states, p_runs
+
+  def _batch(self, chunk: List[Run], step: int):
+    return parallel.device_batch(programs.stack([
+        global_batch(self.dataset.train, step, r.config) for r in chunk]),
+                                 axis=1)
+
+  def _step_fn(self, chunk, p_states, p_runs):
+    """The step compiled for ``len(chunk)`` runs (its memory is known).
+    Several hosts: the pmapped step itself (an ahead-of-time compiled pmap
+    expects the global shapes there)."""
+    if jax.process_count() > 1:
+      return self._p_step
+    num = len(chunk)
+    if num not in self._compiled:
+      self._compiled[num] = self._p_step.lower(
+          p_states, self._batch(chunk, chunk[0].step), p_runs).compile()
+    return self._compiled[num]
+
+  def runs_that_fit(self, group: List[Run],
+                    limit_bytes: Optional[int]) -> int:
+    """R from the compiled programs' memory analysis (halving from all)."""
+    if jax.process_count() > 1:
+      return len(group)  # no memory analysis of a multi-host pmap here
+    limit = limit_bytes or programs.device_memory_bytes(jax.local_devices()[0])
+
+    def bytes_of(num):
+      chunk = group[:num]
+      return programs.compiled_bytes(self._step_fn(chunk, *self._inputs(
+          chunk)))
+
+    size = programs.runs_that_fit(bytes_of, len(group), limit_bytes=limit)
+    if size < len(group):
+      log.info('%d runs do not fit one program in %.1f MiB: programs of %d',
+               len(group), limit / 2**20, size)
+    return size
+
+  def train(self, chunk: List[Run], until: int, stop_requested) -> str:
+    """Trains ``chunk`` (all at one step) to step ``until``: 'finished' or
+    'preempted' (every active run checkpointed)."""
+    config, total = self.config, self.total_steps
+    step = chunk[0].step
+    p_states, p_runs = self._inputs(chunk)
+    step_fn = self._step_fn(chunk, p_states, p_runs)
+    progress = Progress(chunk, config, total, self.steps_per_epoch,
+                         start_step=step)
+
+    def save(at):
+      copies = programs.unstack_all(parallel.first_replica(p_states),
+                                    len(chunk))
+      for run, copy in zip(chunk, copies):
+        if run.active:
+          run.saver.submit(at, copy)
+
+    def check(waiting: bool) -> None:
+      for run in chunk:
+        if run.active:
+          try:
+            run.saver.wait() if waiting else run.saver.check()
+          except TrainingError as e:
+            run.fail(e)
+
+    def evaluating(at):
+      return at < total and (
+          (config.eval_every and
+           at % (config.eval_every * self.steps_per_epoch) == 0) or
+          (config.eval_every_steps and at % config.eval_every_steps == 0))
+
+    def stop(at, during=''):
+      check(waiting=True)
+      for run in chunk:
+        run.close()
+        run.stopped_at = at
+      log.info('stop requested%s: checkpointed step %d, exiting', during, at)
+      return 'preempted'
+
+    batches = _Prefetcher(lambda at: self._batch(chunk, at), start=step,
+                          stop=until)
+    try:
+      while step < until and any(r.active for r in chunk):
+        p_states, metrics = step_fn(p_states, batches.get(step), p_runs)
+        step += 1
+        progress.queued(step, metrics)  # reads the step before this one
+        stopping = stop_requested() or parallel.preemption_reached(step)
+        if step % config.checkpoint_every == 0 or stopping or step == until:
+          save(step)  # device copies, before the next step donates them
+        if stopping:
+          progress.finish()
+          return stop(step)
+        if evaluating(step):
+          progress.finish()
+          states = parallel.unreplicate(p_states)
+          try:
+            for i, run in enumerate(chunk):
+              if run.active:
+                eval_during_training(run, self.model,
+                                      programs.unstack(states, i),
+                                      self.dataset, step, stop_requested)
+          except parallel.Stopped:
+            return stop(step, ' during evaluation')
+        check(waiting=False)
+      progress.finish()
+      check(waiting=True)
+    finally:
+      batches.close()
+    if self.first_step_seconds is None:
+      self.first_step_seconds = progress.first_step_seconds
+    states = parallel.unreplicate(p_states)
+    for i, run in enumerate(chunk):
+      run.state = programs.unstack(states, i)
+    return 'finished'
+
+
+
+class _Prefetcher:
+  """``make(step)`` for the steps ``start`` .. ``stop - 1`` in order, each
+  made on a helper thread while the step before it runs (XLA releases the
+  GIL while it computes), so the host's batch work overlaps the device's."""
+
+  def __init__(self, make: Callable[[int], Any], *, start: int, stop: int):
+    self._make, self._stop = make, stop
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix='batch-prefetch')
+    self._next = self._submit(start)
+
+  def _submit(self, step: int):
+    return (step, self._pool.submit(self._make, step)) if step < self._stop \
+        else None
+
+  def get(self, step: int) -> Any:
+    """The batch of ``step`` (the next one in order); starts the one after."""
+    made, future = self._next
+    assert made == step, (made, step)
+    self._next = self._submit(step + 1)
+    return future.result()
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+
+def refuse_non_finite(step: int, host_state: Any) -> None:
+  """The writer thread's check: non-finite parameters are never saved."""
+  if not all(np.all(np.isfinite(leaf)) for leaf in
+             jax.tree_util.tree_leaves(host_state.params)):
+    raise TrainingError(
+        f'non-finite parameters at step {step}; stopped without saving them, '
+        'last good checkpoint kept. Lower optimizer.learning_rate or '
+        'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
+
+
+
+class Progress:
+  """Reads each step's metrics one step late, when the next step is already
+  queued (the device never waits for the host), checks every run's loss,
+  and logs every ``log_every`` steps (per run: ``metrics.jsonl`` and
+  TensorBoard; one line for the program)."""
+
+  def __init__(self, chunk: List[Run], config, total_steps,
+               steps_per_epoch, *, start_step):
+    self.chunk, self.config, self.total_steps = chunk, config, total_steps
+    self.steps_per_epoch, self.start_step = steps_per_epoch, start_step
+    self._pending = None  # (step, device metrics) not yet read
+    self._started = time.time()
+    self.first_step_seconds = None
+    self._window_start, self._window_step = time.time(), start_step
+
+  def queued(self, step: int, metrics: Dict[str, Any]) -> None:
+    """Step ``step`` is queued: completes the one before it."""
+    self.finish()
+    self._pending = (step, metrics)
+
+  def finish(self) -> None:
+    """Waits for the pending step and handles its metrics."""
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    losses = np.asarray(metrics['loss'])[0]  # [R]; waits for the step
+    now = time.time()
+    if self.first_step_seconds is None:
+      self.first_step_seconds = now - self._started
+    for run, loss in zip(self.chunk, losses):
+      if run.active and not math.isfinite(loss):
+        _fail_non_finite(run, step)
+    active = [i for i, run in enumerate(self.chunk) if run.active]
+    if not active or not (step % self.config.log_every == 0 or
+                          step == self.total_steps):
+      return
+    fetched = jax.tree_util.tree_map(lambda m: np.asarray(m)[0],
+                                     jax.device_get(metrics))  # [R] each
+    images = (step - self._window_step) * self.config.batch_size * len(
+        self.chunk)
+    rate = images / max(now - self._window_start, 1e-9)
+    eta = ((self.total_steps - step) * self.config.batch_size *
+           len(self.chunk) / max(rate, 1e-9))
+    epoch = step / self.steps_per_epoch
+    for i in active:
+      self.chunk[i].metrics_log.append(dict(
+          kind='train', step=step, epoch=epoch, images_per_sec=rate,
+          **programs.per_run_metrics(fetched, i)))
+    loss, acc = fetched['loss'][active], 100 * fetched['accuracy'][active]
+    if len(self.chunk) == 1:
+      log.info('epoch %.2f step %d/%d loss %.4f train acc %.2f%% '
+               '%.0f img/s ETA %.0fs', epoch, step, self.total_steps,
+               loss[0], acc[0], rate, eta)
+    else:
+      log.info('epoch %.2f step %d/%d, %d runs: loss %.4f-%.4f train acc '
+               '%.2f-%.2f%% %.0f img/s ETA %.0fs', epoch, step,
+               self.total_steps, len(active), loss.min(), loss.max(),
+               acc.min(), acc.max(), rate, eta)
+    self._window_start, self._window_step = now, step
+
+
+def _fail_non_finite(run: Run, step: int) -> None:
+  """A non-finite loss poisons every later step of its run: stop the run
+  before it is saved (the writer refuses non-finite parameters too)."""
+  try:
+    run.saver.wait()
+  except TrainingError:
+    pass
+  done = run.checkpointer.steps()
+  run.fail(TrainingError(
+      f'non-finite loss by step {step}; stopped, last good checkpoint '
+      f'kept (step {done[-1] if done else "none"}). Lower '
+      'optimizer.learning_rate or attack.eps_train',
+      'optimizer.learning_rate', 'attack.eps_train'))
+
+
+def eval_during_training(run: Run, model, state, dataset, step,
+                         stop_requested) -> None:
+  """Evaluates one run of a program mid-training, with its own keys."""
+  config = run.config
+  ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
+                           config=config,
+                           key=steps.stream_key(state, evaluation.KEY_STREAM,
+                                                step),
+                           stop_requested=stop_requested)
+  first = first_eps_accuracies(ev)
+  log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '
+           '(eps=%s)', step, ev['clean_accuracy'], first['fgsm_accuracy'],
+           first['pgd_accuracy'], config.eval.eps[0])
+  run.metrics_log.append({'kind': 'eval', 'step': step,
+                          'clean_accuracy': ev['clean_accuracy'], **first})
+
+
+def first_eps_accuracies(ev: Dict[str, Any]) -> Dict[str, float]:
+  """{'pgd_accuracy': %, 'uta_accuracy': %, ...} at the first eps."""
+  return {f'{a}_accuracy': list(accs.values())[0]
+          for a, accs in ev['robust_accuracy'].items()}
