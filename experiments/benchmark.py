@@ -5,16 +5,19 @@ r"""JAX vs PyTorch eager, side by side in one process, on the same device.
   python experiments/benchmark.py --sections=autoattack # JAX vs reference
   python experiments/benchmark.py --sections=attacks --models=lenet --reps=9
   python experiments/benchmark.py --sections=convs      # per conv layer (CPU)
+  python experiments/benchmark.py --sections=runs       # runs as one program
 
 Sections, one module each in ``experiments/benchmarks/``: ``attacks`` (the
 attacks and training steps of every model, ResNet-18's CIFAR-10 preset step
 included), ``convs`` (each LeNet convolution), ``autoattack`` (APGD in JAX
-vs the reference) and ``loop`` (the loop efficiency of ``train.py``).
+vs the reference), ``loop`` (the loop efficiency of ``train.py``) and
+``runs`` (R runs as one program vs R programs; ``train.py --seeds`` vs R
+``train.py`` calls).
 
 PyTorch runs on the device JAX computes on: CUDA, synchronised after every
 call, when JAX runs on a GPU; the CPU otherwise. Matmuls and convolutions
-are full float32 on both sides (TF32 off); the ``loop`` section runs first,
-at the precision ``train.py`` uses (JAX's default). Repetitions are interleaved
+are full float32 on both sides (TF32 off); the ``loop`` and ``runs``
+sections run first, at the precision ``train.py`` uses (JAX's default). Repetitions are interleaved
 (JAX, torch, JAX, torch, ...) after one warm-up call each; the tables give
 medians, and ratios of medians. GFLOP/s use XLA's cost analysis of the JAX
 program for both frameworks and are compared with a float32 1024x1024
@@ -41,11 +44,12 @@ from benchmarks import autoattack
 from benchmarks import common
 from benchmarks import convs
 from benchmarks import loop
+from benchmarks import runs
 from uta_jax import evaluation
 from uta_jax import fast_ops
 from uta_jax import torch_bridge
 
-SECTIONS = ('attacks', 'convs', 'autoattack', 'loop')
+SECTIONS = ('attacks', 'convs', 'autoattack', 'loop', 'runs')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sections', ['attacks'], ', '.join(SECTIONS))
@@ -63,6 +67,10 @@ flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the attacked '
 flags.DEFINE_string('output', 'benchmark_results.json', 'JSON output path')
 flags.DEFINE_float('loop_bare_seconds', 5.0, 'seconds of each timing of the '
                    'bare train step (loop section)')
+flags.DEFINE_list('run_counts', ['1', '3', '8'], 'runs section: the R of '
+                  'the equal-K rows')
+flags.DEFINE_integer('e2e_runs', 3, 'runs section: seeds of the end-to-end '
+                     'comparison (0: skip it)')
 flags.DEFINE_bool('plain_ops', False, 'run the models with plain lax '
                   'convolutions and nn.max_pool instead of uta_jax.fast_ops '
                   '(the "before" of the fast_ops A/B)')
@@ -89,6 +97,12 @@ def main(argv):
   # comparisons with PyTorch after it at full float32 on both sides.
   loop_rows = (loop.run(bare_seconds=FLAGS.loop_bare_seconds)
                if 'loop' in FLAGS.sections else None)
+  runs_result = None
+  if 'runs' in FLAGS.sections:
+    runs_result = {'steps': runs.step_rows(
+        FLAGS.reps, sizes=[int(r) for r in FLAGS.run_counts])}
+    if FLAGS.e2e_runs:
+      runs_result['end_to_end'] = runs.end_to_end(FLAGS.e2e_runs)
   precision = common.set_matmul_precision(torch)
   peak = common.matmul_peak_gflops(torch, device)
   backend = jax.devices()[0].platform
@@ -125,6 +139,9 @@ def main(argv):
   if loop_rows is not None:
     result['loop'] = loop_rows
     print(loop.markdown(loop_rows))
+  if runs_result is not None:
+    result['runs'] = runs_result
+    print(runs.markdown(runs_result))
   with open(FLAGS.output, 'w') as f:
     json.dump(result, f, indent=2)
   print(f'results: {FLAGS.output}')

@@ -136,6 +136,42 @@ def set_up_backend() -> None:
   enable_compilation_cache(flags.FLAGS.compilation_cache_dir)
 
 
+def define_program_flags() -> None:
+  """The flags of scripts that train many runs as few programs
+  (``loop.train_and_evaluate_runs``)."""
+  flags.DEFINE_integer('max_runs_per_program', None, 'train at most this '
+                       'many runs as one program (default: as many as the '
+                       'compiled program\'s memory analysis says fit)',
+                       lower_bound=1)
+  flags.DEFINE_enum('run_map', None, ['map', 'vmap'], 'how a program steps '
+                    'its runs: lax.map (one after another) or vmap '
+                    '(batched); default map on CPUs, vmap on accelerators')
+  flags.DEFINE_bool('mix_num_steps', True, 'runs of different attack steps '
+                    'K share a program (vmap masks the shorter runs)')
+
+
+def program_options() -> dict:
+  """``define_program_flags``' values, as ``train_and_evaluate_runs``'
+  keyword arguments."""
+  f = flags.FLAGS
+  return dict(max_runs_per_program=f.max_runs_per_program,
+              run_map=f.run_map, mix_num_steps=f.mix_num_steps)
+
+
+def parse_seeds(values: Sequence[str]) -> List[int]:
+  """A --seeds list as distinct non-negative integers, or a one-line
+  error."""
+  chosen = []
+  for text in values:
+    if not text.strip().isdigit():
+      fail(f'--seeds takes non-negative integers like 0,1,2; got {text!r}')
+    if int(text) not in chosen:
+      chosen.append(int(text))
+  if not chosen:
+    fail('--seeds needs at least one seed')
+  return chosen
+
+
 def parse_number(text: str) -> float:
   """A decimal or a fraction ('8/255'), as the nearest float."""
   try:

@@ -143,21 +143,22 @@ def figure(payload: dict):
 def run(out: str):
   """Every (seed, method, eps_train) of the preset; the payload."""
   preset = sweep.preset(PRESETS)
-  rows = []
+  cells, keys = [], []
   for seed in sweep.seeds(preset['seeds']):
     for method in sweep.methods(METHODS, METHODS):
       for eps in sweep.eps_grid(EPS_TRAIN):
         config = sweep.config(preset['dataset'], dict(
             preset['config'], eps_train=eps, **SHARED, **METHODS[method]),
                               seed)
-        workdir = sweep.seed_dir(os.path.join(out, 'runs',
-                                              f'{method}_eps{eps:g}'), seed)
-        row = sweep.train_and_attack(
-            config, workdir,
-            aa_examples=sweep.aa_examples(preset['aa_examples']))
-        paper = PAPER_TABLE2.get((method, eps))
-        rows.append(dict(row, method=method,
-                         paper_score=list(paper) if paper else None))
+        cells.append((config, sweep.seed_dir(
+            os.path.join(out, 'runs', f'{method}_eps{eps:g}'), seed)))
+        keys.append((method, eps))
+  rows = []
+  for (method, eps), row in zip(keys, sweep.train_and_attack(
+      cells, aa_examples=sweep.aa_examples(preset['aa_examples']))):
+    paper = PAPER_TABLE2.get((method, eps))
+    rows.append(dict(row, method=method,
+                     paper_score=list(paper) if paper else None))
   payload = {'dataset': preset['dataset'],
              'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
              'verdicts': verdicts(rows),

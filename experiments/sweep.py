@@ -2,9 +2,11 @@
 
 Each script builds one ``configs.Config`` per run and seed of its sweep
 (``--seeds``; a workdir per seed, ``seed_dir``) and calls
-``train(config, workdir)``: a workdir whose ``results.json`` already holds a
-finished run of the same config is reused, an unfinished one resumes from its
-checkpoint (``loop.train_and_evaluate``), a new one trains.
+``train_all([(config, workdir), ...])``: a workdir whose ``results.json``
+already holds a finished run of the same config is reused, the others train
+or resume from their checkpoints together, as few programs of runs as
+``loop.train_and_evaluate_runs`` can make of them (``--max_runs_per_program``,
+``--run_map``, ``--mix_num_steps``).
 ``autoattack(workdir, ...)`` likewise reuses every eps of a stored report on
 the same points (quick presets: APGD-CE + APGD-T natively in JAX).
 ``write_outputs`` writes the script's JSON (per-seed rows, ``seeds``, the
@@ -49,6 +51,7 @@ _CONFIG_PATHS = ('data_dir', 'epochs', 'max_train_examples',
                  'max_eval_examples')
 config_flags.define(_CONFIG_PATHS)
 flags.adopt_module_key_flags(config_flags)
+cli.define_program_flags()
 flags.DEFINE_integer('aa_examples', None, 'override: test points for '
                      'AutoAttack')
 flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
@@ -159,16 +162,7 @@ def seeds(default: Sequence[int]) -> List[int]:
   """--seeds as distinct non-negative integers, else ``default``."""
   if FLAGS.seeds is None:
     return list(default)
-  chosen = []
-  for text in FLAGS.seeds:
-    if not text.strip().isdigit():
-      cli.fail(f'--seeds takes non-negative integers like 0,1,2; got '
-               f'{text!r}')
-    if int(text) not in chosen:
-      chosen.append(int(text))
-  if not chosen:
-    cli.fail('--seeds needs at least one seed')
-  return chosen
+  return cli.parse_seeds(FLAGS.seeds)
 
 
 def seed_dir(folder: str, seed: int) -> str:
@@ -215,19 +209,41 @@ def aa_version() -> str:
 
 def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
   """The finished run's ``results.json``: reused, resumed or trained."""
-  results = runs.read_results(workdir)
-  if (results.get('status') == 'finished' and
-      runs.stored_config(results) == config):
-    loop.log.info('reusing finished run %s', workdir)
-    return results
-  results = loop.train_and_evaluate(config, workdir,
-                                    stop_requested=stop_requested)
-  exit_if_stopped()
-  if results['status'] != 'finished':
-    raise runs.RunError(f'run {workdir} stopped at step {results["step"]}; '
-                        'rerun to resume')
-  return results
+  return train_all([(config, workdir)])[0]
 
+
+def train_all(runs_: Sequence[Tuple[configs.Config, str]]
+             ) -> List[Dict[str, Any]]:
+  """Each (config, workdir)'s finished ``results.json``: a finished run of
+  the same config is reused; the others train (or resume) together, as few
+  programs as ``loop.train_and_evaluate_runs`` can make of them
+  (``cli.program_options``). Exits after a stop signal (runs checkpointed);
+  a run that failed (non-finite) is an error naming its workdir."""
+  results: List[Optional[Dict[str, Any]]] = []
+  todo = []
+  for config, workdir in runs_:
+    stored = runs.read_results(workdir)
+    if (stored.get('status') == 'finished' and
+        runs.stored_config(stored) == config):
+      loop.log.info('reusing finished run %s', workdir)
+      results.append(stored)
+    else:
+      results.append(None)
+      todo.append(len(results) - 1)
+  if todo:
+    trained = loop.train_and_evaluate_runs(
+        [runs_[i][0] for i in todo], [runs_[i][1] for i in todo],
+        stop_requested=stop_requested, **cli.program_options())
+    exit_if_stopped()
+    for i, result in zip(todo, trained):
+      workdir = runs_[i][1]
+      if result['status'] == 'failed':
+        raise runs.RunError(f'run {workdir}: {result["error"]}')
+      if result['status'] != 'finished':
+        raise runs.RunError(f'run {workdir} stopped at step '
+                            f'{result["step"]}; rerun to resume')
+      results[i] = result
+  return results
 
 
 def aa_backend(version: str) -> str:
@@ -260,14 +276,20 @@ def aa_cell(report: Dict[str, Any], eps: float) -> Dict[str, float]:
   raise KeyError(f'no AutoAttack result at eps={eps} in the report')
 
 
-def train_and_attack(config: configs.Config, workdir: str, *,
-                     aa_examples: int) -> Dict[str, Any]:
-  """Trains (or reuses) one run, AutoAttacks it at each eval eps; a row.
+def train_and_attack(cells: Sequence[Tuple[configs.Config, str]], *,
+                     aa_examples: int) -> List[Dict[str, Any]]:
+  """Trains (or reuses) every (config, workdir) of ``cells`` together
+  (``train_all``), then AutoAttacks each at its eval eps; a row per cell.
 
   ``score`` per eps_test is the paper's Table 1 / 2 cell: the mean of clean
   and AutoAttack robust accuracy on the AutoAttack points.
   """
-  results = train(config, workdir)
+  trained = train_all(cells)
+  return [_attack_row(config, workdir, results, aa_examples=aa_examples)
+          for (config, workdir), results in zip(cells, trained)]
+
+
+def _attack_row(config, workdir, results, *, aa_examples):
   report = autoattack(workdir, eps=config.eval.eps, num_examples=aa_examples,
                       version=aa_version())
   cells = [aa_cell(report, e) for e in config.eval.eps]
@@ -284,6 +306,7 @@ def train_and_attack(config: configs.Config, workdir: str, *,
       'score': [c['score'] for c in cells],
       'jax_pgd_accuracy': results['robust_accuracy']['pgd'],
       'train_seconds': results['timings'].get('wall_seconds'),
+      'runs_in_program': results['timings'].get('runs_in_program', 1),
       'autoattack_seconds': sum(r['seconds'] for r in report['eps'].values()),
       'aa_examples': report['num_examples'],
       'aa_version': report['version'],

@@ -7,7 +7,8 @@ r"""Table 1 and Fig. 2: PGD-AT vs UTA-AT for each eps_train, AutoAttack.
 
 For each dataset, method and eps_train (§5.1: MNIST / Fashion-MNIST
 K = eps/0.01 steps of 0.01; SVHN triangular steps) one run is trained with
-``loop.train_and_evaluate`` per seed, then AutoAttack attacks it at each
+``loop.train_and_evaluate_runs`` per seed (all runs of a dataset as few
+programs of runs as they allow), then AutoAttack attacks each at each
 eps_test (quick: APGD-CE + APGD-T in JAX; paper: the standard version). A
 cell is the mean of clean and robust accuracy, as in the paper, averaged
 over seeds (± std); the paper's number is shown beside it. Methods: ``pgd``,
@@ -100,25 +101,27 @@ def method_overrides(method: str) -> dict:
 
 
 def run_dataset(dataset: str, setting: dict, out: str, seeds) -> list:
-  """Trains and AutoAttacks every (seed, method, eps_train); row dicts.
-
-  Seeds are the outer loop, so a stopped sweep has whole seeds done."""
-  rows = []
+  """Trains every (seed, method, eps_train) together (as few programs of
+  runs as they allow) and AutoAttacks each; row dicts."""
+  cells, keys = [], []
   for seed in seeds:
     for method in sweep.methods(setting['methods'], METHODS):
       for eps in sweep.eps_grid(EPS_TRAIN[dataset]):
         config = sweep.config(dataset, dict(setting['config'], eps_train=eps,
                                             **method_overrides(method)), seed)
-        workdir = sweep.seed_dir(
-            os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}'), seed)
-        row = sweep.train_and_attack(
-            config, workdir,
-            aa_examples=sweep.aa_examples(setting['aa_examples']))
-        paper = PAPER_TABLE1.get(
-            (PAPER_DATASET.get(dataset, dataset), method, eps))
-        rows.append(dict(row, dataset=dataset, method=method,
+        cells.append((config, sweep.seed_dir(
+            os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}'),
+            seed)))
+        keys.append((method, eps))
+  rows = sweep.train_and_attack(
+      cells, aa_examples=sweep.aa_examples(setting['aa_examples']))
+  out_rows = []
+  for (method, eps), row in zip(keys, rows):
+    paper = PAPER_TABLE1.get(
+        (PAPER_DATASET.get(dataset, dataset), method, eps))
+    out_rows.append(dict(row, dataset=dataset, method=method,
                          paper_score=list(paper) if paper else None))
-  return rows
+  return out_rows
 
 
 def _means(rows: list, key: str, index=None) -> float:

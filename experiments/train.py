@@ -4,14 +4,18 @@ r"""Adversarial training with UTA, PGD, FGSM or R-FGSM; the main job.
   python experiments/train.py --dataset=svhn --attack=uta --eps_train=0.08
   python experiments/train.py --dataset=fashion_mnist --attack=pgd \
       --eps_train=0.3 --workdir=runs/fmnist_pgd_0.3
+  python experiments/train.py --seeds=0,1,2   # 3 runs as one program
 
 Defaults per dataset are the paper's (``uta_jax.configs``); flags override
-them. Rerunning the same command in the same --workdir resumes. SIGTERM or
+them. Rerunning the same command in the same --workdir resumes. With
+--seeds the seeds train as one program (a run axis; ``uta_jax.programs``),
+each in its own workdir <workdir>/seed<s>, as a run trained alone would. SIGTERM or
 Ctrl-C checkpoints (or, during evaluation and AutoAttack, keeps what is
 finished) and exits within seconds. Uses every local device with pmap; for
 several hosts pass --coordinator_address, --num_processes, --process_id.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -37,6 +41,9 @@ config_flags.define()
 flags.adopt_module_key_flags(config_flags)
 flags.DEFINE_string('workdir', None,
                     'output folder; default runs/<dataset>_<attack>_eps<eps>')
+flags.DEFINE_list('seeds', None, 'train these seeds (e.g. 0,1,2) as one '
+                  'program, one workdir each: <workdir>/seed<s>')
+cli.define_program_flags()
 flags.DEFINE_bool('autoattack', False, 'after training, evaluate with '
                   'AutoAttack (as experiments/evaluate.py)')
 flags.DEFINE_list('autoattack_eps', None, 'AutoAttack radii; default: the '
@@ -74,33 +81,55 @@ def main(argv):
         cli.fail(f'--autoattack_eps {e} is outside (0, 1]: images are in '
                  '[0, 1]')
     workdir = FLAGS.workdir or default_workdir(config)
+    run_configs, workdirs = [config], [workdir]
+    if FLAGS.seeds is not None:
+      if FLAGS['seed'].present:
+        cli.fail('--seed and --seeds exclude each other: drop one')
+      seeds = cli.parse_seeds(FLAGS.seeds)
+      run_configs = [dataclasses.replace(config, seed=s) for s in seeds]
+      workdirs = [os.path.join(workdir, f'seed{s}') for s in seeds]
     stop = cli.StopSignals(multihost=FLAGS.num_processes > 1)
-    results = loop.train_and_evaluate(config, workdir, stop_requested=stop)
-    autoattack = None
-    if FLAGS.autoattack and results['status'] == 'finished':
-      autoattack = runs.evaluate_workdir(
-          workdir, eps=aa_eps, num_examples=FLAGS.autoattack_examples,
-          version=FLAGS.autoattack_version, backend=FLAGS.aa_backend,
-          jax_pgd=False, stop_requested=stop)
+    results = loop.train_and_evaluate_runs(
+        run_configs, workdirs, stop_requested=stop, **cli.program_options())
+    autoattack = [None] * len(results)
+    for i, (run_dir, result) in enumerate(zip(workdirs, results)):
+      if FLAGS.autoattack and result['status'] == 'finished':
+        autoattack[i] = runs.evaluate_workdir(
+            run_dir, eps=aa_eps, num_examples=FLAGS.autoattack_examples,
+            version=FLAGS.autoattack_version, backend=FLAGS.aa_backend,
+            jax_pgd=False, stop_requested=stop)
   except parallel.Stopped:
-    print(f'stopped during AutoAttack: finished eps are in {workdir}/'
+    print(f'stopped during AutoAttack: finished eps are in {run_dir}/'
           f'{reporting.RESULTS}; rerun the same command to finish')
     sys.exit(stop.exit_code())
   except (configs.ConfigError, data.DataError, parallel.ParallelError,
           runs.RunError, workdir_lock.WorkdirError, ImportError,
           ValueError) as e:
     cli.fail(config_flags.message(e))
-  if results['status'] == 'preempted':
-    print(f'preempted at step {results["step"]}: checkpoint saved in '
-          f'{workdir}; rerun the same command to resume')
-    sys.exit(stop.exit_code())
-  for line in reporting.summary_lines(results):
-    print(line)
-  if autoattack:
-    for line in reporting.autoattack_lines(autoattack):
+  failed = []
+  for run_dir, result, report in zip(workdirs, results, autoattack):
+    if len(workdirs) > 1:
+      print(f'== {run_dir}')
+    if result['status'] == 'failed':
+      failed.append(f'{run_dir}: {config_flags.message(result["error"])}'
+                    if len(workdirs) > 1 else
+                    config_flags.message(result['error']))
+      continue
+    if result['status'] == 'preempted':
+      where = ('not started' if result['step'] is None
+               else f'preempted at step {result["step"]}: checkpoint saved')
+      print(f'{where} in {run_dir}; rerun the same command to resume')
+      continue
+    for line in reporting.summary_lines(result):
       print(line)
-  print(f'results: {os.path.join(workdir, reporting.RESULTS)}')
-
+    if report:
+      for line in reporting.autoattack_lines(report):
+        print(line)
+    print(f'results: {os.path.join(run_dir, reporting.RESULTS)}')
+  if failed:
+    cli.fail('; '.join(failed))
+  if any(r['status'] == 'preempted' for r in results):
+    sys.exit(stop.exit_code())
 
 if __name__ == '__main__':
   app.run(main, flags_parser=cli.parse_flags)
