@@ -1,18 +1,25 @@
 """Tests of uta_jax.loop in process: the device is not kept waiting by
 checkpoint saves, and the outputs stay right across a resume."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from unittest import mock
 
 from absl.testing import absltest
+from absl.testing import parameterized
 import chex
+import jax
+import numpy as np
 import pytest
 
 from uta_jax import checkpointing
 from uta_jax import configs
 from uta_jax import loop
+from uta_jax import programs
 from uta_jax import training
 from uta_jax import reporting
 from uta_jax import runs
@@ -101,6 +108,116 @@ class ResumeOutputsTest(absltest.TestCase):
         if k not in ('kind', 'step') and isinstance(v, (int, float)))
     self.assertEqual(sorted(shown), expected)
     self.assertIn(('train/loss', 14), shown)
+
+
+def _seed_configs(*seeds):
+  return [configs.get_config('mnist_embedded', dict(OVERRIDES, seed=s))
+          for s in seeds]
+
+
+class ProgramOfRunsTest(absltest.TestCase):
+
+  def test_a_non_finite_run_stops_alone(self):
+    good, bad = _seed_configs(0, 1)
+    root = self.create_tempdir().full_path
+    reference = os.path.join(root, 'alone')
+    loop.train_and_evaluate(good, reference)
+    # Run 1 starts from non-finite weights (saved as a checkpoint at step 0:
+    # the writer itself would refuse them).
+    workdirs = [os.path.join(root, 'good'), os.path.join(root, 'bad')]
+    state, _ = final_state(reference, OVERRIDES)
+    state = state.replace(step=np.zeros((), np.int32), params=jax.tree_util.tree_map(
+        lambda p: np.full_like(p, np.nan), state.params))
+    ck = checkpointing.Checkpointer(os.path.join(workdirs[1],
+                                                 runs.CHECKPOINTS))
+    ck.save(0, state)
+    ck.close()
+    results = loop.train_and_evaluate_runs([good, bad], workdirs)
+    self.assertEqual(results[0]['status'], 'finished')
+    self.assertEqual(results[1]['status'], 'failed')
+    self.assertIn('non-finite loss by step 1', str(results[1]['error']))
+    a, _ = final_state(reference, OVERRIDES)
+    b, _ = final_state(workdirs[0], OVERRIDES)
+    chex.assert_trees_all_equal(a.params, b.params)
+    self.assertEqual(checkpointing.Checkpointer(os.path.join(
+        workdirs[1], runs.CHECKPOINTS)).steps(), [0])
+
+  def test_a_program_that_does_not_fit_is_a_one_line_error(self):
+    root = self.create_tempdir().full_path
+    with self.assertRaisesRegex(programs.ProgramTooLarge,
+                                r'^one run needs [\d.]+ MiB .* lower '
+                                r'batch_size$'):
+      loop.train_and_evaluate_runs(
+          _seed_configs(0, 1), [os.path.join(root, s) for s in 'ab'],
+          memory_limit_bytes=1)
+
+  def test_runs_restored_at_different_steps_end_as_uninterrupted(self):
+    # As after a kill between the two runs' saves of step 12: run 0 holds
+    # step 12, run 1 step 8. Run 1 first trains alone to step 12, then both
+    # go on as one program; both end as the uninterrupted program's runs.
+    run_configs = _seed_configs(0, 1)
+    root = self.create_tempdir().full_path
+    reference = [os.path.join(root, 'ref', s) for s in 'ab']
+    loop.train_and_evaluate_runs(run_configs, reference)
+    workdirs = [os.path.join(root, 'cut', s) for s in 'ab']
+    calls = []
+    stopped = loop.train_and_evaluate_runs(
+        run_configs, workdirs,
+        stop_requested=lambda: calls.append(None) or len(calls) >= 12)
+    self.assertEqual([r['step'] for r in stopped], [12, 12])
+    shutil.rmtree(os.path.join(workdirs[1], runs.CHECKPOINTS, '12'))
+    results = loop.train_and_evaluate_runs(run_configs, workdirs)
+    for ref, workdir, result in zip(reference, workdirs, results):
+      self.assertEqual(result['status'], 'finished')
+      a, _ = final_state(ref, OVERRIDES)
+      b, step = final_state(workdir, OVERRIDES)
+      self.assertEqual(step, 16)
+      chex.assert_trees_all_equal(a.params, b.params)
+      self.assertEqual(result['clean_accuracy'],
+                       runs.read_results(ref)['clean_accuracy'])
+
+
+def _mixed_runs(root, run_map, devices):
+  env = dict(os.environ,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(os.path.dirname(__file__),
+                                    'mixed_runs.py'), root, run_map],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # 8 runs together and alone, per device count and map
+class MixedProgramTest(parameterized.TestCase):
+  """Run r of a program of 2 seeds x PGD/UTA x 2 eps_train (K 3 and 5,
+  mixed) ends as the run trained alone: parameters and evaluation.
+
+  lax.map (the CPU default) runs each run's own kernels: bitwise equal.
+  vmap's batched kernels sum in another order, and sign steps and Adam's
+  first updates (~lr whatever the gradient's size) amplify a flipped
+  near-zero gradient: every weight within 2 lr per step (10 steps: 0.02),
+  evaluation accuracies within one of the 32 test points (3.125%).
+  """
+
+  @parameterized.product(run_map=('map', 'vmap'), devices=(1, 4))
+  def test_each_run_of_a_mixed_program_equals_the_run_alone(self, run_map,
+                                                            devices):
+    result = _mixed_runs(self.create_tempdir().full_path, run_map, devices)
+    self.assertEqual(result['devices'], devices)
+    for i, r in enumerate(result['runs']):
+      self.assertEqual(r['runs_in_program'], 8)
+      if run_map == 'map':
+        self.assertEqual(r['max_param_diff'], 0.0, f'run {i}')
+        self.assertEqual(r['together'], r['alone'], f'run {i}')
+        continue
+      self.assertLessEqual(r['max_param_diff'], 2 * 1e-3 * 10, f'run {i}')
+      self.assertAlmostEqual(r['together']['clean'], r['alone']['clean'],
+                             delta=100 / 32 + 1e-9)
+      for attack, accs in r['together']['robust'].items():
+        for eps, acc in accs.items():
+          self.assertAlmostEqual(acc, r['alone']['robust'][attack][eps],
+                                 delta=100 / 32 + 1e-9)
 
 
 if __name__ == '__main__':

@@ -158,6 +158,42 @@ class FaultToleranceTest(absltest.TestCase):
     chex.assert_trees_all_equal(a.params, b.params)
     chex.assert_trees_all_equal(a.opt_state, b.opt_state)
 
+  @pytest.mark.slow  # two trainings of three runs
+  def test_kill_9_of_a_program_of_seeds_and_rerun_gives_bitwise_the_result(
+      self):
+    # train.py --seeds: one program of 3 runs, each in <workdir>/seed<s>.
+    args = ('--epochs=4', '--checkpoint_every=4', '--seeds=0,1,2')
+    reference = self.create_tempdir().full_path
+    first = run_train(reference, *args)
+    self.assertEqual(first.returncode, 0, first.stderr[-2000:])
+    self.assertIn('3 runs', first.stderr)
+    workdir = self.create_tempdir().full_path
+    proc = subprocess.Popen(train_command(workdir, *args),
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(os.path.join(workdir, 'seed2'), proc, min_step=8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_train(workdir, *args)
+    self.assertEqual(resumed.returncode, 0, resumed.stderr[-2000:])
+    self.assertIn('resumed from step', resumed.stderr)
+    for seed in range(3):
+      a, step_a = final_state(os.path.join(reference, f'seed{seed}'),
+                              {'seed': seed})
+      b, step_b = final_state(os.path.join(workdir, f'seed{seed}'),
+                              {'seed': seed})
+      self.assertEqual(step_a, 64)
+      self.assertEqual(step_b, 64)
+      chex.assert_trees_all_equal(a.params, b.params)
+      chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+    # Each seed's run is the run train.py trains alone with --seed.
+    alone = self.create_tempdir().full_path
+    self.assertEqual(run_train(alone, '--epochs=4', '--checkpoint_every=4',
+                               '--seed=1').returncode, 0)
+    a, _ = final_state(alone, {'seed': 1})
+    b, _ = final_state(os.path.join(workdir, 'seed1'), {'seed': 1})
+    chex.assert_trees_all_equal(a.params, b.params)
+
   def test_disk_full_in_a_checkpoint_is_one_line_and_resumes_when_freed(self):
     mount = self.create_tempdir().full_path
     if os.geteuid() != 0 or subprocess.run(

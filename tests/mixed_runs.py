@@ -1,0 +1,63 @@
+"""Trains a mixed program of runs and each run alone; prints the largest
+parameter difference and the evaluation results of each, as JSON.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=N \
+      python tests/mixed_runs.py ROOT RUN_MAP
+
+Run by ``loop_test.MixedProgramTest`` in a subprocess per device count
+(conftest fixes the test process at 4 devices).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from uta_jax import configs  # pylint: disable=g-import-not-at-top
+from uta_jax import loop
+from uta_jax import runs
+
+# 320 embedded-MNIST images in batches of 32: 10 steps, LeNet.
+SMALL = {'max_train_examples': 320, 'max_eval_examples': 32,
+         'batch_size': 32, 'epochs': 1, 'checkpoint_every': 4,
+         'log_every': 5, 'eval.pgd_restarts': 1, 'eval.pgd_steps': 2,
+         'eval.uta_steps': 2, 'eval.eps': (0.1,), 'model.name': 'lenet'}
+
+
+def mixed_configs():
+  """2 seeds x PGD/UTA x 2 eps_train (K 3 and 5): one program."""
+  return [configs.get_config('mnist_embedded', dict(
+      SMALL, seed=seed, **{'attack.name': name, 'attack.eps_train': eps,
+                           'attack.num_steps': k}))
+          for seed in (0, 1) for name in ('pgd', 'uta')
+          for eps, k in ((0.1, 3), (0.2, 5))]
+
+
+def main(root, run_map):
+  run_configs = mixed_configs()
+  together = loop.train_and_evaluate_runs(
+      run_configs, [f'{root}/together/{i}' for i in range(len(run_configs))],
+      run_map=run_map, mix_num_steps=True)
+  out = []
+  for i, config in enumerate(run_configs):
+    alone = loop.train_and_evaluate(config, f'{root}/alone/{i}')
+    a = runs.load_run(f'{root}/together/{i}').variables
+    b = runs.load_run(f'{root}/alone/{i}').variables
+    out.append({
+        'runs_in_program': together[i]['timings']['runs_in_program'],
+        'max_param_diff': max(float(np.max(np.abs(x - y))) for x, y in zip(
+            jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))),
+        'together': {'clean': together[i]['clean_accuracy'],
+                     'robust': together[i]['robust_accuracy']},
+        'alone': {'clean': alone['clean_accuracy'],
+                  'robust': alone['robust_accuracy']}})
+  print(json.dumps({'devices': jax.device_count(), 'runs': out}))
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])
