@@ -143,9 +143,10 @@ def define_program_flags() -> None:
                        'many runs as one program (default: as many as the '
                        'compiled program\'s memory analysis says fit)',
                        lower_bound=1)
-  flags.DEFINE_enum('run_map', None, ['map', 'vmap'], 'how a program steps '
-                    'its runs: lax.map (one after another) or vmap '
-                    '(batched); default map on CPUs, vmap on accelerators')
+  flags.DEFINE_enum('run_map', None, ['unroll', 'map', 'vmap'],
+                    'how a program steps its runs: unroll (each run\'s step '
+                    'written out), map (lax.map) or vmap (batched); default '
+                    'unroll on CPUs, vmap on accelerators')
   flags.DEFINE_bool('mix_num_steps', True, 'runs of different attack steps '
                     'K share a program (vmap masks the shorter runs)')
 

@@ -78,11 +78,11 @@ def _batch(config, step):
 
 class RunMappedStepTest(parameterized.TestCase):
 
-  @parameterized.parameters('map', 'vmap')
+  @parameterized.parameters('map', 'vmap', 'unroll')
   def test_each_run_equals_its_own_step(self, run_map):
     # Against steps.train_step with each run's static attack (Python eps,
     # alpha and K; pgd or uta by name): an independent program, two steps.
-    # map runs each run's kernels alone, but the objective select and the
+    # map and unroll run each run's kernels alone, but the objective select and the
     # while loop of a traced K fuse differently than the static attack:
     # 1e-5 (seen: 2.5e-6). vmap's batched kernels sum in another
     # order (~1e-7 relative per op); a sign step that flips on a near-zero
@@ -109,7 +109,7 @@ class RunMappedStepTest(parameterized.TestCase):
       for step in range(2):
         alone, _ = step_fn(alone, _batch(config, step))
       got = programs.unstack(states, r).params
-      if run_map == 'map':
+      if run_map != 'vmap':
         chex.assert_trees_all_close(got, alone.params, atol=1e-5, rtol=0)
         continue
       chex.assert_trees_all_close(got, alone.params, atol=2 * lr * 2, rtol=0)

@@ -14,10 +14,13 @@ forwards: they share a program with runs of the same attack only.
 
 How the step maps over runs (``RUN_MAPS``): ``vmap`` batches the runs
 (a run with a smaller K is masked after its K steps, to the largest K);
-``map`` (``lax.map``) runs them one after another inside the program, each
-with its own K. XLA:CPU turns vmapped weights into grouped convolutions,
-several times slower (see ``benchmark.py --sections=runs``): ``map`` is the
-CPU default, ``vmap`` elsewhere.
+``unroll`` writes each run's step into the program one after another, each
+with its own K; ``map`` (``lax.map``) loops over them. On XLA:CPU (2 cores,
+``benchmark.py --sections=runs``) ``unroll`` matches R single programs,
+``lax.map``'s loop costs ~20% (one run as a loop of one: ~20% slower than
+the plain step) and ``vmap`` ~50% (vmapped weights become grouped
+convolutions): ``unroll`` is the CPU default, ``vmap`` the accelerators'
+(unmeasured here: no GPU was lent). One run is always the plain step.
 
 Memory: ``runs_that_fit`` sizes a program from the compiled step's memory
 analysis.
@@ -31,19 +34,19 @@ import os
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import steps
 
-RUN_MAPS = ('map', 'vmap')
+RUN_MAPS = ('map', 'vmap', 'unroll')
 
 
 def default_run_map(backend: str) -> str:
-  """``map`` on XLA:CPU (vmapped weights become grouped convolutions),
-  ``vmap`` on accelerators."""
-  return 'map' if backend == 'cpu' else 'vmap'
+  """``unroll`` on XLA:CPU (measured), ``vmap`` on accelerators."""
+  return 'unroll' if backend == 'cpu' else 'vmap'
 
 
 def program_key(config: configs.Config, *, mix_num_steps: bool = True
@@ -113,8 +116,12 @@ def make_train_step(config: configs.Config, model, tx, *,
     return step(state, batch, run=run)
 
   def runs_step(states, batch, runs):
+    num = jax.tree_util.tree_leaves(runs)[0].shape[0]
     if run_map == 'vmap':
       return jax.vmap(one)(states, batch, runs)
+    if run_map == 'unroll' or num == 1:
+      outs = [one(*unstack((states, batch, runs), r)) for r in range(num)]
+      return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
     return jax.lax.map(lambda args: one(*args), (states, batch, runs))
 
   return runs_step

@@ -113,10 +113,10 @@ def step_rows(reps: int, sizes=(1, 3, 8)) -> List[Dict]:
            'seconds_runs': times}
     row['ratio'] = {k: med['single'] / med[k] for k in programs.RUN_MAPS}
     rows.append(row)
-    print(f"{name}: one program map {row['images_per_sec']['map']:,.0f} "
-          f"img/s, vmap {row['images_per_sec']['vmap']:,.0f}, {num} single "
-          f"programs {row['images_per_sec']['single']:,.0f} -> ratio map "
-          f"{row['ratio']['map']:.2f}, vmap {row['ratio']['vmap']:.2f}",
+    print(f'{name}: ' + ', '.join(
+        f"{k} {row['images_per_sec'][k]:,.0f} img/s (ratio "
+        f"{row['ratio'][k]:.2f})" for k in programs.RUN_MAPS) +
+          f", {num} single programs {row['images_per_sec']['single']:,.0f}",
           flush=True)
   return rows
 
@@ -160,16 +160,17 @@ def end_to_end(num_runs: int = 3, repeats: int = 2) -> Dict:
 
 def markdown(result: Dict) -> str:
   """The README's run-axis tables."""
-  lines = ['| runs (F-MNIST LeNet UTA-AT step) | device | one program, '
-           'lax.map (img/s) | one program, vmap (img/s) | R single programs '
-           '(img/s) | ratio map | ratio vmap |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+  maps = programs.RUN_MAPS
+  lines = ['| runs (F-MNIST LeNet UTA-AT step) | device | ' + ' | '.join(
+      f'one program, {m} (img/s)' for m in maps) + ' | R single programs '
+           '(img/s) | ' + ' | '.join(f'ratio {m}' for m in maps) + ' |',
+           '| --- | --- |' + ' ---: |' * (2 * len(maps) + 1)]
   for r in result['steps']:
     ips = r['images_per_sec']
     lines.append(f"| {r['case']} | {r['devices']} {r['backend'].upper()} "
-                 f"devices | {ips['map']:,.0f} | {ips['vmap']:,.0f} | "
-                 f"{ips['single']:,.0f} | {r['ratio']['map']:.2f} | "
-                 f"{r['ratio']['vmap']:.2f} |")
+                 'devices | ' + ' | '.join(f'{ips[m]:,.0f}' for m in maps) +
+                 f" | {ips['single']:,.0f} | " +
+                 ' | '.join(f"{r['ratio'][m]:.2f}" for m in maps) + ' |')
   e = result.get('end_to_end')
   if e:
     lines += ['', '| end to end | device | `train.py --seeds` (s) | '
