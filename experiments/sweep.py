@@ -35,6 +35,7 @@ from uta_jax import data
 from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
+from uta_jax import programs
 from uta_jax import reporting
 from uta_jax import runs
 from uta_jax import torch_bridge
@@ -77,7 +78,8 @@ NOT_FOR_GENERATED_DATA = ('data_dir', 'max_train_examples',
 
 # Exceptions the library raises with a message naming the fix.
 USER_ERRORS = (configs.ConfigError, data.DataError, runs.RunError,
-               workdir_lock.WorkdirError, ImportError)
+               workdir_lock.WorkdirError, programs.ProgramTooLarge,
+               ImportError)
 
 
 class _Stop:

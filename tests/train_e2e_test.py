@@ -389,6 +389,12 @@ class BadInputTest(parameterized.TestCase):
        'TFDS_DATA_DIR'),
       ('workdir_under_a_file', ['--workdir=/etc/hostname/run'],
        'part of the path is a file'),
+      ('seed_and_seeds', ['--seed=1', '--seeds=0,1'],
+       '--seed and --seeds exclude each other'),
+      ('bad_seeds', ['--seeds=0,x'], "--seeds takes non-negative integers"),
+      ('runs_per_program', ['--seeds=0,1', '--max_runs_per_program=0'],
+       'max_runs_per_program'),
+      ('run_map', ['--run_map=pmap'], "--run_map"),
   )
   def test_one_line_and_exit_code_2(self, args, message):
     workdir = self.create_tempdir().full_path

@@ -39,6 +39,7 @@ import numpy as np
 
 from uta_jax import classifier
 from uta_jax import configs
+from uta_jax import errors
 from uta_jax import steps
 
 RUN_MAPS = ('map', 'vmap', 'unroll')
@@ -151,8 +152,8 @@ def compiled_bytes(compiled: Any) -> int:
 MEMORY_HEADROOM = 0.8  # of the device's memory a program may plan for
 
 
-class ProgramTooLarge(ValueError):
-  """Not even one run fits the device's memory."""
+class ProgramTooLarge(errors.NamesSettings, ValueError):
+  """Not even one run fits the device's memory; names the fix."""
 
 
 def runs_that_fit(bytes_of: Callable[[int], int], num_runs: int, *,
@@ -171,7 +172,7 @@ def runs_that_fit(bytes_of: Callable[[int], int], num_runs: int, *,
       raise ProgramTooLarge(
           f'one run needs {need / 2**20:.1f} MiB of device memory, more than '
           f'{MEMORY_HEADROOM:.0%} of the {limit_bytes / 2**20:.1f} MiB '
-          'available: lower batch_size')
+          'available: lower batch_size', 'batch_size')
     r = max(1, r // 2)
 
 
