@@ -9,9 +9,9 @@ r"""Adversarial training with UTA, PGD, FGSM or R-FGSM; the main job.
 Defaults per dataset are the paper's (``uta_jax.configs``); flags override
 them. Rerunning the same command in the same --workdir resumes. With
 --seeds the seeds train as one program (a run axis; ``uta_jax.programs``),
-each in its own workdir <workdir>/seed<s>, as a run trained alone would. SIGTERM or
-Ctrl-C checkpoints (or, during evaluation and AutoAttack, keeps what is
-finished) and exits within seconds. Uses every local device with pmap; for
+each in its own workdir <workdir>/seed<s>, as a run trained alone would.
+SIGTERM or Ctrl-C checkpoints (or, during evaluation and AutoAttack, keeps
+what is finished) and exits within seconds. Uses every local device with pmap; for
 several hosts pass --coordinator_address, --num_processes, --process_id.
 """
 

@@ -126,8 +126,10 @@ class ProgramOfRunsTest(absltest.TestCase):
     # the writer itself would refuse them).
     workdirs = [os.path.join(root, 'good'), os.path.join(root, 'bad')]
     state, _ = final_state(reference, OVERRIDES)
-    state = state.replace(step=np.zeros((), np.int32), params=jax.tree_util.tree_map(
-        lambda p: np.full_like(p, np.nan), state.params))
+    state = state.replace(
+        step=np.zeros((), np.int32),
+        params=jax.tree_util.tree_map(lambda p: np.full_like(p, np.nan),
+                                      state.params))
     ck = checkpointing.Checkpointer(os.path.join(workdirs[1],
                                                  runs.CHECKPOINTS))
     ck.save(0, state)
@@ -141,6 +143,14 @@ class ProgramOfRunsTest(absltest.TestCase):
     chex.assert_trees_all_equal(a.params, b.params)
     self.assertEqual(checkpointing.Checkpointer(os.path.join(
         workdirs[1], runs.CHECKPOINTS)).steps(), [0])
+
+  def test_max_runs_per_program_splits_the_runs(self):
+    root = self.create_tempdir().full_path
+    results = loop.train_and_evaluate_runs(
+        _seed_configs(0, 1, 2), [os.path.join(root, s) for s in 'abc'],
+        max_runs_per_program=2)
+    self.assertEqual([r['timings']['runs_in_program'] for r in results],
+                     [2, 2, 1])
 
   def test_a_program_that_does_not_fit_is_a_one_line_error(self):
     root = self.create_tempdir().full_path

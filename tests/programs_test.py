@@ -82,8 +82,9 @@ class RunMappedStepTest(parameterized.TestCase):
   def test_each_run_equals_its_own_step(self, run_map):
     # Against steps.train_step with each run's static attack (Python eps,
     # alpha and K; pgd or uta by name): an independent program, two steps.
-    # map and unroll run each run's kernels alone, but the objective select and the
-    # while loop of a traced K fuse differently than the static attack:
+    # map and unroll run each run's kernels alone, but the objective select
+    # and the while loop of a traced K fuse differently than the static
+    # attack:
     # 1e-5 (seen: 2.5e-6). vmap's batched kernels sum in another
     # order (~1e-7 relative per op); a sign step that flips on a near-zero
     # gradient moves a pixel by alpha, and Adam's first steps move a weight

@@ -44,6 +44,7 @@ from uta_jax import workdir_lock
 log = logging.getLogger('uta_jax')
 TrainingError = training.TrainingError
 
+
 def train_and_evaluate(config: configs.Config, workdir: str, *,
                        stop_requested: Callable[[], bool] = lambda: False,
                        **options: Any) -> Dict[str, Any]:
@@ -133,12 +134,13 @@ def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
   for run in group:
     _restore(run, model, tx, dataset.input_shape, total_steps)
   program = training.Program(config, model, tx, dataset, total_steps,
-                     steps_per_epoch, run_map=run_map)
+                             steps_per_epoch, run_map=run_map)
   size = max_runs or program.runs_that_fit(group, memory_limit_bytes)
   results = []
   try:
-    for chunk in programs.split(group, size):
-      status = _train_to_end(program, chunk, stop_requested)
+    for n, chunk in enumerate(programs.split(group, size)):
+      status = ('preempted' if n and stop_requested()  # not started
+                else _train_to_end(program, chunk, stop_requested))
       if status == 'preempted':
         results += [{'status': 'preempted',
                      'step': r.stopped_at if r.stopped_at is not None
@@ -156,7 +158,8 @@ def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
   return results
 
 
-def _restore(run: training.Run, model, tx, input_shape, total_steps: int) -> None:
+def _restore(run: training.Run, model, tx, input_shape,
+             total_steps: int) -> None:
   """The run's fresh state, or its newest valid checkpoint."""
   state = jax.device_get(steps.create_train_state(run.config, model, tx,
                                                   input_shape))
