@@ -138,9 +138,13 @@ def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
   size = max_runs or program.runs_that_fit(group, memory_limit_bytes)
   results = []
   try:
+    chunk_start = start  # the first chunk's time holds the set-up and
+    # the compilation of the memory analysis
     for n, chunk in enumerate(programs.split(group, size)):
       status = ('preempted' if n and stop_requested()  # not started
-                else _train_to_end(program, chunk, stop_requested))
+                else _train_to_end(program, chunk, stop_requested,
+                                   since=chunk_start))
+      chunk_start = time.time()
       if status == 'preempted':
         results += [{'status': 'preempted',
                      'step': r.stopped_at if r.stopped_at is not None
@@ -182,12 +186,11 @@ def _restore(run: training.Run, model, tx, input_shape,
 
 
 def _train_to_end(program: training.Program, chunk: List[training.Run],
-                  stop_requested) -> str:
+                  stop_requested, *, since: float) -> str:
   """Trains ``chunk`` to the last step: runs restored at different steps
   (a kill between two runs' saves) first bring the ones behind to the next
   step, so that every program starts its runs at one step. 'finished' or
-  'preempted'."""
-  t0 = time.time()
+  'preempted'. ``since``: when the chunk's time started (its timings)."""
   while True:
     active = [r for r in chunk if r.active]
     if not active:
@@ -203,7 +206,7 @@ def _train_to_end(program: training.Program, chunk: List[training.Run],
     if not ahead:
       break
   for run in chunk:
-    run.timings = {'train_seconds_this_run': time.time() - t0,
+    run.timings = {'train_seconds_this_run': time.time() - since,
                    'steps_this_run': run.step - run.start_step,
                    'first_step_seconds': program.first_step_seconds}
   return 'finished'
