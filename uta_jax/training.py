@@ -38,15 +38,15 @@ class TrainingError(runs.RunError):
   """Training cannot go on (a non-finite loss or parameters)."""
 
 
-
 def global_batch(split: data.Split, step: int, config: configs.Config):
+  """This host's slice of the run's global batch ``step`` (its own order
+  and augmentation)."""
   idx = data.host_batch_indices(
       seed=config.seed, step=step, num_examples=len(split),
       global_batch=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
   return data.get_batch(split, idx, augment_seed=(
       (config.seed, step) if config.augment else None))
-
 
 
 class Run:
@@ -78,11 +78,13 @@ class Run:
     self.close()
 
   def close(self) -> None:
+    """Waits for its save in flight and closes its files (once)."""
     if self.saver is not None:
       self.saver.close()
+      self.saver = None
     if self.metrics_log is not None:
       self.metrics_log.close()
-
+      self.metrics_log = None
 
 
 class Program:
@@ -214,7 +216,6 @@ class Program:
     return 'finished'
 
 
-
 class _Prefetcher:
   """``make(step)`` for the steps ``start`` .. ``stop - 1`` in order, each
   made on a helper thread while the step before it runs (XLA releases the
@@ -241,7 +242,6 @@ class _Prefetcher:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-
 def refuse_non_finite(step: int, host_state: Any) -> None:
   """The writer thread's check: non-finite parameters are never saved."""
   if not all(np.all(np.isfinite(leaf)) for leaf in
@@ -250,7 +250,6 @@ def refuse_non_finite(step: int, host_state: Any) -> None:
         f'non-finite parameters at step {step}; stopped without saving them, '
         'last good checkpoint kept. Lower optimizer.learning_rate or '
         'attack.eps_train', 'optimizer.learning_rate', 'attack.eps_train')
-
 
 
 class Progress:
