@@ -12,6 +12,7 @@ from testutil import ROOT  # pylint: disable=g-bad-import-order
 
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 from benchmarks import loop  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from benchmarks import runs  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
 # End-to-end: subprocesses, minutes. Deselect with -m "not slow".
@@ -67,6 +68,17 @@ class BenchmarkTest(absltest.TestCase):
     self.assertAlmostEqual(row['efficiency'], row['loop_images_per_sec'] /
                            row['bare_step_images_per_sec'])
     self.assertIn('| tiny |', loop.markdown([row]))
+
+  def test_runs_section_times_every_run_map_against_single_programs(self):
+    (row,) = runs.step_rows(reps=1, sizes=(2,), mixed=False)
+    self.assertEqual(row['runs'], 2)
+    for key in ('map', 'vmap', 'unroll', 'single'):
+      self.assertGreater(row['images_per_sec'][key], 0)
+    for key in ('map', 'vmap', 'unroll'):
+      self.assertAlmostEqual(
+          row['ratio'][key], row['images_per_sec'][key] /
+          row['images_per_sec']['single'])
+    self.assertIn('| 2 runs, K = 10 |', runs.markdown({'steps': [row]}))
 
 
 if __name__ == '__main__':

@@ -201,7 +201,8 @@ def _mixed_runs(root, run_map, devices):
 @pytest.mark.slow  # 8 runs together and alone, per device count and map
 class MixedProgramTest(parameterized.TestCase):
   """Run r of a program of 2 seeds x PGD/UTA x 2 eps_train (K 3 and 5,
-  mixed) ends as the run trained alone: parameters and evaluation.
+  mixed) ends as the run trained alone: parameters and evaluation, for four
+  runs that cover each seed, objective, eps_train and K.
 
   unroll (the CPU default) writes each run's own step into the program:
   bitwise equal. vmap's batched kernels sum in another order, and lax.map's
@@ -220,7 +221,9 @@ class MixedProgramTest(parameterized.TestCase):
                                                             devices):
     result = _mixed_runs(self.create_tempdir().full_path, run_map, devices)
     self.assertEqual(result['devices'], devices)
-    for i, r in enumerate(result['runs']):
+    self.assertLen(result['runs'], 4)
+    for r in result['runs']:
+      i = r['run']
       self.assertEqual(r['runs_in_program'], 8)
       if run_map == 'unroll':
         self.assertEqual(r['max_param_diff'], 0.0, f'run {i}')

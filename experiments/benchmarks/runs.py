@@ -77,12 +77,14 @@ def _rate(calls: int, images: int, seconds: float) -> float:
   return calls * images / seconds
 
 
-def step_rows(reps: int, sizes=(1, 3, 8)) -> List[Dict]:
-  """images/s of R runs as one program (map and vmap) vs R single programs
-  in a row, interleaved; medians over ``reps`` timings of 5 calls each."""
+def step_rows(reps: int, sizes=(1, 3, 8), mixed: bool = True) -> List[Dict]:
+  """images/s of R runs as one program (each ``programs.RUN_MAPS``) vs R
+  single programs in a row, interleaved; medians over ``reps`` timings of 5
+  calls each; with ``mixed``, the mixed-K row too."""
   rows = []
   cases = [(f'{r} runs, K = 10', [STEP_SETTING] * r) for r in sizes]
-  cases.append(('8 runs, K = 10-40, PGD and UTA', MIXED))
+  if mixed:
+    cases.append(('8 runs, K = 10-40, PGD and UTA', MIXED))
   for name, overrides in cases:
     run_configs = [configs.get_config('fashion_mnist', dict(o, seed=s))
                    for s, o in enumerate(overrides)]
