@@ -144,6 +144,7 @@ class ProgramOfRunsTest(absltest.TestCase):
     self.assertEqual(checkpointing.Checkpointer(os.path.join(
         workdirs[1], runs.CHECKPOINTS)).steps(), [0])
 
+  @pytest.mark.slow  # two programs of three runs trained
   def test_max_runs_per_program_splits_the_runs(self):
     root = self.create_tempdir().full_path
     results = loop.train_and_evaluate_runs(
@@ -161,6 +162,7 @@ class ProgramOfRunsTest(absltest.TestCase):
           _seed_configs(0, 1), [os.path.join(root, s) for s in 'ab'],
           memory_limit_bytes=1)
 
+  @pytest.mark.slow  # three trainings of two runs
   def test_runs_restored_at_different_steps_end_as_uninterrupted(self):
     # As after a kill between the two runs' saves of step 12: run 0 holds
     # step 12, run 1 step 8. Run 1 first trains alone to step 12, then both

@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uta_jax import classifier
 from uta_jax import configs
@@ -78,8 +79,15 @@ def _batch(config, step):
 
 class RunMappedStepTest(parameterized.TestCase):
 
-  @parameterized.parameters('map', 'vmap', 'unroll')
-  def test_each_run_equals_its_own_step(self, run_map):
+  def test_each_run_equals_its_own_step(self):
+    self._check_each_run_equals_its_own_step('unroll')  # the CPU default
+
+  @parameterized.parameters('map', 'vmap')
+  @pytest.mark.slow  # two more programs of 8 LeNet runs
+  def test_each_run_equals_its_own_step_under_other_maps(self, run_map):
+    self._check_each_run_equals_its_own_step(run_map)
+
+  def _check_each_run_equals_its_own_step(self, run_map):
     # Against steps.train_step with each run's static attack (Python eps,
     # alpha and K; pgd or uta by name): an independent program, two steps.
     # map and unroll run each run's kernels alone, but the objective select
