@@ -82,7 +82,8 @@ def step_rows(reps: int, sizes=(1, 3, 8), mixed: bool = True) -> List[Dict]:
   single programs in a row, interleaved; medians over ``reps`` timings of 5
   calls each; with ``mixed``, the mixed-K row too."""
   rows = []
-  cases = [(f'{r} runs, K = 10', [STEP_SETTING] * r) for r in sizes]
+  cases = [(f'{r} run{"s" if r > 1 else ""}, K = 10', [STEP_SETTING] * r)
+           for r in sizes]
   if mixed:
     cases.append(('8 runs, K = 10-40, PGD and UTA', MIXED))
   for name, overrides in cases:
