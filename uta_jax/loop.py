@@ -208,7 +208,8 @@ def _train_to_end(program: training.Program, chunk: List[training.Run],
   for run in chunk:
     run.timings = {'train_seconds_this_run': time.time() - since,
                    'steps_this_run': run.step - run.start_step,
-                   'first_step_seconds': program.first_step_seconds}
+                   'first_step_seconds': program.first_step_seconds,
+                   'compile_seconds': program.compile_seconds}
   return 'finished'
 
 

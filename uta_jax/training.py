@@ -94,7 +94,8 @@ class Program:
                steps_per_epoch, *, run_map: str):
     self.config, self.model, self.dataset = config, model, dataset
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-    self.first_step_seconds = None
+    self.first_step_seconds = None  # compilation + the first step's wait
+    self.compile_seconds = 0.0  # the ahead-of-time compilations
     self._p_step = parallel.pmap_train_step(programs.make_train_step(
         config, model, tx, axis_name=parallel.AXIS, run_map=run_map))
     self._compiled: Dict[int, Any] = {}
@@ -118,8 +119,10 @@ class Program:
       return self._p_step
     num = len(chunk)
     if num not in self._compiled:
+      start = time.time()
       self._compiled[num] = self._p_step.lower(
           p_states, self._batch(chunk, chunk[0].step), p_runs).compile()
+      self.compile_seconds += time.time() - start
     return self._compiled[num]
 
   def runs_that_fit(self, group: List[Run],
@@ -208,8 +211,10 @@ class Program:
       check(waiting=True)
     finally:
       batches.close()
-    if self.first_step_seconds is None:
-      self.first_step_seconds = progress.first_step_seconds
+    if self.first_step_seconds is None and \
+        progress.first_step_seconds is not None:
+      self.first_step_seconds = (self.compile_seconds +
+                                 progress.first_step_seconds)
     states = parallel.unreplicate(p_states)
     for i, run in enumerate(chunk):
       run.state = programs.unstack(states, i)
