@@ -28,8 +28,8 @@ import config_flags  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from uta_jax import auto_attack
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import reporting
 from uta_jax import runs
 from uta_jax import torch_bridge
@@ -59,7 +59,7 @@ def compare(name, workdir, eps_values):
     reports = {}
     for backend in ('jax', 'torch'):
       start = time.time()
-      reports[backend] = evaluation.autoattack(
+      reports[backend] = auto_attack.evaluate(
           model, variables, ds.test, eps=eps, version='apgd', backend=backend,
           ensemble=False)
       reports[backend]['wall_seconds'] = time.time() - start

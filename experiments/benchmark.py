@@ -45,7 +45,7 @@ from benchmarks import common
 from benchmarks import convs
 from benchmarks import loop
 from benchmarks import runs
-from uta_jax import evaluation
+from uta_jax import auto_attack
 from uta_jax import fast_ops
 from uta_jax import torch_bridge
 
@@ -133,7 +133,7 @@ def main(argv):
     print(convs.markdown(result['convs']))
   if 'autoattack' in FLAGS.sections:
     # AutoAttack's own progress lines would drown the summary.
-    logging.getLogger(evaluation.AUTOATTACK_LOGGER).propagate = False
+    logging.getLogger(auto_attack.LOGGER).propagate = False
     result['autoattack'] = autoattack.run(torch, FLAGS)
     print(autoattack.markdown(result['autoattack']))
   if loop_rows is not None:

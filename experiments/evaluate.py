@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import config_flags  # pylint: disable=g-import-not-at-top
+from uta_jax import auto_attack
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import runs
@@ -34,10 +34,10 @@ from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
-flags.DEFINE_enum('version', 'standard', list(evaluation.VERSIONS),
+flags.DEFINE_enum('version', 'standard', list(auto_attack.VERSIONS),
                   "AutoAttack version; 'rand' evaluates MC dropout with EoT; "
                   "'apgd' only the standard APGD-CE + APGD-T (cheap)")
-flags.DEFINE_enum('aa_backend', None, list(evaluation.BACKENDS),
+flags.DEFINE_enum('aa_backend', None, list(auto_attack.BACKENDS),
                   "jax: APGD-CE + APGD-T natively in JAX, on every device "
                   "(version apgd only); torch: the reference pyautoattack "
                   "through the bridge. Default: jax for apgd, else torch")
@@ -69,7 +69,7 @@ def main(argv):
   if not FLAGS.workdir:
     cli.fail('--workdir is required: a folder written by experiments/train.py')
   eps = parse_eps(FLAGS.eps)
-  backend = FLAGS.aa_backend or evaluation.default_backend(FLAGS.version)
+  backend = FLAGS.aa_backend or auto_attack.default_backend(FLAGS.version)
   if backend == 'jax' and FLAGS.version != 'apgd':
     cli.fail(f'--aa_backend=jax runs --version=apgd only; use '
              f'--aa_backend=torch for --version={FLAGS.version}')

@@ -30,9 +30,9 @@ from absl import flags
 
 import cli
 import config_flags
+from uta_jax import auto_attack
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import programs
@@ -250,7 +250,7 @@ def train_all(runs_: Sequence[Tuple[configs.Config, str]]
 
 def aa_backend(version: str) -> str:
   """--aa_backend, else JAX for the APGD-only version."""
-  return FLAGS.aa_backend or evaluation.default_backend(version)
+  return FLAGS.aa_backend or auto_attack.default_backend(version)
 
 
 def autoattack(workdir: str, *, eps, num_examples: int,

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import config_flags  # pylint: disable=g-import-not-at-top
+from uta_jax import auto_attack
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import loop
 from uta_jax import parallel
 from uta_jax import reporting
@@ -50,9 +50,9 @@ flags.DEFINE_list('autoattack_eps', None, 'AutoAttack radii; default: the '
                   'first --eval_eps')
 flags.DEFINE_integer('autoattack_examples', 1000, 'test points for AutoAttack')
 flags.DEFINE_enum('autoattack_version', 'standard',
-                  list(evaluation.VERSIONS), 'AutoAttack version; apgd: '
+                  list(auto_attack.VERSIONS), 'AutoAttack version; apgd: '
                   'APGD-CE + APGD-T only')
-flags.DEFINE_enum('aa_backend', None, list(evaluation.BACKENDS),
+flags.DEFINE_enum('aa_backend', None, list(auto_attack.BACKENDS),
                   'AutoAttack backend; default: jax for apgd, else torch')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
                     '(multi-host)')

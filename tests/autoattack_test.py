@@ -1,4 +1,4 @@
-"""evaluation.autoattack: the JAX backend against the reference, devices, stops."""
+"""auto_attack.evaluate: the JAX backend against the reference, devices, stops."""
 
 import logging
 
@@ -8,9 +8,9 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
+from uta_jax import auto_attack
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import steps
 
@@ -32,7 +32,7 @@ class JaxAutoAttackTest(absltest.TestCase):
   def autoattack(self, **kwargs):
     args = dict(eps=0.1, version='apgd', batch_size=128)
     args.update(kwargs)
-    return evaluation.autoattack(self.model, self.variables, self.ds.test,
+    return auto_attack.evaluate(self.model, self.variables, self.ds.test,
                                  **args)
 
   @pytest.mark.slow
@@ -56,7 +56,7 @@ class JaxAutoAttackTest(absltest.TestCase):
     self.assertGreaterEqual(same, 0.98)
 
   def test_logs_autoattack_lines_naming_the_backend(self):
-    with self.assertLogs(evaluation.AUTOATTACK_LOGGER, logging.DEBUG) as logs:
+    with self.assertLogs(auto_attack.LOGGER, logging.DEBUG) as logs:
       report = self.autoattack(backend='jax')
     text = '\n'.join(logs.output)
     self.assertIn('JAX backend', text)
@@ -93,8 +93,8 @@ class JaxAutoAttackTest(absltest.TestCase):
       self.autoattack(backend='tf')
     with self.assertRaisesRegex(ValueError, r'outside \(0, 1\]'):
       self.autoattack(eps=1.5)
-    self.assertEqual(evaluation.default_backend('apgd'), 'jax')
-    self.assertEqual(evaluation.default_backend('standard'), 'torch')
+    self.assertEqual(auto_attack.default_backend('apgd'), 'jax')
+    self.assertEqual(auto_attack.default_backend('standard'), 'torch')
 
 
 if __name__ == '__main__':

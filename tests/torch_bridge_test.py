@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uta_jax import auto_attack
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import models
 from uta_jax import steps
 from uta_jax import torch_bridge
@@ -156,7 +156,7 @@ class AutoAttackDeviceTest(absltest.TestCase):
     device = torch.device('cpu')  # a distinct object: passed, not a default
     with mock.patch.object(aa, 'AutoAttack', wraps=aa.AutoAttack) as spy, \
         mock.patch.object(torch_bridge, 'torch_device', return_value=device):
-      evaluation.autoattack(model, variables, data.Split(
+      auto_attack.evaluate(model, variables, data.Split(
           ds.test.images[:4], ds.test.labels[:4]), eps=0.1, version='apgd',
                             backend='torch')
     self.assertIs(spy.call_args.kwargs['device'], device)

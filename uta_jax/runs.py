@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import jax
 
+from uta_jax import auto_attack
 from uta_jax import checkpointing
 from uta_jax import classifier
 from uta_jax import configs
@@ -150,7 +151,7 @@ def _evaluate_workdir(workdir, run, *, version, backend, eps, num_examples,
                      ) -> Dict[str, Any]:
   config, model, variables, step = run[:4]
   eps = tuple(config.eval.eps if eps is None else eps)
-  backend = backend or evaluation.default_backend(version)
+  backend = backend or auto_attack.default_backend(version)
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
                               max_eval_examples=num_examples,
                               seed=config.seed)
@@ -168,7 +169,7 @@ def _evaluate_workdir(workdir, run, *, version, backend, eps, num_examples,
       continue
     log.info('AutoAttack (%s, %s backend) at eps=%s on %d test points',
              version, backend, reporting.format_eps(e), len(dataset.test))
-    result = evaluation.autoattack(
+    result = auto_attack.evaluate(
         model, variables, dataset.test, eps=e, ensemble=classifier.is_ensemble(
             config), version=version, backend=backend, batch_size=batch_size,
         seed=seed, stop_requested=stop_requested)

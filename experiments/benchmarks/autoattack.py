@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from uta_jax import auto_attack
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -54,7 +55,7 @@ def run(torch, opts) -> list:
     robust = {}
 
     def run_jax(label, devs):
-      report = evaluation.autoattack(
+      report = auto_attack.evaluate(
           model, variables, ds.test, eps=opts.aa_eps, version='apgd',
           backend='jax', devices=devs, batch_size=opts.aa_batch_size)
       robust[label] = report['robust_accuracy']
@@ -62,7 +63,7 @@ def run(torch, opts) -> list:
     def run_torch(label, impl, threads):
       torch.set_num_threads(threads)
       try:
-        x_adv, _ = evaluation.reference_autoattack(
+        x_adv, _ = auto_attack.reference_autoattack(
             modules[impl], x, y, eps=opts.aa_eps, version='apgd',
             batch_size=opts.aa_batch_size)
         with torch.no_grad():
