@@ -43,6 +43,7 @@ import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
 from uta_jax import attacks
 from uta_jax import classifier
+from uta_jax import config_json
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import reporting
@@ -439,7 +440,7 @@ def run(out: str):
   ratios = cli.parse_floats(FLAGS.ratios, 'ratios') or list(RATIOS)
   runs = os.path.join(out, 'runs')
   base = dict(setting, seeds=None, eps=FLAGS.eps, alpha=FLAGS.alpha,
-              config=configs.to_json(toy_config(0)))
+              config=config_json.to_json(toy_config(0)))
   per_seed, geometry, seconds, shown = [], [], 0.0, None
   for seed in seeds:
     result, took = sweep.cached(

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 
+from uta_jax import config_json
 from uta_jax import configs
 from uta_jax import loop
 from uta_jax import runs
@@ -77,7 +78,7 @@ class MainJobTest(absltest.TestCase):
                                (robust + results['clean_accuracy']) / 2)
     self.assertGreater(results['clean_accuracy'], 50)  # it learned
     self.assertEqual(results['timings']['devices'], 4)
-    saved = configs.from_json(
+    saved = config_json.from_json(
         open(os.path.join(workdir, 'config.json')).read())
     self.assertEqual(saved.attack.eps_train, 0.1)
     lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()

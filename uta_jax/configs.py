@@ -8,8 +8,7 @@ Settings are named by their path in the schema, ``'attack.eps_train'`` or
 
 ``get_config(dataset, overrides)`` returns the paper's setting for a dataset
 (App. B and §5) with ``{path: value}`` overrides applied, validated.
-``to_json`` / ``from_json`` round-trip it (``from_json`` also reads the
-config.json of runs written before the model section existed).
+``config_json`` writes and reads it (a run's config.json).
 
 Presets (K = attack steps):
 
@@ -26,10 +25,9 @@ Presets (K = attack steps):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
 from uta_jax import data
 from uta_jax import errors
@@ -380,80 +378,3 @@ def validate(config: Config) -> None:
                'eval.batch_size', 'epochs', 'batch_size', 'checkpoint_every',
                'log_every'):
     _at_least(path, get(config, path), 1)
-
-
-# Settings that may change between a run and its resumption.
-RESUMABLE_CHANGES = ('data_dir', 'epochs', 'checkpoint_every', 'eval_every',
-                     'eval_every_steps',
-                     'log_every', 'eval', 'max_eval_examples')
-
-
-def incompatibilities(saved: Config, current: Config) -> list:
-  """Paths of the settings that differ and would make resuming ``saved``
-  wrong."""
-  return [s.path for s in settings()
-          if s.path.split('.')[0] not in RESUMABLE_CHANGES and
-          get(saved, s.path) != get(current, s.path)]
-
-
-def to_dict(config: Config) -> Dict[str, Any]:
-  """The config as JSON-ready nested dicts (tuples as lists)."""
-  return json.loads(to_json(config))
-
-
-def to_json(config: Config) -> str:
-  return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
-
-
-def _build(cls, values: dict):
-  kwargs = {}
-  for f in dataclasses.fields(cls):
-    if f.name not in values:
-      continue
-    value = values[f.name]
-    if dataclasses.is_dataclass(f.default):
-      value = _build(type(f.default), value)
-    elif isinstance(value, list):
-      value = tuple(value)
-    kwargs[f.name] = value
-  return cls(**kwargs)
-
-
-def _upgrade(values: dict) -> dict:
-  """A config.json written before the model section (model, dropout_rate at
-  the top, attack.eps, an ensemble's members in attack.num_samples), in the
-  current schema; newer ones unchanged."""
-  if not isinstance(values.get('model'), str):
-    return values
-  values = dict(values)
-  attack = dict(values.get('attack', {}))
-  if 'eps' in attack:
-    attack['eps_train'] = attack.pop('eps')
-  members = 1
-  if attack.get('uncertainty') == 'ensemble':
-    members, attack['num_samples'] = attack.get('num_samples', 1), 1
-  values['attack'] = attack
-  values['model'] = {'name': values['model'],
-                     'dropout_rate': values.pop('dropout_rate', 0.0),
-                     'ensemble_size': members}
-  return values
-
-
-def from_dict(values: Mapping[str, Any]) -> Config:
-  """Inverse of ``to_dict`` (older layouts upgraded); raises
-  ``ConfigError`` on malformed input."""
-  try:
-    return _build(Config, _upgrade(dict(values)))
-  except (ValueError, TypeError, AttributeError) as e:
-    raise ConfigError(f'malformed config: {e}') from e
-
-
-def from_json(text: str) -> Config:
-  """Inverse of ``to_json``; raises ``ConfigError`` on malformed input."""
-  try:
-    values = json.loads(text)
-  except ValueError as e:
-    raise ConfigError(f'malformed config JSON: {e}') from e
-  if not isinstance(values, dict):
-    raise ConfigError('malformed config JSON: not an object')
-  return from_dict(values)

@@ -30,6 +30,7 @@ import jax
 
 from uta_jax import checkpointing
 from uta_jax import classifier
+from uta_jax import config_json
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import evaluation
@@ -242,7 +243,7 @@ def _report(run: training.Run, model, dataset, stop_requested, *,
   return runs.update_results(
       workdir, replace=True,
       status='finished',
-      config=configs.to_dict(config),
+      config=config_json.to_dict(config),
       dataset_source=dataset.source,
       steps=step,
       evaluation=results_eval,

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uta_jax import classifier
+from uta_jax import config_json
 from uta_jax import configs
 from uta_jax import errors
 from uta_jax import steps
@@ -65,7 +66,7 @@ def program_key(config: configs.Config, *, mix_num_steps: bool = True
       config, attack=dataclasses.replace(attack, **blank),
       # the 2D toy's data are drawn from the seed: one program per seed
       seed=config.seed if config.dataset == 'toy2d' else 0)
-  return configs.to_json(key)
+  return config_json.to_json(key)
 
 
 def group(run_configs: Sequence[configs.Config], *,

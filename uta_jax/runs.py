@@ -20,6 +20,7 @@ import jax
 from uta_jax import auto_attack
 from uta_jax import checkpointing
 from uta_jax import classifier
+from uta_jax import config_json
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import errors
@@ -53,24 +54,24 @@ def prepare_workdir(config: configs.Config, workdir: str) -> None:
   if os.path.exists(path):
     try:
       with open(path) as f:
-        saved = configs.from_json(f.read())
+        saved = config_json.from_json(f.read())
     except (OSError, configs.ConfigError) as e:
       raise RunError(f'{path} is unreadable ({e}); delete it or use a new '
                      '--workdir') from e
-    diff = configs.incompatibilities(saved, config)
+    diff = config_json.incompatibilities(saved, config)
     if diff:
       raise RunError(
           f'workdir {workdir!r} holds a run with other settings ({", ".join(diff)}'
           '): rerun with the same flags to resume, or use a new --workdir')
   if jax.process_index() == 0:
-    reporting.write_json(path, configs.to_dict(config))
+    reporting.write_json(path, config_json.to_dict(config))
 
 
 def stored_config(results: Dict[str, Any]) -> Optional[configs.Config]:
   """The config a ``results.json`` was written for (older layouts
   upgraded), or None when it holds none or an unreadable one."""
   try:
-    return configs.from_dict(results['config'])
+    return config_json.from_dict(results['config'])
   except (KeyError, configs.ConfigError):
     return None
 
@@ -95,7 +96,7 @@ def load_run(workdir: str) -> Run:
                         f'with experiments/train.py --workdir={workdir}')
   try:
     with open(path) as f:
-      config = configs.from_json(f.read())
+      config = config_json.from_json(f.read())
   except (OSError, configs.ConfigError) as e:
     raise RunError(f'{path} is unreadable ({e})') from e
   model = classifier.create_model(config)
