@@ -19,7 +19,8 @@ Geometry sweep (not in the paper, which fixes one geometry): the near
 region's gap as a multiple of eps (``--ratios``) and the cluster shape
 (uniform strips as in the paper, Gaussian blobs). Per cell and seed: the
 crossing fraction of 20-step PGD and single-model UTA on a clean model, the
-clean accuracy per region after PGD-AT and UTA-AT, and their oscillations.
+clean accuracy per region after PGD-AT and UTA-AT, and their oscillations
+(``toy2d_geometry``: its datasets, table and heat maps).
 
 Every seed's (and cell's) result is stored under ``<output_dir>/runs`` and
 reused by reruns with the same settings. ``verdicts`` tests the paper's toy
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+import toy2d_geometry  # pylint: disable=g-import-not-at-top
 from uta_jax import attacks
 from uta_jax import classifier
 from uta_jax import config_json
@@ -58,13 +60,10 @@ PRESETS = {
     'paper': dict(seeds=(0, 1, 2, 3, 4), resolution=250, ensemble_size=10,
                   attack_points=512),
 }
-# Near-region gap / eps of the geometry sweep: below 2 the near classes are
-# closer than 2 eps, so an eps-ball around a point reaches past the middle.
-RATIOS = (0.4, 0.6, 1.0, 2.0, 3.0)
-GEOMETRY_RESOLUTION = 60  # grid of the oscillation count in the sweep
 CROSSING_STEPS = (1, 20)
 # Clean accuracy within this many points of standard training counts as kept.
 KEPT_POINTS = 2.0
+_values = reporting.values_at
 
 flags.DEFINE_float('eps', 0.5, 'attack and training radius (violates AT-Asm '
                    'on the left, where the classes are 0.3 apart)')
@@ -72,7 +71,7 @@ flags.DEFINE_float('alpha', 0.05, 'attack step size')
 flags.DEFINE_integer('train_steps', 15, 'attack steps k during training')
 flags.DEFINE_bool('geometry', True, 'also sweep the toy\'s geometry')
 flags.DEFINE_list('ratios', None, 'near gap / eps of the geometry sweep; '
-                  f'default {",".join(map(str, RATIOS))}')
+                  f'default {",".join(map(str, toy2d_geometry.RATIOS))}')
 FLAGS = flags.FLAGS
 
 
@@ -86,16 +85,6 @@ def toy_config(seed: int, **preset_flags) -> configs.Config:
 
 def num_updates(config: configs.Config, split: data.Split) -> int:
   return config.epochs * data.steps_per_epoch(len(split), config.batch_size)
-
-
-def geometry_dataset(shape: str, ratio: float, seed: int) -> data.Dataset:
-  """The toy with the near gap ``ratio * eps`` and clusters of ``shape``."""
-  make = functools.partial(toy.make_toy2d, near_gap=ratio * FLAGS.eps,
-                           shape=shape)
-  return data.Dataset(
-      'toy2d', data.Split(*make(data.TOY_TRAIN_SIZE, seed=seed)),
-      data.Split(*make(data.TOY_TEST_SIZE, seed=seed + 1)),
-      data.NUM_CLASSES['toy2d'], f'toy2d {shape}, near gap {ratio:g} eps')
 
 
 def attack_panels(ds, setting: dict, seed: int, *, ensemble: bool = True,
@@ -203,21 +192,13 @@ def paper_seed(setting: dict, seed: int) -> dict:
 
 
 def geometry_cell(setting: dict, shape: str, ratio: float, seed: int) -> dict:
-  ds = geometry_dataset(shape, ratio, seed)
+  ds = toy2d_geometry.dataset(shape, ratio, seed, eps=FLAGS.eps)
   return summary({'seed': seed, 'shape': shape, 'ratio': ratio,
                   'near_gap': ratio * FLAGS.eps,
                   'attack': attack_panels(ds, setting, seed, ensemble=False,
                                           figure_data=False),
-                  'training': train_panels(ds, GEOMETRY_RESOLUTION, seed)})
-
-
-def _values(rows: list, *path) -> list:
-  out = []
-  for row in rows:
-    for key in path:
-      row = row[key]
-    out.append(row)
-  return out
+                  'training': train_panels(ds, toy2d_geometry.RESOLUTION,
+                                              seed)})
 
 
 def verdicts(per_seed: list) -> list:
@@ -301,52 +282,7 @@ def markdown(payload: dict) -> str:
                ['training', 'clean test accuracy (%)', 'near region',
                 'far region', 'mean prediction changes per grid point',
                 'max', 'updates'], rows))
-  return part1 + part2 + geometry_markdown(payload)
-
-
-def geometry_markdown(payload: dict) -> str:
-  """The geometry sweep's table and where UTA-AT keeps clean accuracy."""
-  cells = payload.get('geometry')
-  if not cells:
-    return ''
-  ms = reporting.format_mean_std
-  rows, kept = [], []
-  for (shape, ratio), rs in reporting.group_rows(cells, 'shape',
-                                                 'ratio').items():
-    near = lambda m: _values(rs, 'training', m, 'region_accuracy', 'near')
-    standard = _values(rs, 'attack', 'region_accuracy_fixed', 'near')
-    keeps = {m: reporting.mean_std(near(m))['mean'] >=
-                reporting.mean_std(standard)['mean'] - KEPT_POINTS
-             for m in ('pgd', 'uta')}
-    kept.append((shape, ratio, keeps))
-    rows.append([
-        shape, f'{ratio:g}',
-        ms([100 * c for c in _values(rs, 'attack', 'crossing', 'pgd_20')]),
-        ms([100 * c for c in _values(rs, 'attack', 'crossing',
-                                     'uta_single_20')]),
-        ms(standard), ms(near('pgd')), ms(near('uta')),
-        ms(_values(rs, 'training', 'pgd', 'region_accuracy', 'far')),
-        ms(_values(rs, 'training', 'uta', 'region_accuracy', 'far')),
-        ms(_values(rs, 'training', 'pgd', 'mean_oscillations'), 2),
-        ms(_values(rs, 'training', 'uta', 'mean_oscillations'), 2),
-        '/'.join('yes' if keeps[m] else 'no' for m in ('pgd', 'uta')),
-        len(rs)])
-  table = reporting.markdown_table(
-      ['shape', 'near gap / eps', 'crossing PGD-20 (%)', 'crossing UTA-20',
-       'near clean: standard', 'near: PGD-AT', 'near: UTA-AT',
-       'far: PGD-AT', 'far: UTA-AT', 'oscillations PGD-AT', 'UTA-AT',
-       'near kept PGD/UTA', 'seeds'], rows)
-  where = lambda m, ok: ', '.join(f'{s} {r:g}' for s, r, k in kept
-                                  if k[m] == ok) or 'none'
-  return (f"\n### Geometry sweep (beyond the paper): eps {payload['eps']:g}, "
-          'near gap = ratio x eps, far gap 3.0; single-model attacks; mean ± '
-          'std over seeds\n\n' + table +
-          f'\n"Kept" = near-region clean accuracy within {KEPT_POINTS:g} '
-          'points of standard training (seed means).\n\n'
-          f"- UTA-AT keeps it at (shape ratio): {where('uta', True)}; "
-          f"not at: {where('uta', False)}.\n"
-          f"- PGD-AT keeps it at: {where('pgd', True)}; not at: "
-          f"{where('pgd', False)}.\n")
+  return part1 + part2 + toy2d_geometry.markdown(payload, KEPT_POINTS)
 
 
 def figure(payload: dict, shown: dict):
@@ -396,48 +332,12 @@ def figure(payload: dict, shown: dict):
   return fig
 
 
-def geometry_figure(payload: dict):
-  """Heat maps over (shape, near gap / eps), seed means: crossing, near
-  region clean accuracy and oscillations, PGD beside UTA."""
-  plt = sweep.pyplot()
-  cells = reporting.group_rows(payload['geometry'], 'shape', 'ratio')
-  shapes = list(dict.fromkeys(s for s, _ in cells))
-  ratios = list(dict.fromkeys(r for _, r in cells))
-  panels = (('crossing, 20 steps (%)', lambda rs, m: 100 * np.mean(_values(
-                rs, 'attack', 'crossing', f'{m}_20')), ('pgd', 'uta_single')),
-            ('near-region clean accuracy (%)', lambda rs, m: np.mean(_values(
-                rs, 'training', m, 'region_accuracy', 'near')),
-             ('pgd', 'uta')),
-            ('mean prediction changes', lambda rs, m: np.mean(_values(
-                rs, 'training', m, 'mean_oscillations')), ('pgd', 'uta')))
-  fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.2 * len(panels)),
-                           squeeze=False)
-  for row, (title, value, methods) in enumerate(panels):
-    maps = [np.array([[value(cells[(s, r)], m) if (s, r) in cells else np.nan
-                       for r in ratios] for s in shapes]) for m in methods]
-    lo, hi = np.nanmin(maps), np.nanmax(maps)
-    for col, (m, grid) in enumerate(zip(methods, maps)):
-      ax = axes[row, col]
-      shown = ax.imshow(grid, cmap='viridis', vmin=lo, vmax=hi,
-                        aspect='auto')
-      for i in range(len(shapes)):
-        for j in range(len(ratios)):
-          ax.text(j, i, f'{grid[i, j]:.1f}', ha='center', va='center',
-                  color='w', fontsize=8)
-      ax.set(xticks=range(len(ratios)), xticklabels=[f'{r:g}' for r in ratios],
-             yticks=range(len(shapes)), yticklabels=shapes,
-             xlabel='near gap / eps',
-             title=f"{m.split('_')[0].upper()}{'-AT' if row else ''}: {title}")
-      fig.colorbar(shown, ax=ax)
-  fig.tight_layout()
-  return fig
-
-
 def run(out: str):
   """The paper's setting per seed, then the geometry sweep; the payload."""
   setting = sweep.preset(PRESETS)
   seeds = sweep.seeds(setting['seeds'])
-  ratios = cli.parse_floats(FLAGS.ratios, 'ratios') or list(RATIOS)
+  ratios = cli.parse_floats(FLAGS.ratios, 'ratios') or list(
+      toy2d_geometry.RATIOS)
   runs = os.path.join(out, 'runs')
   base = dict(setting, seeds=None, eps=FLAGS.eps, alpha=FLAGS.alpha,
               config=config_json.to_json(toy_config(0)))
@@ -466,7 +366,7 @@ def run(out: str):
              'verdicts': verdicts(per_seed), 'compute_seconds': seconds}
   figures = {'toy2d': figure(payload, shown)}
   if geometry:
-    figures['toy2d_geometry'] = geometry_figure(payload)
+    figures['toy2d_geometry'] = toy2d_geometry.figure(payload)
   return payload, figures
 
 

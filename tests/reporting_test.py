@@ -80,6 +80,13 @@ class ReportingTest(absltest.TestCase):
     self.assertEqual(list(groups), [('pgd', 0.1), ('uta', 0.1)])
     self.assertEqual([r['seed'] for r in groups[('pgd', 0.1)]], [0, 1])
 
+  def test_values_at_reads_one_nested_column(self):
+    rows = [{'a': {'b': [1, 2]}}, {'a': {'b': [3, 4]}}]
+    self.assertEqual(reporting.values_at(rows, 'a', 'b', 1), [2, 4])
+    self.assertEqual(reporting.values_at(rows), rows)
+    with self.assertRaises(KeyError):
+      reporting.values_at(rows, 'c')
+
   def test_verdict_and_its_table(self):
     v = reporting.verdict('c', 'r', 0 > 1, 'e')
     self.assertEqual(v, {'claim': 'c', 'rule': 'r', 'holds': False,

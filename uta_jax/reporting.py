@@ -260,6 +260,16 @@ def markdown_table(header: List[str], rows: Iterable[List[Any]]) -> str:
 # ------------------------------------------------- seeds and verdicts
 
 
+def values_at(rows: Iterable[Any], *path: Any) -> List[Any]:
+  """``row[path[0]][path[1]]...`` of each row (a column of nested rows)."""
+  out = []
+  for row in rows:
+    for key in path:
+      row = row[key]
+    out.append(row)
+  return out
+
+
 def mean_std(values: Iterable[float]) -> Dict[str, float]:
   """Mean, sample standard deviation (0 for one value) and count."""
   values = [float(v) for v in values]
