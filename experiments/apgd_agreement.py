@@ -120,13 +120,14 @@ def main(argv):
     torch_bridge.require_torch().set_num_threads(1)
     rows = []
     seeds = sweep.seeds((0,))
-    for seed in seeds:
-      for name, (dataset, overrides) in MODELS.items():
-        config = sweep.config(dataset, overrides, seed)
-        workdir = sweep.seed_dir(os.path.join(out, 'runs', name), seed)
-        sweep.train(config, workdir)
-        rows += [dict(r, seed=seed)
-                 for r in compare(name, workdir, eps_values)]
+    cells = [(seed, name, sweep.config(dataset, overrides, seed),
+              sweep.seed_dir(os.path.join(out, 'runs', name), seed))
+             for seed in seeds
+             for name, (dataset, overrides) in MODELS.items()]
+    sweep.train_all([(config, workdir) for _, _, config, workdir in cells])
+    for seed, name, _, workdir in cells:
+      rows += [dict(r, seed=seed)
+               for r in compare(name, workdir, eps_values)]
   except sweep.USER_ERRORS as e:
     cli.fail(config_flags.message(e))
   sweep.write_outputs(out, 'apgd_agreement', markdown=markdown,

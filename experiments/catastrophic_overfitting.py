@@ -94,40 +94,45 @@ config_flags.define(['eval_every_steps'])
 FLAGS = flags.FLAGS
 
 
-def run_setting(name: str, preset: dict, out: str, seed: int) -> list:
+def setting_runs(name: str, preset: dict, out: str, seed: int) -> list:
+  """(setting, method, seed, config, workdir) of each method of a setting."""
   dataset, shared, methods = SETTINGS[name]
-  rows = []
+  cells = []
   for method in sweep.methods(methods, methods):
-    method_overrides = methods[method]
-    values = dict(preset, **shared, **method_overrides)
+    values = dict(preset, **shared, **methods[method])
     if FLAGS.eval_every_steps:
       values['eval_every_steps'] = FLAGS.eval_every_steps
-    config = sweep.config(dataset, values, seed)
-    workdir = sweep.seed_dir(os.path.join(out, 'runs', name, method), seed)
-    results = sweep.train(config, workdir)
-    curve = [r for r in reporting.read_metrics(
-        os.path.join(workdir, reporting.METRICS)) if r.get('kind') == 'eval']
-    steps = [r['step'] for r in curve]
-    pgd = [r['pgd_accuracy'] for r in curve]
-    best = max(range(len(pgd)), key=pgd.__getitem__)
-    rows.append({
-        'setting': name, 'method': method, 'seed': seed,
-        'eps': config.eval.eps[0], 'epochs': config.epochs,
-        'steps': steps,
-        'clean': [r['clean_accuracy'] for r in curve],
-        'fgsm': [r['fgsm_accuracy'] for r in curve],
-        'pgd': pgd,
-        'best_pgd': pgd[best], 'best_pgd_step': steps[best],
-        'lowest_pgd_after_best': min(pgd[best:]),
-        'final': {'clean': results['clean_accuracy'],
-                  'fgsm': curve[-1]['fgsm_accuracy'],
-                  'pgd': curve[-1]['pgd_accuracy']},
-        'collapse_step': evaluation.collapse_step(steps, pgd),
-        'eval_examples': results['evaluation']['num_examples'],
-        'train_seconds': results['timings'].get('wall_seconds'),
-        'workdir': workdir,
-    })
-  return rows
+    cells.append((name, method, seed, sweep.config(dataset, values, seed),
+                  sweep.seed_dir(os.path.join(out, 'runs', name, method),
+                                 seed)))
+  return cells
+
+
+def curve_row(name: str, method: str, seed: int, config, workdir: str,
+              results: dict) -> dict:
+  """A trained run's evaluation curve (its metrics.jsonl) as a row."""
+  curve = [r for r in reporting.read_metrics(
+      os.path.join(workdir, reporting.METRICS)) if r.get('kind') == 'eval']
+  steps = [r['step'] for r in curve]
+  pgd = [r['pgd_accuracy'] for r in curve]
+  best = max(range(len(pgd)), key=pgd.__getitem__)
+  return {
+      'setting': name, 'method': method, 'seed': seed,
+      'eps': config.eval.eps[0], 'epochs': config.epochs,
+      'steps': steps,
+      'clean': [r['clean_accuracy'] for r in curve],
+      'fgsm': [r['fgsm_accuracy'] for r in curve],
+      'pgd': pgd,
+      'best_pgd': pgd[best], 'best_pgd_step': steps[best],
+      'lowest_pgd_after_best': min(pgd[best:]),
+      'final': {'clean': results['clean_accuracy'],
+                'fgsm': curve[-1]['fgsm_accuracy'],
+                'pgd': curve[-1]['pgd_accuracy']},
+      'collapse_step': evaluation.collapse_step(steps, pgd),
+      'eval_examples': results['evaluation']['num_examples'],
+      'train_seconds': results['timings'].get('wall_seconds'),
+      'workdir': workdir,
+  }
 
 
 def verdicts(rows: list) -> list:
@@ -220,12 +225,14 @@ def run(out: str):
     if name not in SETTINGS:
       cli.fail(f'unknown setting {name!r}; choose from {list(SETTINGS)}')
   seeds = sweep.seeds(preset['seeds'])
-  rows = []
+  cells = []
   for seed in seeds:
     for name in names:
       setting = (preset['settings'].get(name) or
                  PRESETS['paper']['settings'][name])
-      rows += run_setting(name, setting, out, seed)
+      cells += setting_runs(name, setting, out, seed)
+  trained = sweep.train_all([(c[3], c[4]) for c in cells])  # together
+  rows = [curve_row(*cell, results) for cell, results in zip(cells, trained)]
   payload = {'seeds': seeds, 'rows': rows,
              'verdicts': [v for name in names for v in verdicts(
                  [r for r in rows if r['setting'] == name])],

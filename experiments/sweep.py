@@ -209,11 +209,6 @@ def aa_version() -> str:
   return 'apgd' if FLAGS.preset == 'quick' else 'standard'
 
 
-def train(config: configs.Config, workdir: str) -> Dict[str, Any]:
-  """The finished run's ``results.json``: reused, resumed or trained."""
-  return train_all([(config, workdir)])[0]
-
-
 def train_all(runs_: Sequence[Tuple[configs.Config, str]]
              ) -> List[Dict[str, Any]]:
   """Each (config, workdir)'s finished ``results.json``: a finished run of

@@ -137,12 +137,11 @@ def run(out: str):
       cli.fail('--workdir names one trained run; drop --seeds')
     workdirs = [FLAGS.workdir]
   else:
-    workdirs = []
-    for seed in sweep.seeds(preset['seeds']):
-      workdirs.append(sweep.seed_dir(os.path.join(out, 'runs', 'clean'),
-                                     seed))
-      sweep.train(sweep.config(preset['dataset'], preset['config'], seed),
-                  workdirs[-1])
+    seeds = sweep.seeds(preset['seeds'])
+    workdirs = [sweep.seed_dir(os.path.join(out, 'runs', 'clean'), seed)
+                for seed in seeds]
+    sweep.train_all([(sweep.config(preset['dataset'], preset['config'], seed),
+                      workdir) for seed, workdir in zip(seeds, workdirs)])
   for workdir in workdirs:
     images, row = attack_seed(workdir)
     rows.append(row)

@@ -155,17 +155,23 @@ class PaperScriptsTest(absltest.TestCase):
   def test_visual_appearance_grid(self):
     out = self.create_tempdir().full_path
     proc = run_script('visual_appearance', '--max_train_examples=256',
-                      '--epochs=1', '--max_eval_examples=32', '--seeds=0',
+                      '--epochs=1', '--max_eval_examples=32', '--seeds=0,1',
                       '--attack_steps=50', f'--output_dir={out}')
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     result = self.outputs(out, 'visual_appearance')
-    (row,) = result['rows']
+    row, _ = result['rows']
+    self.assertEqual(result['seeds'], [0, 1])
+    for seed in (0, 1):  # the seeds trained as one program of two runs
+      results = json.load(open(os.path.join(
+          out, 'runs', 'clean', f'seed{seed}', 'results.json')))
+      self.assertEqual(results['timings']['runs_in_program'], 2)
     self.assertEqual(row['labels'], list(range(10)))
     for name in ('uta', 'pgd'):
       self.assertLen(row[name]['predictions'], 10)
       self.assertBetween(row[name]['mean_linf'], 0.0, 50 * 0.001 + 1e-6)
     (v,) = result['verdicts']
-    self.assertEqual(v['holds'], row['uta']['mean_l2'] < row['pgd']['mean_l2'])
+    self.assertEqual(v['holds'], all(r['uta']['mean_l2'] < r['pgd']['mean_l2']
+                                     for r in result['rows']))
 
   def test_bad_flags_give_one_line_errors(self):
     out = self.create_tempdir().full_path
