@@ -198,6 +198,34 @@ class PmapTest(chex.TestCase):
         state, _ = step(state, batch)
     np.testing.assert_array_equal(parallel.unreplicate(state)['n'], 3)
 
+  def test_shapes_compile_the_step_that_runs_on_the_real_inputs(self):
+    # Program sizing compiles from shapes (nothing on a device); the
+    # compiled step must accept the replicated state and the run-axis batch.
+    def step(state, batch):
+      return {'n': state['n'] + batch.sum(),
+              'key': jax.vmap(jax.random.fold_in, (0, None))(state['key'], 1)
+             }, batch.mean()
+
+    state = {'n': np.zeros((2, 3), np.float32),  # [R, 3]
+             'key': jax.random.split(jax.random.key(0), 2)}
+    batch = np.ones((2, 8, 5), np.float32)  # [R, B, 5]
+    p_state = parallel.replicate(state)
+    p_batch = parallel.device_batch(batch, axis=1)  # [4, R, 2, 5]
+    shapes = (parallel.replicated_shapes(state),
+              parallel.device_batch_shapes(batch, axis=1))
+    for real, shape in zip(jax.tree_util.tree_leaves((p_state, p_batch)),
+                           jax.tree_util.tree_leaves(shapes)):
+      self.assertEqual((real.shape, real.dtype), (shape.shape, shape.dtype))
+      self.assertTrue(real.sharding.is_equivalent_to(shape.sharding,
+                                                     real.ndim))
+    compiled = parallel.pmap_train_step(step).lower(*shapes).compile()
+    out, mean = compiled(p_state, p_batch)
+    # each device's shard: [R, 2, 5] ones
+    np.testing.assert_array_equal(parallel.unreplicate(out)['n'], 20.0)
+    np.testing.assert_array_equal(mean, 1.0)
+    with self.assertRaisesRegex(parallel.ParallelError, 'does not divide'):
+      parallel.device_batch_shapes(np.ones((2, 6, 5)), axis=1)
+
 
 class StepTest(chex.TestCase):
 

@@ -142,6 +142,34 @@ def replicate(tree: Any, devices: Optional[Sequence[Any]] = None) -> Any:
       tree)
 
 
+def replicated_shapes(tree: Any) -> Any:
+  """The ``jax.ShapeDtypeStruct`` of each leaf of ``replicate(tree)`` on the
+  local devices, sharded alike, without placing anything on a device."""
+  devices = jax.local_devices()
+  sharding = _device_axis_sharding(devices)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((len(devices),) + jnp.shape(x),
+                                     x.dtype, sharding=sharding), tree)
+
+
+def device_batch_shapes(host_batch: Any, *, axis: int = 0) -> Any:
+  """The ``jax.ShapeDtypeStruct`` of each leaf of ``device_batch``, without
+  placing anything on a device (shapes only: ``host_batch`` may hold them)."""
+  n = jax.local_device_count()
+  sharding = _device_axis_sharding(jax.local_devices())
+
+  def split(x):
+    shape = tuple(jnp.shape(x))
+    if shape[axis] % n:
+      raise ParallelError(f'host batch of {shape[axis]} does not divide '
+                          f'over {n} local devices')
+    return jax.ShapeDtypeStruct(
+        (n,) + shape[:axis] + (shape[axis] // n,) + shape[axis + 1:],
+        x.dtype, sharding=sharding)
+
+  return jax.tree_util.tree_map(split, host_batch)
+
+
 def unreplicate(tree: Any) -> Any:
   """The first device's copy, fetched to host NumPy arrays."""
   return jax.device_get(flax.jax_utils.unreplicate(tree))

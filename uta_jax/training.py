@@ -111,17 +111,35 @@ class Program:
         global_batch(self.dataset.train, step, r.config) for r in chunk]),
                                  axis=1)
 
-  def _step_fn(self, chunk, p_states, p_runs):
-    """The step compiled for ``len(chunk)`` runs (its memory is known).
-    Several hosts: the pmapped step itself (an ahead-of-time compiled pmap
-    expects the global shapes there)."""
+  def _input_shapes(self, chunk: List[Run]):
+    """The step's (states, batch, runs) for ``chunk`` as shapes: nothing is
+    placed on a device, so sizing a program that does not fit cannot run
+    the device out of memory."""
+    num, first = len(chunk), chunk[0]
+
+    def runs_of(x):  # [R, ...] for R runs like ``first``
+      return jax.ShapeDtypeStruct((num,) + np.shape(x), x.dtype)
+
+    states = jax.tree_util.tree_map(runs_of, first.state)
+    batch = jax.tree_util.tree_map(runs_of, global_batch(
+        self.dataset.train, first.step, first.config))
+    runs = jax.tree_util.tree_map(runs_of, jax.device_get(
+        steps.RunAttack.of(first.config.attack)))
+    return (parallel.replicated_shapes(states),
+            parallel.device_batch_shapes(batch, axis=1),
+            parallel.replicated_shapes(runs))
+
+  def _step_fn(self, chunk: List[Run]):
+    """The step compiled ahead of time for ``len(chunk)`` runs (its memory
+    is known). Several hosts: the pmapped step itself (an ahead-of-time
+    compiled pmap expects the global shapes there)."""
     if jax.process_count() > 1:
       return self._p_step
     num = len(chunk)
     if num not in self._compiled:
       start = time.time()
       self._compiled[num] = self._p_step.lower(
-          p_states, self._batch(chunk, chunk[0].step), p_runs).compile()
+          *self._input_shapes(chunk)).compile()
       self.compile_seconds += time.time() - start
     return self._compiled[num]
 
@@ -131,13 +149,9 @@ class Program:
     if jax.process_count() > 1:
       return len(group)  # no memory analysis of a multi-host pmap here
     limit = limit_bytes or programs.device_memory_bytes(jax.local_devices()[0])
-
-    def bytes_of(num):
-      chunk = group[:num]
-      return programs.compiled_bytes(self._step_fn(chunk, *self._inputs(
-          chunk)))
-
-    size = programs.runs_that_fit(bytes_of, len(group), limit_bytes=limit)
+    size = programs.runs_that_fit(
+        lambda num: programs.compiled_bytes(self._step_fn(group[:num])),
+        len(group), limit_bytes=limit)
     if size < len(group):
       log.info('%d runs do not fit one program in %.1f MiB: programs of %d',
                len(group), limit / 2**20, size)
@@ -148,8 +162,8 @@ class Program:
     'preempted' (every active run checkpointed)."""
     config, total = self.config, self.total_steps
     step = chunk[0].step
+    step_fn = self._step_fn(chunk)
     p_states, p_runs = self._inputs(chunk)
-    step_fn = self._step_fn(chunk, p_states, p_runs)
     progress = Progress(chunk, config, total, self.steps_per_epoch,
                          start_step=step)
 
