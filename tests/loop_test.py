@@ -209,8 +209,7 @@ class MixedProgramTest(parameterized.TestCase):
   unroll (the CPU default) writes each run's own step into the program:
   bitwise equal. vmap's batched kernels sum in another order, and lax.map's
   loop body fuses differently (seen: 4e-8 after 10 steps); sign steps and
-  Adam's
-  first updates (~lr whatever the gradient's size) amplify a flipped
+  Adam's first updates (~lr whatever the gradient's size) amplify a flipped
   near-zero gradient: every weight within 2 lr per step (10 steps: 0.02),
   evaluation accuracies within one of the 32 test points (3.125%).
   """

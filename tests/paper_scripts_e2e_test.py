@@ -162,9 +162,9 @@ class PaperScriptsTest(absltest.TestCase):
     row, _ = result['rows']
     self.assertEqual(result['seeds'], [0, 1])
     for seed in (0, 1):  # the seeds trained as one program of two runs
-      results = json.load(open(os.path.join(
-          out, 'runs', 'clean', f'seed{seed}', 'results.json')))
-      self.assertEqual(results['timings']['runs_in_program'], 2)
+      with open(os.path.join(out, 'runs', 'clean', f'seed{seed}',
+                             'results.json')) as f:
+        self.assertEqual(json.load(f)['timings']['runs_in_program'], 2)
     self.assertEqual(row['labels'], list(range(10)))
     for name in ('uta', 'pgd'):
       self.assertLen(row[name]['predictions'], 10)

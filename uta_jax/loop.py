@@ -139,8 +139,8 @@ def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
   size = max_runs or program.runs_that_fit(group, memory_limit_bytes)
   results = []
   try:
-    chunk_start = start  # the first chunk's time holds the set-up and
-    # the compilation of the memory analysis
+    # The first chunk's time holds the set-up and the compilation.
+    chunk_start = start
     for n, chunk in enumerate(programs.split(group, size)):
       status = ('preempted' if n and stop_requested()  # not started
                 else _train_to_end(program, chunk, stop_requested,

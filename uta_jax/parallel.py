@@ -81,14 +81,21 @@ def shard(host_batch: Any, *, axis: int = 0) -> Any:
 
   def split(x):
     x = np.asarray(x)
-    if x.shape[axis] % n:
-      raise ParallelError(f'host batch of {x.shape[axis]} does not divide '
-                          f'over {n} local devices')
-    x = x.reshape(x.shape[:axis] + (n, x.shape[axis] // n) +
-                  x.shape[axis + 1:])
-    return np.moveaxis(x, axis, 0)
+    shape = _sharded_shape(x.shape, axis, n)  # [n, ..., B / n, ...]
+    return np.moveaxis(x.reshape(shape[1:axis + 1] + (n,) +
+                                 shape[axis + 1:]), axis, 0)
 
   return jax.tree_util.tree_map(split, host_batch)
+
+
+def _sharded_shape(shape: Sequence[int], axis: int, n: int) -> tuple:
+  """``shape`` with ``shape[axis]`` split over ``n`` devices, the device
+  axis first; a ``ParallelError`` when it does not divide."""
+  shape = tuple(shape)
+  if shape[axis] % n:
+    raise ParallelError(f'host batch of {shape[axis]} does not divide '
+                        f'over {n} local devices')
+  return (n,) + shape[:axis] + (shape[axis] // n,) + shape[axis + 1:]
 
 
 def _device_axis_sharding(devices: Sequence[Any]) -> jax.sharding.Sharding:
@@ -157,17 +164,9 @@ def device_batch_shapes(host_batch: Any, *, axis: int = 0) -> Any:
   placing anything on a device (shapes only: ``host_batch`` may hold them)."""
   n = jax.local_device_count()
   sharding = _device_axis_sharding(jax.local_devices())
-
-  def split(x):
-    shape = tuple(jnp.shape(x))
-    if shape[axis] % n:
-      raise ParallelError(f'host batch of {shape[axis]} does not divide '
-                          f'over {n} local devices')
-    return jax.ShapeDtypeStruct(
-        (n,) + shape[:axis] + (shape[axis] // n,) + shape[axis + 1:],
-        x.dtype, sharding=sharding)
-
-  return jax.tree_util.tree_map(split, host_batch)
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(_sharded_shape(jnp.shape(x), axis, n),
+                                     x.dtype, sharding=sharding), host_batch)
 
 
 def unreplicate(tree: Any) -> Any:

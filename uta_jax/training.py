@@ -225,8 +225,8 @@ class Program:
       check(waiting=True)
     finally:
       batches.close()
-    if self.first_step_seconds is None and \
-        progress.first_step_seconds is not None:
+    if (self.first_step_seconds is None and
+        progress.first_step_seconds is not None):
       self.first_step_seconds = (self.compile_seconds +
                                  progress.first_step_seconds)
     states = parallel.unreplicate(p_states)
