@@ -143,12 +143,10 @@ def define_program_flags() -> None:
                        'many runs as one program (default: as many as the '
                        'compiled program\'s memory analysis says fit)',
                        lower_bound=1)
-  flags.DEFINE_enum('run_map', None, ['unroll', 'map', 'vmap'],
+  flags.DEFINE_enum('run_map', None, ['unroll', 'vmap'],
                     'how a program steps its runs: unroll (each run\'s step '
-                    'written out), map (lax.map) or vmap (batched); default '
-                    'unroll on CPUs, vmap on accelerators')
-  flags.DEFINE_bool('mix_num_steps', True, 'runs of different attack steps '
-                    'K share a program (vmap masks the shorter runs)')
+                    'written out) or vmap (batched); default unroll on CPUs, '
+                    'vmap on accelerators')
 
 
 def program_options() -> dict:
@@ -156,7 +154,7 @@ def program_options() -> dict:
   keyword arguments."""
   f = flags.FLAGS
   return dict(max_runs_per_program=f.max_runs_per_program,
-              run_map=f.run_map, mix_num_steps=f.mix_num_steps)
+              run_map=f.run_map)
 
 
 def parse_seeds(values: Sequence[str]) -> List[int]:

@@ -6,7 +6,7 @@ Each script builds one ``configs.Config`` per run and seed of its sweep
 already holds a finished run of the same config is reused, the others train
 or resume from their checkpoints together, as few programs of runs as
 ``loop.train_and_evaluate_runs`` can make of them (``--max_runs_per_program``,
-``--run_map``, ``--mix_num_steps``).
+``--run_map``).
 ``autoattack(workdir, ...)`` likewise reuses every eps of a stored report on
 the same points (quick presets: APGD-CE + APGD-T natively in JAX).
 ``write_outputs`` writes the script's JSON (per-seed rows, ``seeds``, the

@@ -69,15 +69,15 @@ class BenchmarkTest(absltest.TestCase):
                            row['bare_step_images_per_sec'])
     self.assertIn('| tiny |', loop.markdown([row]))
 
-  def test_runs_section_times_every_run_map_against_single_programs(self):
+  def test_runs_section_times_every_run_map_against_plain_steps(self):
     (row,) = runs.step_rows(reps=1, sizes=(2,), mixed=False)
     self.assertEqual(row['runs'], 2)
-    for key in ('map', 'vmap', 'unroll', 'single'):
+    for key in ('vmap', 'unroll', 'plain'):
       self.assertGreater(row['images_per_sec'][key], 0)
-    for key in ('map', 'vmap', 'unroll'):
+    for key in ('vmap', 'unroll'):
       self.assertAlmostEqual(
           row['ratio'][key], row['images_per_sec'][key] /
-          row['images_per_sec']['single'])
+          row['images_per_sec']['plain'])
     self.assertIn('| 2 runs, K = 10 |', runs.markdown({'steps': [row]}))
 
 

@@ -1,6 +1,7 @@
 """Tests of uta_jax.fast_ops against lax, and a guard on the attack program."""
 
 import contextlib
+import dataclasses
 import functools
 import re
 from unittest import mock
@@ -21,6 +22,7 @@ from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import fast_ops
 from uta_jax import models
+from uta_jax import programs
 from uta_jax import steps
 
 DN = ('NHWC', 'HWIO', 'NHWC')
@@ -224,23 +226,28 @@ class BackendFormsTest(parameterized.TestCase):
              'resnet18': 'cifar10'}
 
   def _train_step_program(self, name, platform):
-    # The dataset's preset train step (CIFAR-10: UTA-1 with 5 MC-dropout
-    # samples), exported for ``platform`` without needing its hardware. A
-    # batch of two chunks, so that the CPU would chunk its convolutions.
+    # The dataset's preset program step as training runs it on
+    # ``platform`` (two runs, that platform's run map; CIFAR-10: UTA-1 with
+    # 5 MC-dropout samples), exported without needing its hardware. A batch
+    # of two chunks, so that the CPU would chunk its convolutions.
     config = configs.get_config(self.PRESETS[name])
     model = classifier.create_model(config)
     if name == 'resnet18':  # the same layers, fewer of them, to trace fast
       model = model.clone(base_width=8, stage_sizes=(1, 1))
     shape = models.MODELS[name][1]
     tx = steps.make_optimizer(config, 10)
-    state = steps.create_train_state(config, model, tx, shape)
+    run_configs = [dataclasses.replace(config, seed=s) for s in (0, 1)]
+    states = programs.stack([jax.device_get(steps.create_train_state(
+        c, model, tx, shape)) for c in run_configs])
     batch_size = 2 * fast_ops.CHUNK_EXAMPLES
-    batch = {'image': jnp.zeros((batch_size, *shape)),
-             'label': jnp.zeros((batch_size,), jnp.int32),
-             'id': jnp.arange(batch_size, dtype=jnp.int32)}
-    step = jax.jit(steps.make_train_step(config, model, tx, axis_name=None))
-    return export.export(step, platforms=[platform])(state,
-                                                     batch).mlir_module()
+    batch = {'image': jnp.zeros((2, batch_size, *shape)),
+             'label': jnp.zeros((2, batch_size), jnp.int32),
+             'id': jnp.zeros((2, batch_size), jnp.int32)}
+    run_map = programs.default_run_map('cpu' if platform == 'cpu' else 'gpu')
+    step = jax.jit(programs.make_train_step(config, model, tx, axis_name=None,
+                                            run_map=run_map))
+    return export.export(step, platforms=[platform])(
+        states, batch, programs.run_attacks(run_configs)).mlir_module()
 
   def _chunked_convolutions(self, text):
     """Convolutions over a batch chunk: the CPU's forward form."""

@@ -117,32 +117,78 @@ def _seed_configs(*seeds):
 
 class ProgramOfRunsTest(absltest.TestCase):
 
-  def test_a_non_finite_run_stops_alone(self):
-    good, bad = _seed_configs(0, 1)
+  def _train_with_a_nan_batch(self, *, background):
+    """Seeds 0 and 1 as one program, a checkpoint every step; seed 1's
+    batch of step 5 is NaN, so its parameters turn non-finite at step 5
+    (its loss of step 5 is read one step later). Returns the results, the
+    workdirs and the reference run of seed 0 trained alone."""
+    overrides = dict(OVERRIDES, checkpoint_every=1)
+    good, bad = [configs.get_config('mnist_embedded', dict(overrides, seed=s))
+                 for s in (0, 1)]
     root = self.create_tempdir().full_path
     reference = os.path.join(root, 'alone')
     loop.train_and_evaluate(good, reference)
-    # Run 1 starts from non-finite weights (saved as a checkpoint at step 0:
-    # the writer itself would refuse them).
+    real_batch = training.global_batch
+
+    def nan_batch(split, step, config):
+      batch = real_batch(split, step, config)
+      if config.seed == 1 and step == 4:  # the batch of step 5
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      return batch
+
     workdirs = [os.path.join(root, 'good'), os.path.join(root, 'bad')]
-    state, _ = final_state(reference, OVERRIDES)
-    state = state.replace(
-        step=np.zeros((), np.int32),
-        params=jax.tree_util.tree_map(lambda p: np.full_like(p, np.nan),
-                                      state.params))
-    ck = checkpointing.Checkpointer(os.path.join(workdirs[1],
-                                                 runs.CHECKPOINTS))
-    ck.save(0, state)
-    ck.close()
-    results = loop.train_and_evaluate_runs([good, bad], workdirs)
+    with mock.patch.object(training, 'global_batch', nan_batch):
+      results = loop.train_and_evaluate_runs([good, bad], workdirs,
+                                             background_saves=background)
+    return results, workdirs, reference, overrides
+
+  def _assert_the_other_run_is_unchanged(self, results, workdirs, reference,
+                                         overrides):
     self.assertEqual(results[0]['status'], 'finished')
     self.assertEqual(results[1]['status'], 'failed')
-    self.assertIn('non-finite loss by step 1', str(results[1]['error']))
-    a, _ = final_state(reference, OVERRIDES)
-    b, _ = final_state(workdirs[0], OVERRIDES)
+    self.assertIsInstance(results[1]['error'], training.TrainingError)
+    a, _ = final_state(reference, overrides)
+    b, step = final_state(workdirs[0], overrides)
+    self.assertEqual(step, 16)
     chex.assert_trees_all_equal(a.params, b.params)
-    self.assertEqual(checkpointing.Checkpointer(os.path.join(
-        workdirs[1], runs.CHECKPOINTS)).steps(), [0])
+    self.assertEqual(results[0]['clean_accuracy'],
+                     runs.read_results(reference)['clean_accuracy'])
+    # The failed run keeps its last good checkpoint, step 4.
+    state, step = final_state(workdirs[1], overrides)
+    self.assertEqual(step, 4)
+    self.assertTrue(all(np.isfinite(p).all() for p in
+                        jax.tree_util.tree_leaves(state.params)))
+
+  def test_a_refused_synchronous_save_stops_its_run_alone(self):
+    # The saver of several hosts validates in the loop: its refusal of
+    # step 5's parameters stops that run, not the program.
+    results, *rest = self._train_with_a_nan_batch(background=False)
+    self.assertIn('non-finite parameters at step 5', str(results[1]['error']))
+    self._assert_the_other_run_is_unchanged(results, *rest)
+
+  @pytest.mark.slow  # the same with the writer thread
+  def test_a_run_turning_non_finite_stops_alone_with_background_saves(self):
+    results, *rest = self._train_with_a_nan_batch(background=True)
+    self.assertIn('non-finite', str(results[1]['error']))
+    self._assert_the_other_run_is_unchanged(results, *rest)
+
+  def test_a_stop_during_a_mid_training_evaluation_saves_that_step(self):
+    # An evaluation every 3 steps, a checkpoint every 4: the stop comes
+    # while step 3 is evaluated (the loop asks once per step, the
+    # evaluation before each of its batches: the 4th question).
+    config = configs.get_config('mnist_embedded',
+                                dict(OVERRIDES, eval_every_steps=3))
+    workdir = self.create_tempdir().full_path
+    calls = []
+    with self.assertLogs('uta_jax', level='INFO') as logs:
+      stopped = loop.train_and_evaluate(
+          config, workdir,
+          stop_requested=lambda: calls.append(None) or len(calls) >= 4)
+    self.assertEqual(stopped, {'status': 'preempted', 'step': 3})
+    self.assertTrue(any('during evaluation: checkpointed step 3' in line
+                        for line in logs.output), logs.output)
+    _, step = final_state(workdir, dict(OVERRIDES, eval_every_steps=3))
+    self.assertEqual(step, 3)
 
   @pytest.mark.slow  # two programs of three runs trained
   def test_max_runs_per_program_splits_the_runs(self):
@@ -165,8 +211,8 @@ class ProgramOfRunsTest(absltest.TestCase):
   @pytest.mark.slow  # three trainings of two runs
   def test_runs_restored_at_different_steps_end_as_uninterrupted(self):
     # As after a kill between the two runs' saves of step 12: run 0 holds
-    # step 12, run 1 step 8. Run 1 first trains alone to step 12, then both
-    # go on as one program; both end as the uninterrupted program's runs.
+    # step 12, run 1 step 8. Each trains to the end as a program of its
+    # own; both end as the uninterrupted program's runs.
     run_configs = _seed_configs(0, 1)
     root = self.create_tempdir().full_path
     reference = [os.path.join(root, 'ref', s) for s in 'ab']
@@ -202,19 +248,18 @@ def _mixed_runs(root, run_map, devices):
 
 @pytest.mark.slow  # 8 runs together and alone, per device count and map
 class MixedProgramTest(parameterized.TestCase):
-  """Run r of a program of 2 seeds x PGD/UTA x 2 eps_train (K 3 and 5,
-  mixed) ends as the run trained alone: parameters and evaluation, for four
-  runs that cover each seed, objective, eps_train and K.
+  """Run r of a program of 2 seeds x PGD/UTA x 2 (eps_train, step size)
+  at K = 4 ends as the run trained alone: parameters and evaluation, for
+  four runs that cover each seed, objective and eps_train.
 
   unroll (the CPU default) writes each run's own step into the program:
-  bitwise equal. vmap's batched kernels sum in another order, and lax.map's
-  loop body fuses differently (seen: 4e-8 after 10 steps); sign steps and
+  bitwise equal. vmap's batched kernels sum in another order; sign steps and
   Adam's first updates (~lr whatever the gradient's size) amplify a flipped
   near-zero gradient: every weight within 2 lr per step (10 steps: 0.02),
   evaluation accuracies within one of the 32 test points (3.125%).
   """
 
-  # lax.map and vmap on 1 device are covered at the step level
+  # vmap on 1 device is covered at the step level
   # (programs_test.RunMappedStepTest); here the CPU default on 1 and 4
   # devices and vmap on 4.
   @parameterized.parameters(('unroll', 1), ('unroll', 4), ('vmap', 4))

@@ -8,6 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ import pytest
 from uta_jax import classifier
 from uta_jax import configs
 from uta_jax import data
+from uta_jax import parallel
 from uta_jax import programs
 from uta_jax import steps
+from uta_jax import training
 
 SMALL = {'max_train_examples': 64, 'batch_size': 16}
 
@@ -25,30 +28,40 @@ def _config(dataset='mnist_embedded', **overrides):
   return configs.get_config(dataset, dict(SMALL, **overrides))
 
 
-def _mixed_configs(model='mlp'):
-  """2 seeds x PGD/UTA x 2 eps_train (K 3 and 5): one program."""
+def _mixed_configs(model='mlp', num_steps=(3, 3)):
+  """2 seeds x PGD/UTA x 2 (eps_train, step size), K of each given."""
   return [_config(seed=seed, **{'model.name': model, 'attack.name': name,
                                 'attack.eps_train': eps,
+                                'attack.step_size': eps / 4,
                                 'attack.num_steps': k})
           for seed in (0, 1) for name in ('pgd', 'uta')
-          for eps, k in ((0.1, 3), (0.2, 5))]
+          for eps, k in zip((0.1, 0.2), num_steps)]
 
 
 class GroupTest(absltest.TestCase):
 
-  def test_seeds_eps_k_and_pgd_uta_share_a_program(self):
+  def test_seeds_eps_alpha_and_pgd_uta_share_a_program(self):
     self.assertEqual(programs.group(_mixed_configs()), [list(range(8))])
 
-  def test_without_mixing_k_each_k_gets_its_own_program(self):
-    self.assertEqual(programs.group(_mixed_configs(), mix_num_steps=False),
+  def test_each_k_gets_its_own_program(self):
+    # K is the attack loop's trip count: static, part of the program.
+    self.assertEqual(programs.group(_mixed_configs(num_steps=(3, 5))),
                      [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+  def test_table1_fashion_mnist_runs_are_four_programs_of_six(self):
+    run_configs = [configs.get_config('fashion_mnist', {
+        'seed': seed, 'attack.name': name, 'attack.eps_train': eps,
+        'attack.num_steps': round(eps / 0.01)})
+                   for name in ('pgd', 'uta') for eps in (0.1, 0.2, 0.3, 0.4)
+                   for seed in (0, 1, 2)]
+    self.assertEqual([len(g) for g in programs.group(run_configs)], [6] * 4)
 
   def test_runs_needing_other_forwards_or_settings_get_their_own(self):
     run_configs = [
         _config(**{'attack.name': 'uta'}),
         _config(**{'attack.name': 'uta', 'model.ensemble_size': 3}),
         _config(seed=1, **{'attack.name': 'uta', 'model.ensemble_size': 3,
-                           'attack.eps_train': 0.3}),
+                           'attack.eps_train': 0.3, 'attack.num_steps': 20}),
         _config(**{'attack.name': 'pgd', 'model.ensemble_size': 3}),
         _config(**{'attack.name': 'uta', 'model.dropout_rate': 0.2,
                    'attack.uncertainty': 'mc_dropout',
@@ -82,17 +95,15 @@ class RunMappedStepTest(parameterized.TestCase):
   def test_each_run_equals_its_own_step(self):
     self._check_each_run_equals_its_own_step('unroll')  # the CPU default
 
-  @parameterized.parameters('map', 'vmap')
-  @pytest.mark.slow  # two more programs of 8 LeNet runs
-  def test_each_run_equals_its_own_step_under_other_maps(self, run_map):
-    self._check_each_run_equals_its_own_step(run_map)
+  @pytest.mark.slow  # one more program of 8 LeNet runs
+  def test_each_run_equals_its_own_step_under_vmap(self):
+    self._check_each_run_equals_its_own_step('vmap')
 
   def _check_each_run_equals_its_own_step(self, run_map):
-    # Against steps.train_step with each run's static attack (Python eps,
-    # alpha and K; pgd or uta by name): an independent program, two steps.
-    # map and unroll run each run's kernels alone, but the objective select
-    # and the while loop of a traced K fuse differently than the static
-    # attack:
+    # Against steps.train_step with each run's static attack (Python eps
+    # and alpha; pgd or uta by name): an independent program, two steps.
+    # unroll runs each run's kernels alone, but the objective select and
+    # the traced eps and alpha fuse differently than the static attack:
     # 1e-5 (seen: 2.5e-6). vmap's batched kernels sum in another
     # order (~1e-7 relative per op); a sign step that flips on a near-zero
     # gradient moves a pixel by alpha, and Adam's first steps move a weight
@@ -147,28 +158,43 @@ class RunMappedStepTest(parameterized.TestCase):
       same = bool(jnp.array_equal(attack(labels), attack(permuted)))
       self.assertEqual(same, label_free, name)
 
-  def test_a_smaller_k_stops_moving_after_its_k_steps_under_vmap(self):
-    # A run with K = 2 in a program whose largest K is 6 ends where the
-    # K = 2 attack alone ends.
-    config = _config(**{'attack.name': 'pgd'})
-    model = classifier.create_model(config)
-    variables = classifier.init_variables(config, model, jax.random.key(0),
-                                          (28, 28, 1))
-    x = jnp.asarray(_batch(config, 0)['image'])
-    y = jnp.asarray(_batch(config, 0)['label'])
-    keys = jax.random.split(jax.random.key(1), x.shape[0])
 
-    def attack(run):
-      return steps.perturb(config.attack, model, variables, x, y, keys,
-                           ensemble=False, bounds=(0.0, 1.0), run=run)
-    runs = programs.stack([jax.device_get(steps.RunAttack.of(
-        dataclasses.replace(config.attack, num_steps=k))) for k in (2, 6)])
-    both = jax.jit(jax.vmap(attack))(runs)
-    alone = jax.jit(lambda: steps.perturb(
-        dataclasses.replace(config.attack, num_steps=2), model, variables, x,
-        y, keys, ensemble=False, bounds=(0.0, 1.0)))()
-    np.testing.assert_allclose(both[0], alone, atol=1e-6)
-    self.assertFalse(np.allclose(both[1], alone, atol=1e-3))
+def _primitives(jaxpr):
+  """Every primitive name in ``jaxpr`` and the jaxprs nested in its
+  equations' parameters (pmap's body, scan's and cond's branches, ...)."""
+  names = {eqn.primitive.name for eqn in jaxpr.eqns}
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    names |= _primitives(sub)
+  return names
+
+
+class StaticControlFlowTest(parameterized.TestCase):
+  """The step training runs (``training.program_step``) has no loop whose
+  trip count is unknown when compiling: a traced K would make XLA:GPU copy
+  the loop predicate to the host and wait, on every attack step (a static
+  ``fori_loop`` traces as ``scan``, a traced bound as ``while``)."""
+
+  @parameterized.product(num_runs=(1, 3), run_map=programs.RUN_MAPS)
+  def test_the_program_step_has_no_while_loop(self, num_runs, run_map):
+    run_configs = [_config(seed=s, **{'model.name': 'lenet',
+                                      'attack.name': ('pgd', 'uta')[s % 2],
+                                      'attack.eps_train': 0.05 * (s + 1),
+                                      'attack.num_steps': 3})
+                   for s in range(num_runs)]
+    self.assertLen(programs.group(run_configs), 1)
+    model = classifier.create_model(run_configs[0])
+    tx = steps.make_optimizer(run_configs[0], 4)
+    states = programs.stack([_host_state(c, model, tx) for c in run_configs])
+    batch = programs.stack([_batch(c, 0) for c in run_configs])
+    p_step = training.program_step(run_configs[0], model, tx,
+                                   run_map=run_map)
+    jaxpr = jax.make_jaxpr(p_step)(
+        parallel.replicate(states),
+        parallel.device_batch(batch, axis=1),
+        parallel.replicate(programs.run_attacks(run_configs))).jaxpr
+    names = _primitives(jaxpr)
+    self.assertIn('scan', names)  # the attack's K steps
+    self.assertNotIn('while', names)
 
 
 class MemoryTest(absltest.TestCase):
@@ -181,6 +207,57 @@ class MemoryTest(absltest.TestCase):
     with self.assertRaisesRegex(programs.ProgramTooLarge,
                                 'one run needs .* lower batch_size'):
       programs.runs_that_fit(need, 8, limit_bytes=100)
+
+  def test_a_compile_time_out_of_memory_does_not_fit(self):
+    def need(r):  # as XLA's compiler says it for a program too large
+      if r > 2:
+        raise jax.errors.JaxRuntimeError(
+            'RESOURCE_EXHAUSTED: Out of memory while trying to allocate '
+            f'{r} GiB.')
+      return 100
+    self.assertEqual(programs.runs_that_fit(need, 8, limit_bytes=1000), 2)
+    with self.assertRaisesRegex(programs.ProgramTooLarge,
+                                'one run does not compile within the device '
+                                'memory .*RESOURCE_EXHAUSTED.*lower '
+                                'batch_size'):
+      programs.runs_that_fit(lambda r: need(r + 2), 8, limit_bytes=1000)
+
+  def test_other_errors_of_sizing_are_raised(self):
+    def broken(r):
+      raise ValueError('a bug')
+    with self.assertRaisesRegex(ValueError, 'a bug'):
+      programs.runs_that_fit(broken, 8, limit_bytes=1000)
+
+  def test_loop_bytes_hold_the_checkpoint_copy_batch_and_evaluation(self):
+    # The step's peak with the prefetched batch, or the evaluation's with
+    # the states alive, whichever is larger; the checkpoint copy and its
+    # per-run slices beside either.
+    self.assertEqual(programs.loop_bytes(step_bytes=1000, state_bytes=100,
+                                         batch_bytes=10, eval_bytes=50),
+                     200 + 1010)
+    self.assertEqual(programs.loop_bytes(step_bytes=1000, state_bytes=100,
+                                         batch_bytes=10, eval_bytes=5000),
+                     200 + 5100)
+
+  def test_a_programs_peak_counts_more_than_its_compiled_step(self):
+    run_configs = [_config(seed=s) for s in (0, 1)]
+    model = classifier.create_model(run_configs[0])
+    tx = steps.make_optimizer(run_configs[0], 4)
+    dataset = data.load_dataset('mnist_embedded', max_train_examples=64,
+                                max_eval_examples=16)
+    program = training.Program(run_configs[0], model, tx, dataset, 4, 4,
+                               run_map='unroll')
+    chunk = []
+    for config in run_configs:
+      run = training.Run(config, self.create_tempdir().full_path)
+      run.state = _host_state(config, model, tx)
+      chunk.append(run)
+    step = programs.compiled_bytes(program._step_fn(chunk))  # pylint: disable=protected-access
+    states = programs.tree_bytes(programs.stack([r.state for r in chunk]))
+    batch = programs.tree_bytes(programs.stack(
+        [_batch(c, 0) for c in run_configs])) // jax.local_device_count()
+    self.assertGreaterEqual(program.peak_bytes(chunk),
+                            step + 2 * states + batch)
 
   def test_the_compiled_program_grows_with_its_runs(self):
     config = _config()

@@ -37,9 +37,10 @@ box), and feed ``z_adv`` to the head:
 Step sizes are a float or a schedule ``i -> alpha_i``
 (``constant_schedule``, ``triangular_schedule``).
 
-A program of many runs (``programs``) passes eps, the step size and K as
-traced per-run values (K bounds a ``while`` loop then: under ``vmap`` a run
-with a smaller K stops moving after its K steps), and may choose PGD's or
+K is always a Python int: the loop's trip count is known when compiling
+(a ``scan``, which XLA can unroll and an accelerator runs without asking
+the host whether to go on). A program of many runs (``programs``) passes
+eps and the step size as traced per-run values, and may choose PGD's or
 UTA's objective per run on one forward (``selected_objective``).
 """
 
@@ -78,7 +79,7 @@ def triangular_schedule(*, num_steps, eps,
   Rises linearly from ``base`` at step 0 to ``max(base, eps / 5)`` at step
   K/2 and falls back to ``base`` at step K (K = ``num_steps``). The paper
   writes eps_test/5; the attack's own eps is what a training attack knows.
-  K and eps may be traced (a program of runs).
+  eps may be traced (a program of runs).
   """
   peak = jnp.maximum(base, jnp.asarray(eps, jnp.float32) / 5.0)
 
@@ -171,8 +172,10 @@ def uniform_noise(key: jax.Array, x: jax.Array, *, eps) -> jax.Array:
 
 
 def _check_static(*, eps, num_steps, random_start: bool, key) -> None:
-  if isinstance(num_steps, jax.Array):  # traced per run: checked by configs
-    return
+  if isinstance(num_steps, jax.Array):
+    raise TypeError('num_steps must be a Python int (the loop\'s trip count '
+                    'is fixed when compiling), got an array: bind it '
+                    'statically, e.g. with functools.partial')
   if not isinstance(num_steps, numbers.Integral) or num_steps < 1:
     raise ValueError(f'num_steps must be an integer >= 1, got {num_steps!r}')
   if isinstance(eps, numbers.Real) and not eps > 0:
@@ -194,7 +197,7 @@ def projected_sign_ascent(objective: Objective, x: jax.Array, *, eps: float,
     objective: per-example objective, ``x [B, ...] -> [B]``.
     x: clean points (images NHWC in [0, 1], or latent codes).
     eps: L-inf radius (``float('inf')`` for an unbounded attack).
-    num_steps: K, a Python int >= 1, or a traced int (a ``while`` loop).
+    num_steps: K, a Python int >= 1 (static: the loop is a ``scan``).
     step_size: alpha as a float or a schedule ``i -> alpha_i``.
     bounds: box the result must stay in; ``None`` in latent space.
     key: PRNG key, needed only with ``random_start``; a batch of keys

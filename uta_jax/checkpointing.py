@@ -218,7 +218,6 @@ class BackgroundSaver:
         max_workers=1, thread_name_prefix='checkpoint-writer')
                   if background else None)
     self._in_flight: Optional[concurrent.futures.Future] = None
-    self.submitted_step: Optional[int] = None
 
   def _save(self, step: int, state: Any) -> None:
     host_state = jax.device_get(state)
@@ -227,7 +226,6 @@ class BackgroundSaver:
 
   def submit(self, step: int, state: Any) -> None:
     self.wait()
-    self.submitted_step = step
     if self._pool is None:
       self._save(step, state)
     else:

@@ -128,6 +128,31 @@ def _eval_programs(devices: Tuple[Any, ...], model: nn.Module, ensemble: bool,
                           devices, in_axes=(0, 0, None, None, None)))
 
 
+def compiled_programs(model: nn.Module, variables: Any, split: data.Split,
+                      *, config: configs.Config) -> list:
+  """``evaluate``'s two programs on the local devices, compiled from shapes
+  (nothing placed on a device): their memory analysis sizes a program of
+  runs, whose states stay alive while a run is evaluated (``training``)."""
+  ec = config.eval
+  devices = tuple(jax.local_devices())
+  fixed, pgd = _eval_programs(devices, model, classifier.is_ensemble(config),
+                              ec, classifier.input_bounds(config))
+  per_device = parallel.per_device_batch(len(split), len(devices),
+                                         ec.batch_size)
+  batch = data.get_batch(split, np.zeros(per_device * len(devices), np.int64))
+  batch = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((len(devices), per_device) + x.shape[1:],
+                                     x.dtype), batch)
+  replicated = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct((len(devices),) + np.shape(x),
+                                     x.dtype), variables)
+  eps = jax.ShapeDtypeStruct((), jnp.float32)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  restart = jax.ShapeDtypeStruct((), jnp.int32)
+  return [fixed.lower(replicated, batch, eps).compile(),
+          pgd.lower(replicated, batch, key, eps, restart).compile()]
+
+
 def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
              config: configs.Config, key: jax.Array, devices: Devices = None,
              stop_requested: StopFn = None) -> Dict[str, Any]:

@@ -1,10 +1,10 @@
-"""``train_and_evaluate(config, workdir)``: the main job, and
-``train_and_evaluate_runs``: many runs, trained as few programs.
+"""Runs from configs to reports: ``train_and_evaluate(config, workdir)``,
+the main job, and ``train_and_evaluate_runs``, many runs as few programs.
 
 Loads the data, restores the newest valid checkpoint of each run (or starts
 fresh), trains the runs that share a program (``programs.group``, split to
 fit the device memory) with one pmapped step over every local device and a
-leading run axis (``_train_steps``: logs progress, checkpoints every run
+leading run axis (``training.Program``: logs progress, checkpoints every run
 every ``checkpoint_every`` steps, at the end and when ``stop_requested()``
 turns true), then evaluates and reports each run alone (``_report``:
 ``results.json`` through ``runs.update_results``, ``metrics.jsonl``,
@@ -65,9 +65,10 @@ def train_and_evaluate(config: configs.Config, workdir: str, *,
 def train_and_evaluate_runs(
     run_configs: Sequence[configs.Config], workdirs: Sequence[str], *,
     stop_requested: Callable[[], bool] = lambda: False,
-    run_map: Optional[str] = None, mix_num_steps: bool = True,
+    run_map: Optional[str] = None,
     max_runs_per_program: Optional[int] = None,
-    memory_limit_bytes: Optional[int] = None) -> List[Dict[str, Any]]:
+    memory_limit_bytes: Optional[int] = None,
+    background_saves: Optional[bool] = None) -> List[Dict[str, Any]]:
   """Trains the runs in as few programs as ``programs.group`` and the
   device memory allow, evaluates each; a results dict per run, in order:
   ``status`` 'finished' (the report), 'preempted' (``step``: where it
@@ -75,9 +76,11 @@ def train_and_evaluate_runs(
   ``TrainingError``; the other runs went on).
 
   ``run_map``: ``programs.RUN_MAPS`` (default per backend);
-  ``mix_num_steps``: runs of different K share a program;
   ``max_runs_per_program``: R at most (default: what the compiled program's
-  memory analysis says fits ``memory_limit_bytes``, default the device's).
+  memory analysis says fits ``memory_limit_bytes``, default the device's);
+  ``background_saves``: checkpoints written on a writer thread per run
+  (default: with one host; several hosts save in the loop, as orbax
+  synchronises them).
   """
   if len(set(workdirs)) != len(workdirs) or len(workdirs) != len(run_configs):
     raise runs.RunError('every run needs a workdir of its own')
@@ -91,14 +94,16 @@ def train_and_evaluate_runs(
     runs.make_workdir(workdir)
   options = dict(run_map=run_map or programs.default_run_map(
       jax.default_backend()), max_runs=max_runs_per_program,
-                 memory_limit_bytes=memory_limit_bytes)
+                 memory_limit_bytes=memory_limit_bytes,
+                 background_saves=(jax.process_count() == 1
+                                   if background_saves is None
+                                   else background_saves))
   results: List[Optional[Dict[str, Any]]] = [None] * len(run_configs)
   with contextlib.ExitStack() as locks:
     for workdir in workdirs:
       locks.enter_context(workdir_lock.hold(
           workdir, what='training', enabled=jax.process_index() == 0))
-    for n, members in enumerate(programs.group(run_configs,
-                                               mix_num_steps=mix_num_steps)):
+    for n, members in enumerate(programs.group(run_configs)):
       if n and stop_requested():  # the programs not started stay so
         break
       group = [training.Run(run_configs[i], workdirs[i]) for i in members]
@@ -112,9 +117,12 @@ def train_and_evaluate_runs(
 
 
 def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
-                 max_runs: Optional[int],
-                 memory_limit_bytes: Optional[int]) -> List[Dict[str, Any]]:
-  """Trains and reports the runs of one ``programs.group``."""
+                 max_runs: Optional[int], memory_limit_bytes: Optional[int],
+                 background_saves: bool) -> List[Dict[str, Any]]:
+  """Trains and reports the runs of one ``programs.group``: the runs
+  restored at one step train together (in chunks that fit the device);
+  runs restored at different steps (a kill between two runs' saves) train
+  as separate programs."""
   start = time.time()
   config = group[0].config
   for run in group:
@@ -133,38 +141,40 @@ def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
   model = classifier.create_model(config)
   tx = steps.make_optimizer(config, steps_per_epoch)
   for run in group:
-    _restore(run, model, tx, dataset.input_shape, total_steps)
+    _restore(run, model, tx, dataset.input_shape, total_steps,
+             background=background_saves)
   program = training.Program(config, model, tx, dataset, total_steps,
                              steps_per_epoch, run_map=run_map)
   size = max_runs or program.runs_that_fit(group, memory_limit_bytes)
-  results = []
+  chunks = [chunk for at in sorted({r.step for r in group})
+            for chunk in programs.split([r for r in group if r.step == at],
+                                        size)]
+  results = {}
   try:
     # The first chunk's time holds the set-up and the compilation.
     chunk_start = start
-    for n, chunk in enumerate(programs.split(group, size)):
+    for n, chunk in enumerate(chunks):
       status = ('preempted' if n and stop_requested()  # not started
                 else _train_to_end(program, chunk, stop_requested,
                                    since=chunk_start))
       chunk_start = time.time()
-      if status == 'preempted':
-        results += [{'status': 'preempted',
-                     'step': r.stopped_at if r.stopped_at is not None
-                             else r.step} for r in chunk]
-        continue
       for run in chunk:
-        if run.active:
-          results.append(_report(run, model, dataset, stop_requested,
-                                 runs_in_program=len(chunk), start=start))
+        if status == 'preempted':
+          results[id(run)] = {'status': 'preempted', 'step': (
+              run.stopped_at if run.stopped_at is not None else run.step)}
+        elif run.active:
+          results[id(run)] = _report(run, model, dataset, stop_requested,
+                                     runs_in_program=len(chunk), start=start)
         else:
-          results.append({'status': 'failed', 'error': run.error})
+          results[id(run)] = {'status': 'failed', 'error': run.error}
   finally:
     for run in group:
       run.close()
-  return results
+  return [results[id(run)] for run in group]
 
 
-def _restore(run: training.Run, model, tx, input_shape,
-             total_steps: int) -> None:
+def _restore(run: training.Run, model, tx, input_shape, total_steps: int, *,
+             background: bool) -> None:
   """The run's fresh state, or its newest valid checkpoint."""
   state = jax.device_get(steps.create_train_state(run.config, model, tx,
                                                   input_shape))
@@ -183,29 +193,19 @@ def _restore(run: training.Run, model, tx, input_shape,
       resumed_step=run.start_step, enabled=jax.process_index() == 0)
   run.saver = checkpointing.BackgroundSaver(
       run.checkpointer, validate=training.refuse_non_finite,
-      background=jax.process_count() == 1)
+      background=background)
 
 
 def _train_to_end(program: training.Program, chunk: List[training.Run],
                   stop_requested, *, since: float) -> str:
-  """Trains ``chunk`` to the last step: runs restored at different steps
-  (a kill between two runs' saves) first bring the ones behind to the next
-  step, so that every program starts its runs at one step. 'finished' or
-  'preempted'. ``since``: when the chunk's time started (its timings)."""
-  while True:
-    active = [r for r in chunk if r.active]
-    if not active:
-      return 'finished'
-    at = min(r.step for r in active)
-    ahead = sorted({r.step for r in active if r.step > at})
-    until = ahead[0] if ahead else program.total_steps
-    behind = [r for r in active if r.step == at]
-    if at < until:
-      status = program.train(behind, until, stop_requested)
-      if status == 'preempted':
-        return status
-    if not ahead:
-      break
+  """Trains ``chunk`` (its runs at one step) to the program's last step,
+  never past it (a run restored beyond a lowered ``epochs`` stays where it
+  is): 'finished' or 'preempted'. ``since``: when the chunk's time started
+  (its timings)."""
+  if chunk[0].step < program.total_steps:
+    status = program.train(chunk, stop_requested)
+    if status == 'preempted':
+      return status
   for run in chunk:
     run.timings = {'train_seconds_this_run': time.time() - since,
                    'steps_this_run': run.step - run.start_step,

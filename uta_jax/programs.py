@@ -7,20 +7,21 @@ order, every key), optimiser state and evaluation key stream, so it ends as
 the run trained alone does (up to the order batched kernels sum in).
 
 Which runs share a program (``group``): equal configs but for the seed and
-the attack settings ``steps.RunAttack`` traces per run (eps_train, the step
-size, K and, for ``steps.selectable_objective`` attacks, PGD's or UTA's
-objective on one forward). MC-dropout and ensemble UTA need their own
-forwards: they share a program with runs of the same attack only.
+the attack values ``steps.RunAttack`` traces per run (eps_train, the step
+size and, for ``steps.selectable_objective`` attacks, PGD's or UTA's
+objective on one forward). K and everything else that decides control flow
+or shapes is static, so runs of another K get another program (Table 1's
+24 Fashion-MNIST runs, K = eps_train / 0.01: 4 programs of 6). MC-dropout
+and ensemble UTA need their own forwards: they share a program with runs of
+the same attack only.
 
-How the step maps over runs (``RUN_MAPS``): ``vmap`` batches the runs
-(a run with a smaller K is masked after its K steps, to the largest K);
-``unroll`` writes each run's step into the program one after another, each
-with its own K; ``map`` (``lax.map``) loops over them. On XLA:CPU (2 cores,
-``benchmark.py --sections=runs``) ``unroll`` matches R single programs,
-``lax.map``'s loop costs ~20% (one run as a loop of one: ~20% slower than
-the plain step) and ``vmap`` ~50% (vmapped weights become grouped
+How the step maps over runs (``RUN_MAPS``): ``vmap`` batches the runs;
+``unroll`` writes each run's step into the program one after another. On
+XLA:CPU (2 cores, ``benchmark.py --sections=runs``) ``unroll`` matches R
+single programs and ``vmap`` costs ~50% (vmapped weights become grouped
 convolutions): ``unroll`` is the CPU default, ``vmap`` the accelerators'
-(unmeasured here: no GPU was lent). One run is always the plain step.
+(unmeasured here: no GPU was lent). A program of one run is the unrolled
+step of that run.
 
 Memory: ``runs_that_fit`` sizes a program from the compiled step's memory
 analysis.
@@ -43,7 +44,7 @@ from uta_jax import configs
 from uta_jax import errors
 from uta_jax import steps
 
-RUN_MAPS = ('map', 'vmap', 'unroll')
+RUN_MAPS = ('vmap', 'unroll')
 
 
 def default_run_map(backend: str) -> str:
@@ -51,15 +52,11 @@ def default_run_map(backend: str) -> str:
   return 'unroll' if backend == 'cpu' else 'vmap'
 
 
-def program_key(config: configs.Config, *, mix_num_steps: bool = True
-               ) -> Hashable:
+def program_key(config: configs.Config) -> Hashable:
   """What the runs of one program share: the config with the seed and the
-  per-run attack settings (``steps.RunAttack``) blanked. ``mix_num_steps``
-  false keeps K in the key (runs of another K get another program)."""
+  per-run attack values (``steps.RunAttack``) blanked."""
   attack = config.attack
   blank = dict(eps_train=0.0, step_size=0.0)
-  if mix_num_steps:
-    blank['num_steps'] = 0
   if steps.selectable_objective(attack, classifier.is_ensemble(config)):
     blank['name'] = 'pgd|uta'
   key = dataclasses.replace(
@@ -69,14 +66,12 @@ def program_key(config: configs.Config, *, mix_num_steps: bool = True
   return config_json.to_json(key)
 
 
-def group(run_configs: Sequence[configs.Config], *,
-          mix_num_steps: bool = True) -> List[List[int]]:
+def group(run_configs: Sequence[configs.Config]) -> List[List[int]]:
   """The indices of ``run_configs`` that share a program, in first-seen
   order (each list in the order given)."""
   programs: Dict[Hashable, List[int]] = {}
   for i, config in enumerate(run_configs):
-    programs.setdefault(program_key(config, mix_num_steps=mix_num_steps),
-                        []).append(i)
+    programs.setdefault(program_key(config), []).append(i)
   return list(programs.values())
 
 
@@ -119,12 +114,10 @@ def make_train_step(config: configs.Config, model, tx, *,
 
   def runs_step(states, batch, runs):
     num = jax.tree_util.tree_leaves(runs)[0].shape[0]
-    if run_map == 'vmap':
+    if run_map == 'vmap' and num > 1:
       return jax.vmap(one)(states, batch, runs)
-    if run_map == 'unroll' or num == 1:
-      outs = [one(*unstack((states, batch, runs), r)) for r in range(num)]
-      return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
-    return jax.lax.map(lambda args: one(*args), (states, batch, runs))
+    outs = [one(*unstack((states, batch, runs), r)) for r in range(num)]
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
   return runs_step
 
@@ -157,16 +150,55 @@ class ProgramTooLarge(errors.NamesSettings, ValueError):
   """Not even one run fits the device's memory; names the fix."""
 
 
+def tree_bytes(tree: Any) -> int:
+  """Bytes of a pytree's leaves (arrays or ``jax.ShapeDtypeStruct``s)."""
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def loop_bytes(*, step_bytes: int, state_bytes: int, batch_bytes: int,
+               eval_bytes: int) -> int:
+  """Peak bytes on the first device of a program of runs as the loop runs
+  it. Beside the compiled step (``step_bytes``: the R states, a batch,
+  outputs, temporaries) the device holds the prefetched next batch
+  (``batch_bytes``: one device's shard) and the last checkpoint's copy of
+  the R states with its per-run slices (2 x ``state_bytes``, one replica),
+  which the writer thread fetches while later steps run. A mid-training
+  evaluation (``eval_bytes``: its compiled programs) runs between steps,
+  the states and that copy alive."""
+  during_step = step_bytes + batch_bytes
+  during_eval = state_bytes + eval_bytes
+  return 2 * state_bytes + max(during_step, during_eval)
+
+
+def _out_of_memory(error: Exception) -> bool:
+  """A compile-time or run-time out-of-memory error of XLA."""
+  return 'RESOURCE_EXHAUSTED' in str(error) or 'out of memory' in str(
+      error).lower()
+
+
 def runs_that_fit(bytes_of: Callable[[int], int], num_runs: int, *,
                   limit_bytes: int) -> int:
-  """The largest R <= ``num_runs`` whose program (``bytes_of(R)``: bytes
-  of the compiled program of R runs) fits ``MEMORY_HEADROOM`` of
-  ``limit_bytes``, halving from ``num_runs``; raises ``ProgramTooLarge``
-  when one run does not fit."""
+  """The largest R <= ``num_runs`` whose program (``bytes_of(R)``: its
+  peak bytes on a device, ``loop_bytes``) fits ``MEMORY_HEADROOM`` of
+  ``limit_bytes``, halving from ``num_runs``; a ``bytes_of`` that raises
+  XLA's out-of-memory error (the compiler's RESOURCE_EXHAUSTED) does not
+  fit either. Raises ``ProgramTooLarge`` when one run does not fit."""
   budget = int(MEMORY_HEADROOM * limit_bytes)
   r = num_runs
   while True:
-    need = bytes_of(r)
+    try:
+      need = bytes_of(r)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _out_of_memory(e):
+        raise
+      if r == 1:
+        raise ProgramTooLarge(
+            'one run does not compile within the device memory '
+            f'({str(e).splitlines()[0][:200]}): lower batch_size',
+            'batch_size') from e
+      r = max(1, r // 2)
+      continue
     if need <= budget:
       return r
     if r == 1:

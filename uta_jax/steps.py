@@ -123,17 +123,16 @@ def variables_of(state: TrainState) -> dict:
 class RunAttack(flax.struct.PyTreeNode):
   """The attack settings that may differ between the runs of one program
   (``programs``), as traced values: [R] each in the program, scalars in a
-  run's step."""
+  run's step. Values only: K (``attack.num_steps``) decides the attack
+  loop's trip count, so it stays a Python int that the program shares."""
   eps: jax.Array  # float32: eps_train
   step_size: jax.Array  # float32: alpha (constant schedule)
-  num_steps: jax.Array  # int32: K
   use_uncertainty: jax.Array  # bool: UTA's entropy, else PGD's cross-entropy
 
   @classmethod
   def of(cls, attack: configs.AttackConfig) -> 'RunAttack':
     return cls(eps=jnp.float32(attack.eps_train),
                step_size=jnp.float32(attack.step_size),
-               num_steps=jnp.int32(attack.num_steps),
                use_uncertainty=jnp.bool_(attack.name == 'uta'))
 
 
@@ -154,12 +153,13 @@ def perturb(attack: configs.AttackConfig, model: nn.Module, variables: dict,
   with M explicit keys. UTA never sees ``labels``. ``key`` is one key, or
   one per example [B] (the train step's): then R-FGSM's start and the
   MC-dropout masks of example i come from its own key alone. ``run`` (a
-  program of runs) replaces eps, alpha and K by its traced values, and for
-  ``selectable_objective`` attacks picks PGD's or UTA's objective.
+  program of runs) replaces eps and alpha by its traced values, and for
+  ``selectable_objective`` attacks picks PGD's or UTA's objective; K is
+  always ``attack.num_steps``, a Python int (a loop of known trip count).
   """
   eps, num_steps, alpha = attack.eps_train, attack.num_steps, attack.step_size
   if run is not None:
-    eps, num_steps, alpha = run.eps, run.num_steps, run.step_size
+    eps, alpha = run.eps, run.step_size
   method = {}
   start = x
   if attack.space == 'latent':

@@ -87,6 +87,14 @@ class Run:
       self.metrics_log = None
 
 
+def program_step(config: configs.Config, model, tx, *,
+                 run_map: str) -> Callable[..., Any]:
+  """The step ``Program`` trains with: ``programs.make_train_step`` pmapped
+  over every local device, the states donated."""
+  return parallel.pmap_train_step(programs.make_train_step(
+      config, model, tx, axis_name=parallel.AXIS, run_map=run_map))
+
+
 class Program:
   """The pmapped step of a group's runs and the loop that drives it."""
 
@@ -96,9 +104,9 @@ class Program:
     self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
     self.first_step_seconds = None  # compilation + the first step's wait
     self.compile_seconds = 0.0  # the ahead-of-time compilations
-    self._p_step = parallel.pmap_train_step(programs.make_train_step(
-        config, model, tx, axis_name=parallel.AXIS, run_map=run_map))
+    self._p_step = program_step(config, model, tx, run_map=run_map)
     self._compiled: Dict[int, Any] = {}
+    self._eval_bytes: Optional[int] = None
 
   def _inputs(self, chunk: List[Run]):
     p_states = parallel.replicate(programs.stack([r.state for r in chunk]))
@@ -143,22 +151,43 @@ class Program:
       self.compile_seconds += time.time() - start
     return self._compiled[num]
 
+  def _evaluation_bytes(self, run: Run) -> int:
+    """The larger of the evaluation's two compiled programs (one run's)."""
+    if self._eval_bytes is None:
+      start = time.time()
+      self._eval_bytes = max(programs.compiled_bytes(c) for c in
+                             evaluation.compiled_programs(
+                                 self.model, steps.variables_of(run.state),
+                                 self.dataset.test, config=self.config))
+      self.compile_seconds += time.time() - start
+    return self._eval_bytes
+
+  def peak_bytes(self, chunk: List[Run]) -> int:
+    """``programs.loop_bytes`` of ``chunk`` on one device: the compiled
+    step, the prefetched batch, the checkpoint copy, the evaluation."""
+    states, batch, _ = self._input_shapes(chunk)
+    devices = jax.local_device_count()
+    return programs.loop_bytes(
+        step_bytes=programs.compiled_bytes(self._step_fn(chunk)),
+        state_bytes=programs.tree_bytes(states) // devices,
+        batch_bytes=programs.tree_bytes(batch) // devices,
+        eval_bytes=self._evaluation_bytes(chunk[0]))
+
   def runs_that_fit(self, group: List[Run],
                     limit_bytes: Optional[int]) -> int:
-    """R from the compiled programs' memory analysis (halving from all)."""
+    """R from ``peak_bytes`` (halving from all)."""
     if jax.process_count() > 1:
       return len(group)  # no memory analysis of a multi-host pmap here
     limit = limit_bytes or programs.device_memory_bytes(jax.local_devices()[0])
-    size = programs.runs_that_fit(
-        lambda num: programs.compiled_bytes(self._step_fn(group[:num])),
-        len(group), limit_bytes=limit)
+    size = programs.runs_that_fit(lambda num: self.peak_bytes(group[:num]),
+                                  len(group), limit_bytes=limit)
     if size < len(group):
       log.info('%d runs do not fit one program in %.1f MiB: programs of %d',
                len(group), limit / 2**20, size)
     return size
 
-  def train(self, chunk: List[Run], until: int, stop_requested) -> str:
-    """Trains ``chunk`` (all at one step) to step ``until``: 'finished' or
+  def train(self, chunk: List[Run], stop_requested) -> str:
+    """Trains ``chunk`` (all at one step) to the last step: 'finished' or
     'preempted' (every active run checkpointed)."""
     config, total = self.config, self.total_steps
     step = chunk[0].step
@@ -167,12 +196,18 @@ class Program:
     progress = Progress(chunk, config, total, self.steps_per_epoch,
                          start_step=step)
 
+    saved = [None]  # the step of the last save
+
     def save(at):
       copies = programs.unstack_all(parallel.first_replica(p_states),
                                     len(chunk))
       for run, copy in zip(chunk, copies):
         if run.active:
-          run.saver.submit(at, copy)
+          try:  # raises the previous save's error, or (not in the
+            run.saver.submit(at, copy)  # background) this one's
+          except TrainingError as e:
+            run.fail(e)
+      saved[0] = at
 
     def check(waiting: bool) -> None:
       for run in chunk:
@@ -189,22 +224,26 @@ class Program:
           (config.eval_every_steps and at % config.eval_every_steps == 0))
 
     def stop(at, during=''):
+      if saved[0] != at:
+        save(at)
       check(waiting=True)
+      kept = sum(run.active for run in chunk)
       for run in chunk:
         run.close()
         run.stopped_at = at
-      log.info('stop requested%s: checkpointed step %d, exiting', during, at)
+      log.info('stop requested%s: checkpointed step %d of %d run%s, exiting',
+               during, at, kept, '' if kept == 1 else 's')
       return 'preempted'
 
     batches = _Prefetcher(lambda at: self._batch(chunk, at), start=step,
-                          stop=until)
+                          stop=total)
     try:
-      while step < until and any(r.active for r in chunk):
+      while step < total and any(r.active for r in chunk):
         p_states, metrics = step_fn(p_states, batches.get(step), p_runs)
         step += 1
         progress.queued(step, metrics)  # reads the step before this one
         stopping = stop_requested() or parallel.preemption_reached(step)
-        if step % config.checkpoint_every == 0 or stopping or step == until:
+        if step % config.checkpoint_every == 0 or stopping or step == total:
           save(step)  # device copies, before the next step donates them
         if stopping:
           progress.finish()

@@ -1,11 +1,12 @@
 """Section ``runs``: R runs as one program vs R programs one after another.
 
 The step: R runs of the Fashion-MNIST LeNet UTA-AT step (eps_train 0.1,
-K = 10, batch 128 each) as one pmapped program (``programs.make_train_step``,
-each of ``programs.RUN_MAPS``) against the single-run program called R times
-in a row, every run on its own device-resident batch; images/s of all R
-runs, the next call always queued (at most two in flight, as in the loop).
-A mixed row: 8 runs of K = 10, 20, 30, 40 (two each) and PGD / UTA.
+K = 10, batch 128 each) as one pmapped program (``training.program_step``,
+each of ``programs.RUN_MAPS``) against the plain step of one run
+(``steps.make_train_step``: every attack setting a Python constant) called
+R times in a row, every run on its own device-resident batch; images/s of
+all R runs, the next call always queued (at most two in flight, as in the
+loop). A mixed row: 8 runs at K = 10 of PGD and UTA, eps_train 0.05-0.2.
 
 End to end: ``train.py --seeds=0,..,R-1`` against R ``train.py`` calls, as a
 user types them (start-up, data loading, compilation, evaluation included;
@@ -29,12 +30,12 @@ from uta_jax import data
 from uta_jax import parallel
 from uta_jax import programs
 from uta_jax import steps
+from uta_jax import training
 
 STEP_SETTING = {'attack.name': 'uta', 'attack.eps_train': 0.1,
                 'attack.num_steps': 10, 'max_train_examples': 4096}
-MIXED = [dict(STEP_SETTING, **{'attack.num_steps': k, 'attack.eps_train':
-                               k / 100, 'attack.name': name})
-         for k in (10, 20, 30, 40) for name in ('pgd', 'uta')]
+MIXED = [dict(STEP_SETTING, **{'attack.eps_train': eps, 'attack.name': name})
+         for eps in (0.05, 0.1, 0.15, 0.2) for name in ('pgd', 'uta')]
 # The end-to-end runs: the main job's preset, shortened.
 E2E_ARGS = ('--epochs=3', '--max_eval_examples=200', '--eval_pgd_restarts=1',
             '--eval_eps=0.1')
@@ -43,26 +44,35 @@ TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 def _program(run_configs: Sequence[configs.Config], run_map: str):
-  """A call that runs one step of ``run_configs`` as one program."""
+  """A call that runs one step of ``run_configs`` as one program
+  (``run_map`` 'plain': the plain step of the one run)."""
   config = run_configs[0]
   dataset = data.load_dataset(config.dataset,
                               max_train_examples=config.max_train_examples,
                               max_eval_examples=1)
   model = classifier.create_model(config)
   tx = steps.make_optimizer(config, 100)
-  states = programs.stack([jax.device_get(steps.create_train_state(
-      c, model, tx, dataset.input_shape)) for c in run_configs])
-  p_states = [parallel.replicate(states)]
-  p_runs = parallel.replicate(programs.run_attacks(run_configs))
-  p_step = parallel.pmap_train_step(programs.make_train_step(
-      config, model, tx, axis_name=parallel.AXIS, run_map=run_map))
-  batch = parallel.device_batch(programs.stack([data.get_batch(
-      dataset.train, np.arange(config.batch_size) + 128 * r)
-      for r in range(len(run_configs))]), axis=1)
+  states = [jax.device_get(steps.create_train_state(
+      c, model, tx, dataset.input_shape)) for c in run_configs]
+  batches = [data.get_batch(dataset.train,
+                            np.arange(config.batch_size) + 128 * r)
+             for r in range(len(run_configs))]
+  if run_map == 'plain':
+    (state,), (batch,) = states, batches
+    p_states = [parallel.replicate(state)]
+    batch = parallel.device_batch(batch)
+    p_step = parallel.pmap_train_step(steps.make_train_step(
+        config, model, tx, axis_name=parallel.AXIS))
+    args = (batch,)
+  else:
+    p_states = [parallel.replicate(programs.stack(states))]
+    batch = parallel.device_batch(programs.stack(batches), axis=1)
+    p_step = training.program_step(config, model, tx, run_map=run_map)
+    args = (batch, parallel.replicate(programs.run_attacks(run_configs)))
   pending = []
 
   def call():
-    p_states[0], metrics = p_step(p_states[0], batch, p_runs)
+    p_states[0], metrics = p_step(p_states[0], *args)
     pending.append(metrics)
     if len(pending) > 1:
       jax.block_until_ready(pending.pop(0))
@@ -79,13 +89,13 @@ def _rate(calls: int, images: int, seconds: float) -> float:
 
 def step_rows(reps: int, sizes=(1, 3, 8), mixed: bool = True) -> List[Dict]:
   """images/s of R runs as one program (each ``programs.RUN_MAPS``) vs R
-  single programs in a row, interleaved; medians over ``reps`` timings of 5
-  calls each; with ``mixed``, the mixed-K row too."""
+  plain steps in a row, interleaved; medians over ``reps`` timings of 5
+  calls each; with ``mixed``, the PGD-and-UTA row too."""
   rows = []
   cases = [(f'{r} run{"s" if r > 1 else ""}, K = 10', [STEP_SETTING] * r)
            for r in sizes]
   if mixed:
-    cases.append(('8 runs, K = 10-40, PGD and UTA', MIXED))
+    cases.append(('8 runs, K = 10, PGD and UTA, eps 0.05-0.2', MIXED))
   for name, overrides in cases:
     run_configs = [configs.get_config('fashion_mnist', dict(o, seed=s))
                    for s, o in enumerate(overrides)]
@@ -93,9 +103,8 @@ def step_rows(reps: int, sizes=(1, 3, 8), mixed: bool = True) -> List[Dict]:
     fns = {}
     for run_map in programs.RUN_MAPS:
       fns[run_map] = _program(run_configs, run_map)
-    singles = [_program([c], programs.default_run_map(jax.default_backend()))
-               for c in run_configs]
-    fns['single'] = (lambda: [call() for call, _ in singles],
+    singles = [_program([c], 'plain') for c in run_configs]
+    fns['plain'] = (lambda: [call() for call, _ in singles],
                      lambda: [finish() for _, finish in singles])
     times = {name_: [] for name_ in fns}
     for call, finish in fns.values():  # compile and warm up
@@ -114,12 +123,12 @@ def step_rows(reps: int, sizes=(1, 3, 8), mixed: bool = True) -> List[Dict]:
            'images_per_sec': {k: _rate(5, num * batch, v)
                               for k, v in med.items()},
            'seconds_runs': times}
-    row['ratio'] = {k: med['single'] / med[k] for k in programs.RUN_MAPS}
+    row['ratio'] = {k: med['plain'] / med[k] for k in programs.RUN_MAPS}
     rows.append(row)
     print(f'{name}: ' + ', '.join(
         f"{k} {row['images_per_sec'][k]:,.0f} img/s (ratio "
         f"{row['ratio'][k]:.2f})" for k in programs.RUN_MAPS) +
-          f", {num} single programs {row['images_per_sec']['single']:,.0f}",
+          f", {num} plain steps {row['images_per_sec']['plain']:,.0f}",
           flush=True)
   return rows
 
@@ -165,14 +174,14 @@ def markdown(result: Dict) -> str:
   """The README's run-axis tables."""
   maps = programs.RUN_MAPS
   lines = ['| runs (F-MNIST LeNet UTA-AT step) | device | ' + ' | '.join(
-      f'one program, {m} (img/s)' for m in maps) + ' | R single programs '
+      f'one program, {m} (img/s)' for m in maps) + ' | R plain steps '
            '(img/s) | ' + ' | '.join(f'ratio {m}' for m in maps) + ' |',
            '| --- | --- |' + ' ---: |' * (2 * len(maps) + 1)]
   for r in result['steps']:
     ips = r['images_per_sec']
     lines.append(f"| {r['case']} | {r['devices']} {r['backend'].upper()} "
                  'devices | ' + ' | '.join(f'{ips[m]:,.0f}' for m in maps) +
-                 f" | {ips['single']:,.0f} | " +
+                 f" | {ips['plain']:,.0f} | " +
                  ' | '.join(f"{r['ratio'][m]:.2f}" for m in maps) + ' |')
   e = result.get('end_to_end')
   if e:
