@@ -73,7 +73,7 @@ def main(argv):
   if backend == 'jax' and FLAGS.version != 'apgd':
     cli.fail(f'--aa_backend=jax runs --version=apgd only; use '
              f'--aa_backend=torch for --version={FLAGS.version}')
-  stop = cli.StopSignals()
+  stop = cli.stop_signals()
   try:
     if backend == 'torch':
       torch = torch_bridge.require_torch()

@@ -38,6 +38,7 @@ from uta_jax import parallel
 from uta_jax import programs
 from uta_jax import reporting
 from uta_jax import runs
+from uta_jax import stopping
 from uta_jax import torch_bridge
 from uta_jax import workdir_lock
 
@@ -83,10 +84,10 @@ USER_ERRORS = (configs.ConfigError, data.DataError, runs.RunError,
 
 
 class _Stop:
-  """SIGTERM / Ctrl-C during a sweep (``cli.StopSignals``, installed by
+  """SIGTERM / Ctrl-C during a sweep (``stopping.StopSignals``, installed by
   ``start``): runs checkpoint and the script exits, to resume on a rerun.
   ``lock`` holds the output folder's workdir lock until the process ends."""
-  signals: Optional[cli.StopSignals] = None
+  signals: Optional[stopping.StopSignals] = None
   lock: Optional[contextlib.ExitStack] = None
 
 
@@ -113,7 +114,7 @@ def start(script: str, *, unused: Sequence[str] = ()) -> str:
   for name in unused:
     if FLAGS[name].present:
       cli.fail(f'--{name} has no effect on {script}.py; drop it')
-  _Stop.signals = cli.StopSignals()
+  _Stop.signals = cli.stop_signals()
   out = FLAGS.output_dir or os.path.join('results',
                                          f'{script}_{FLAGS.preset}')
   try:
@@ -219,14 +220,12 @@ def train_all(runs_: Sequence[Tuple[configs.Config, str]]
   results: List[Optional[Dict[str, Any]]] = []
   todo = []
   for config, workdir in runs_:
-    stored = runs.read_results(workdir)
-    if (stored.get('status') == 'finished' and
-        runs.stored_config(stored) == config):
+    stored = runs.finished_results(workdir, config)
+    if stored is not None:
       loop.log.info('reusing finished run %s', workdir)
-      results.append(stored)
     else:
-      results.append(None)
-      todo.append(len(results) - 1)
+      todo.append(len(results))
+    results.append(stored)
   if todo:
     trained = loop.train_and_evaluate_runs(
         [runs_[i][0] for i in todo], [runs_[i][1] for i in todo],

@@ -88,7 +88,7 @@ def main(argv):
       seeds = cli.parse_seeds(FLAGS.seeds)
       run_configs = [dataclasses.replace(config, seed=s) for s in seeds]
       workdirs = [os.path.join(workdir, f'seed{s}') for s in seeds]
-    stop = cli.StopSignals(multihost=FLAGS.num_processes > 1)
+    stop = cli.stop_signals(multihost=FLAGS.num_processes > 1)
     results = loop.train_and_evaluate_runs(
         run_configs, workdirs, stop_requested=stop, **cli.program_options())
     autoattack = [None] * len(results)

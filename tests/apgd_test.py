@@ -16,6 +16,10 @@ import pytest
 from uta_jax import apgd
 from uta_jax import models
 
+# Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
+# python -m pytest -m accelerator runs them there.
+pytestmark = pytest.mark.accelerator
+
 
 def paper_checkpoints(num_steps):
   """Iterations after which APGD checks, from p_j of Croce & Hein (2020)."""

@@ -14,6 +14,10 @@ import pytest
 from uta_jax import attacks
 from uta_jax import uncertainty
 
+# Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
+# python -m pytest -m accelerator runs them there.
+pytestmark = pytest.mark.accelerator
+
 EPS = 0.1
 
 

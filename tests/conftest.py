@@ -1,20 +1,39 @@
-"""Shared test set-up: 4 fake CPU devices (before JAX starts) and fixtures."""
+"""Shared test set-up: the platform the suite runs on (before JAX starts)
+and fixtures.
+
+By default the CPU, split into 4 fake devices (the sharded code runs as on
+several accelerators). An explicit ``JAX_PLATFORMS`` runs the suite there:
+``JAX_PLATFORMS=cuda python -m pytest -m accelerator`` runs the tests that
+mean something on a GPU (numerics, attacks, steps, APGD, a short train and
+resume) on it; on a machine without that platform the suite stops with one
+line instead of running on the CPU.
+"""
 
 import os
 
-# Must run before jax is imported anywhere: pmap tests need several devices.
+# Must run before jax is imported anywhere: pmap tests need several devices
+# (the flag only splits the CPU; an accelerator keeps its own count).
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') +
     ' --xla_force_host_platform_device_count=4').strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+PLATFORM = os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Two xdist workers share the cores with XLA's threads and the subprocesses'
 # own: PyTorch's OpenMP threads spin-wait while another process holds a core,
 # which made a 30 s train.py + AutoAttack run exceed 300 s. One torch thread
 # per process (inherited by the scripts the tests start).
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
+import jax  # pylint: disable=g-import-not-at-top
+
+try:  # before anything else starts JAX's backends
+  jax.devices()
+  PLATFORM_ERROR = None
+except (RuntimeError, AssertionError) as e:  # JAX 0.10 asserts when the
+  # platform has no plugin installed
+  PLATFORM_ERROR = (str(e).strip().splitlines() or
+                    ['JAX started no backend for it'])[0]
+
 from absl import flags  # pylint: disable=g-import-not-at-top
-import jax
 import optax
 import pytest
 
@@ -24,6 +43,24 @@ from testutil import synthetic_images  # pylint: disable=g-bad-import-order
 
 # absltest helpers (create_tempdir) read flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+  """Stops at once, in one line, when ``JAX_PLATFORMS`` names a platform
+  this machine lacks (JAX would raise in the first test of every worker)."""
+  del config
+  if PLATFORM_ERROR is not None:
+    pytest.exit(f'JAX_PLATFORMS={PLATFORM}: this machine has no such JAX '
+                f'platform ({PLATFORM_ERROR[:160]}); unset JAX_PLATFORMS to '
+                'run on the CPU', returncode=4)
+
+
+def pytest_report_header(config):
+  del config
+  if PLATFORM_ERROR is not None:
+    return None
+  return (f'JAX {jax.__version__} on {jax.default_backend()}: '
+          f'{jax.device_count()} x {jax.devices()[0].device_kind}')
 
 
 @pytest.fixture(scope='session')

@@ -109,8 +109,8 @@ class TfdsTest(parameterized.TestCase):
     self.assertEqual(batch['image'].dtype, np.float32)
     self.assertTrue(0 <= batch['image'].min() and batch['image'].max() <= 1)
 
-  @pytest.mark.slow  # TFDS mock data prepared for two datasets
   @parameterized.parameters('svhn', 'cifar10')
+  @pytest.mark.slow  # TFDS mock data prepared for two datasets
   def test_test_points_come_in_release_order(self, name):
     # --max_eval_examples=N must mean the first N of the original release,
     # not of TFDS's prepared (hash-shuffled) order.

@@ -273,20 +273,24 @@ class BackendFormsTest(parameterized.TestCase):
     if name == 'svhn_lenet':  # its conv2 forward runs in batch chunks
       self.assertNotEqual(self._chunked_convolutions(text), [])
 
-  @parameterized.parameters('lenet', 'svhn_lenet', 'resnet18')
-  def test_gpu_programs_hold_no_cpu_form(self, name):
+  def test_the_gpu_program_holds_no_cpu_form(self):
+    self._assert_no_cpu_form('svhn_lenet', 'cuda')  # both CPU conv forms
+
+  @parameterized.parameters('lenet', 'resnet18')
+  @pytest.mark.slow  # the same lowering rule, two more traces
+  def test_other_gpu_programs_hold_no_cpu_form(self, name):
     self._assert_no_cpu_form(name, 'cuda')
 
-  @pytest.mark.slow  # the same lowering rule as for cuda, three more traces
   @parameterized.parameters('lenet', 'svhn_lenet', 'resnet18')
+  @pytest.mark.slow  # the same lowering rule as for cuda, three more traces
   def test_tpu_programs_hold_no_cpu_form(self, name):
     self._assert_no_cpu_form(name, 'tpu')
 
   def test_the_cpu_program_holds_the_cpu_forms(self):
     self._assert_cpu_forms('svhn_lenet')
 
-  @pytest.mark.slow  # two more traces
   @parameterized.parameters('lenet', 'resnet18')
+  @pytest.mark.slow  # two more traces
   def test_other_cpu_programs_hold_the_cpu_forms(self, name):
     self._assert_cpu_forms(name)
 

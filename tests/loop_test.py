@@ -41,6 +41,7 @@ def _config():
   return configs.get_config('mnist_embedded', OVERRIDES)
 
 
+@pytest.mark.accelerator  # a short train with background saves
 class SlowWriterTest(absltest.TestCase):
 
   def test_training_steps_advance_while_a_save_is_in_flight(self):
@@ -76,6 +77,7 @@ class SlowWriterTest(absltest.TestCase):
 
 
 @pytest.mark.slow  # three trainings
+@pytest.mark.accelerator  # a short train, stopped and resumed
 class ResumeOutputsTest(absltest.TestCase):
 
   def test_a_replayed_run_ends_equal_and_shows_each_step_once(self):

@@ -12,6 +12,10 @@ import pytest
 
 from uta_jax import models
 
+# Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
+# python -m pytest -m accelerator runs them there.
+pytestmark = pytest.mark.accelerator
+
 # App. B: exact counts for the small nets; CIFAR ResNet-18 is ~11.2 M.
 EXPECTED_PARAMS = {
     'mlp': 203_530,

@@ -21,6 +21,10 @@ from uta_jax import programs
 from uta_jax import steps
 from uta_jax import training
 
+# Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
+# python -m pytest -m accelerator runs them there.
+pytestmark = pytest.mark.accelerator
+
 SMALL = {'max_train_examples': 64, 'batch_size': 16}
 
 
@@ -92,6 +96,7 @@ def _batch(config, step):
 
 class RunMappedStepTest(parameterized.TestCase):
 
+  @pytest.mark.slow  # 8 LeNet runs as one program and alone (~70 s)
   def test_each_run_equals_its_own_step(self):
     self._check_each_run_equals_its_own_step('unroll')  # the CPU default
 
@@ -209,9 +214,9 @@ class MemoryTest(absltest.TestCase):
       programs.runs_that_fit(need, 8, limit_bytes=100)
 
   def test_a_compile_time_out_of_memory_does_not_fit(self):
-    def need(r):  # as XLA's compiler says it for a program too large
-      if r > 2:
-        raise jax.errors.JaxRuntimeError(
+    def need(r):  # as XLA's compiler says it for a program too large (its
+      if r > 2:   # JaxRuntimeError is a RuntimeError)
+        raise RuntimeError(
             'RESOURCE_EXHAUSTED: Out of memory while trying to allocate '
             f'{r} GiB.')
       return 100

@@ -6,9 +6,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from uta_jax import models
 from uta_jax import uncertainty
+
+# Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
+# python -m pytest -m accelerator runs them there.
+pytestmark = pytest.mark.accelerator
 
 
 def np_predictive_entropy(logits: np.ndarray) -> np.ndarray:

@@ -120,15 +120,20 @@ def selected_objective(logits_fn: Callable[[jax.Array], jax.Array],
   """UTA's entropy (``use_uncertainty`` true) or PGD's cross-entropy of one
   model, chosen by a traced bool on one forward ``logits_fn(x)`` [B, C].
 
-  The select passes an exact zero cotangent to the branch not chosen, so a
-  UTA run's gradient, and its attack, do not depend on ``labels``.
+  Both come from one log-softmax, the cross-entropy as a one-hot product
+  (its gradient elementwise: a label gather's is a scatter, ~8% of the main
+  job's step on XLA:CPU). The select passes an exact zero cotangent to the
+  branch not chosen, so a UTA run's gradient, and its attack, do not depend
+  on ``labels``.
   """
-  entropy = uncertainty.get_measure('entropy')
 
   def objective(x):
-    logits = logits_fn(x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.where(use_uncertainty, entropy(logits[None]), ce)
+    log_probs = jax.nn.log_softmax(logits_fn(x), axis=-1)  # [B, C]
+    one_hot = jax.nn.one_hot(labels, log_probs.shape[-1],
+                             dtype=log_probs.dtype)
+    ce = -jnp.sum(one_hot * log_probs, axis=-1)
+    entropy = uncertainty.entropy_from_log_probs(log_probs)
+    return jnp.where(use_uncertainty, entropy, ce)
 
   return objective
 

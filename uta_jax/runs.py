@@ -76,6 +76,17 @@ def stored_config(results: Dict[str, Any]) -> Optional[configs.Config]:
     return None
 
 
+def finished_results(workdir: str,
+                     config: configs.Config) -> Optional[Dict[str, Any]]:
+  """The ``results.json`` of a finished run of ``config`` in ``workdir``
+  (a sweep reuses it instead of training again), else None: no results,
+  an unfinished run, or another config's."""
+  stored = read_results(workdir)
+  if stored.get('status') == 'finished' and stored_config(stored) == config:
+    return stored
+  return None
+
+
 class Run(NamedTuple):
   """A trained run read back from its workdir."""
   config: configs.Config
