@@ -11,7 +11,7 @@ Sections, one module each in ``experiments/benchmarks/``: ``attacks`` (the
 attacks and training steps of every model, ResNet-18's CIFAR-10 preset step
 included), ``convs`` (each LeNet convolution), ``autoattack`` (APGD in JAX
 vs the reference), ``loop`` (the loop efficiency of ``train.py``) and
-``runs`` (R runs as one program vs R programs; ``train.py --seeds`` vs R
+``runs`` (R runs as one program vs R plain steps; ``train.py --seeds`` vs R
 ``train.py`` calls).
 
 PyTorch runs on the device JAX computes on: CUDA, synchronised after every

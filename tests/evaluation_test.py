@@ -89,6 +89,33 @@ class EvaluateTest(absltest.TestCase):
       jax.monitoring.unregister_event_duration_listener(listener)
     self.assertEqual(compiles, [])
 
+  def test_precompiled_programs_give_the_same_result(self):
+    # As a program of runs evaluates: with the programs its sizing
+    # compiled. Chunks of every point run them; a later PGD restart on the
+    # surviving points may need another shape, compiled on demand.
+    compiled = evaluation.compiled_programs(self.model, self.variables,
+                                            self.ds.test, config=self.config)
+    calls = []
+
+    def counting(name, fn):
+      def call(*args):
+        calls.append(name)
+        return fn(*args)
+      return call
+
+    got = evaluation.evaluate(
+        self.model, self.variables, self.ds.test, config=self.config,
+        key=jax.random.PRNGKey(4),
+        compiled=(counting('fixed', compiled[0]),
+                  counting('pgd', compiled[1])))
+    self.assertEqual(got, evaluation.evaluate(
+        self.model, self.variables, self.ds.test, config=self.config,
+        key=jax.random.PRNGKey(4)))
+    # 150 points in one chunk per eps: the deterministic attacks and the
+    # first PGD restart ran the precompiled programs.
+    self.assertEqual(calls.count('fixed'), 2)
+    self.assertGreaterEqual(calls.count('pgd'), 2)
+
   def test_one_device_and_every_device_give_the_same_result(self):
     devices = jax.local_devices()
     if len(devices) < 2:

@@ -8,7 +8,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import chex
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,11 +95,11 @@ def _batch(config, step):
 
 class RunMappedStepTest(parameterized.TestCase):
 
-  @pytest.mark.slow  # 8 LeNet runs as one program and alone (~70 s)
+  @pytest.mark.slow  # 4 LeNet runs as one program and alone
   def test_each_run_equals_its_own_step(self):
     self._check_each_run_equals_its_own_step('unroll')  # the CPU default
 
-  @pytest.mark.slow  # one more program of 8 LeNet runs
+  @pytest.mark.slow  # one more program of 4 LeNet runs
   def test_each_run_equals_its_own_step_under_vmap(self):
     self._check_each_run_equals_its_own_step('vmap')
 
@@ -115,7 +114,8 @@ class RunMappedStepTest(parameterized.TestCase):
     # by ~lr whatever its gradient's size, so a weight whose gradient is
     # near zero may differ by up to 2 lr per step: every weight within
     # 2 lr * steps, their mean within 1e-5.
-    run_configs = _mixed_configs('lenet')
+    # Four of the 8 mixed runs: each seed, objective and eps_train once.
+    run_configs = [_mixed_configs('lenet')[i] for i in (0, 3, 5, 6)]
     model = classifier.create_model(run_configs[0])
     tx = steps.make_optimizer(run_configs[0], 4)
     states = programs.stack([_host_state(c, model, tx) for c in run_configs])
@@ -167,9 +167,14 @@ class RunMappedStepTest(parameterized.TestCase):
 def _primitives(jaxpr):
   """Every primitive name in ``jaxpr`` and the jaxprs nested in its
   equations' parameters (pmap's body, scan's and cond's branches, ...)."""
-  names = {eqn.primitive.name for eqn in jaxpr.eqns}
-  for sub in jax.extend.core.subjaxprs(jaxpr):
-    names |= _primitives(sub)
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, 'eqns'):
+          names |= _primitives(sub)
   return names
 
 

@@ -54,7 +54,8 @@ class PmapTest(chex.TestCase):
     grads_1 = jax.tree_util.tree_map(jnp.subtract, state.params, s1.params)
     grads_4 = jax.tree_util.tree_map(jnp.subtract, state.params, s4.params)
     chex.assert_trees_all_close(grads_4, grads_1, rtol=1e-4, atol=1e-6)
-    self.assertGreater(float(optax.tree.norm(grads_1)), 1e-3)
+    self.assertGreater(max(float(jnp.abs(g).max()) for g in
+                           jax.tree_util.tree_leaves(grads_1)), 1e-4)
     np.testing.assert_allclose(m4['loss'][0], m1['loss'], rtol=1e-5)
     self.assertEqual(int(s4.step), 1)
 

@@ -129,10 +129,12 @@ def _eval_programs(devices: Tuple[Any, ...], model: nn.Module, ensemble: bool,
 
 
 def compiled_programs(model: nn.Module, variables: Any, split: data.Split,
-                      *, config: configs.Config) -> list:
-  """``evaluate``'s two programs on the local devices, compiled from shapes
-  (nothing placed on a device): their memory analysis sizes a program of
-  runs, whose states stay alive while a run is evaluated (``training``)."""
+                      *, config: configs.Config) -> Tuple[Any, Any]:
+  """``evaluate``'s two programs on the local devices for ``split``,
+  compiled from shapes (nothing placed on a device): their memory analysis
+  sizes a program of runs, whose states stay alive while a run is
+  evaluated (``training``), and ``evaluate(..., compiled=...)`` runs them
+  without compiling again."""
   ec = config.eval
   devices = tuple(jax.local_devices())
   fixed, pgd = _eval_programs(devices, model, classifier.is_ensemble(config),
@@ -149,13 +151,14 @@ def compiled_programs(model: nn.Module, variables: Any, split: data.Split,
   eps = jax.ShapeDtypeStruct((), jnp.float32)
   key = jax.eval_shape(lambda: jax.random.key(0))
   restart = jax.ShapeDtypeStruct((), jnp.int32)
-  return [fixed.lower(replicated, batch, eps).compile(),
-          pgd.lower(replicated, batch, key, eps, restart).compile()]
+  return (fixed.lower(replicated, batch, eps).compile(),
+          pgd.lower(replicated, batch, key, eps, restart).compile())
 
 
 def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
              config: configs.Config, key: jax.Array, devices: Devices = None,
-             stop_requested: StopFn = None) -> Dict[str, Any]:
+             stop_requested: StopFn = None,
+             compiled: Optional[Tuple[Any, Any]] = None) -> Dict[str, Any]:
   """Accuracies (%) and mean entropies on ``split`` for every eval eps.
 
   The points are split over hosts and over ``devices`` (default: every local
@@ -163,7 +166,8 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   does not depend on the device count. PGD restarts run only on the points
   that survived the earlier ones; the PGD entropy is that of the first
   restart (all points). Raises ``parallel.Stopped`` between batches once
-  ``stop_requested()`` is true.
+  ``stop_requested()`` is true. ``compiled``: ``compiled_programs`` of this
+  model, config and split on the local devices, run instead of compiling.
 
   Returns ``{'num_examples', 'clean_accuracy', 'clean_entropy',
   'robust_accuracy': {attack: {eps: %}}, 'attacked_entropy': {attack: {eps:
@@ -171,12 +175,18 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   """
   ec = config.eval
   devices = tuple(devices or jax.local_devices())
-  fixed, pgd = _eval_programs(devices, model,
-                              classifier.is_ensemble(config), ec,
-                              classifier.input_bounds(config))
+  fixed, pgd = _eval_programs(devices, model, classifier.is_ensemble(config),
+                              ec, classifier.input_bounds(config))
   replicated = parallel.replicate(variables, devices)
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)  # one argument type: a typed key
   n = len(split)
   ids = parallel.host_indices(n)
+  if compiled is not None:  # for chunks of every point: later PGD restarts
+    # run on fewer points, in other shapes
+    full = parallel.per_device_batch(len(ids), len(devices), ec.batch_size)
+    fixed, pgd = (_precompiled(c, fn, full)
+                  for c, fn in zip(compiled, (fixed, pgd)))
   run = functools.partial(example_runner(split, devices, stop_requested),
                           batch_size=ec.batch_size)
   gather = lambda v: parallel.gather_examples(v, n)
@@ -210,6 +220,16 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
       results['attacked_entropy'][attack][str(eps)] = float(
           out[f'{attack}_entropy'].mean())
   return results
+
+
+def _precompiled(compiled: Any, fn: Callable[..., Any],
+                 per_device: int) -> Callable[..., Any]:
+  """``compiled`` for batches of ``per_device`` points a device, else
+  ``fn`` (which compiles for the other shapes)."""
+  def call(variables, batch, *args):
+    use = compiled if batch['image'].shape[1] == per_device else fn
+    return use(variables, batch, *args)
+  return call
 
 
 def tradeoff(results: Dict[str, Any], attack: str = 'pgd') -> Dict[str, float]:

@@ -164,7 +164,8 @@ def _train_group(group: List[training.Run], stop_requested, *, run_map: str,
               run.stopped_at if run.stopped_at is not None else run.step)}
         elif run.active:
           results[id(run)] = _report(run, model, dataset, stop_requested,
-                                     runs_in_program=len(chunk), start=start)
+                                     runs_in_program=len(chunk), start=start,
+                                     compiled=program.eval_programs)
         else:
           results[id(run)] = {'status': 'failed', 'error': run.error}
   finally:
@@ -215,7 +216,8 @@ def _train_to_end(program: training.Program, chunk: List[training.Run],
 
 
 def _report(run: training.Run, model, dataset, stop_requested, *,
-            runs_in_program: int, start: float) -> Dict[str, Any]:
+            runs_in_program: int, start: float,
+            compiled=None) -> Dict[str, Any]:
   """The final evaluation of a trained run, with its own key stream (the
   numbers of the run trained alone); writes and returns the results
   (``runs.update_results``), the last metrics, the curves."""
@@ -226,7 +228,7 @@ def _report(run: training.Run, model, dataset, stop_requested, *,
     results_eval = evaluation.evaluate(
         model, steps.variables_of(state), dataset.test, config=config,
         key=steps.stream_key(state, evaluation.KEY_STREAM, step),
-        stop_requested=stop_requested)
+        stop_requested=stop_requested, compiled=compiled)
   except parallel.Stopped:
     log.info('stop requested during the final evaluation (training finished '
              'and checkpointed at step %d)', step)

@@ -16,7 +16,7 @@ import concurrent.futures
 import logging
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -106,7 +106,8 @@ class Program:
     self.compile_seconds = 0.0  # the ahead-of-time compilations
     self._p_step = program_step(config, model, tx, run_map=run_map)
     self._compiled: Dict[int, Any] = {}
-    self._eval_bytes: Optional[int] = None
+    # evaluation.compiled_programs, once sizing has compiled them
+    self.eval_programs: Optional[Tuple[Any, Any]] = None
 
   def _inputs(self, chunk: List[Run]):
     p_states = parallel.replicate(programs.stack([r.state for r in chunk]))
@@ -152,15 +153,15 @@ class Program:
     return self._compiled[num]
 
   def _evaluation_bytes(self, run: Run) -> int:
-    """The larger of the evaluation's two compiled programs (one run's)."""
-    if self._eval_bytes is None:
+    """The larger of the evaluation's two compiled programs (one run's;
+    kept in ``eval_programs``, which the evaluations then run)."""
+    if self.eval_programs is None:
       start = time.time()
-      self._eval_bytes = max(programs.compiled_bytes(c) for c in
-                             evaluation.compiled_programs(
-                                 self.model, steps.variables_of(run.state),
-                                 self.dataset.test, config=self.config))
+      self.eval_programs = evaluation.compiled_programs(
+          self.model, steps.variables_of(run.state), self.dataset.test,
+          config=self.config)
       self.compile_seconds += time.time() - start
-    return self._eval_bytes
+    return max(programs.compiled_bytes(c) for c in self.eval_programs)
 
   def peak_bytes(self, chunk: List[Run]) -> int:
     """``programs.loop_bytes`` of ``chunk`` on one device: the compiled
@@ -256,7 +257,8 @@ class Program:
               if run.active:
                 eval_during_training(run, self.model,
                                       programs.unstack(states, i),
-                                      self.dataset, step, stop_requested)
+                                      self.dataset, step, stop_requested,
+                                      compiled=self.eval_programs)
           except parallel.Stopped:
             return stop(step, ' during evaluation')
         check(waiting=False)
@@ -388,14 +390,15 @@ def _fail_non_finite(run: Run, step: int) -> None:
 
 
 def eval_during_training(run: Run, model, state, dataset, step,
-                         stop_requested) -> None:
-  """Evaluates one run of a program mid-training, with its own keys."""
+                         stop_requested, *, compiled=None) -> None:
+  """Evaluates one run of a program mid-training, with its own keys
+  (``compiled``: ``Program.eval_programs``)."""
   config = run.config
   ev = evaluation.evaluate(model, steps.variables_of(state), dataset.test,
                            config=config,
                            key=steps.stream_key(state, evaluation.KEY_STREAM,
                                                 step),
-                           stop_requested=stop_requested)
+                           stop_requested=stop_requested, compiled=compiled)
   first = first_eps_accuracies(ev)
   log.info('eval at step %d: clean %.2f%%, FGSM %.2f%%, PGD %.2f%% '
            '(eps=%s)', step, ev['clean_accuracy'], first['fgsm_accuracy'],

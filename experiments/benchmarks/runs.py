@@ -1,4 +1,4 @@
-"""Section ``runs``: R runs as one program vs R programs one after another.
+"""Section ``runs``: R runs as one program vs R plain steps one after another.
 
 The step: R runs of the Fashion-MNIST LeNet UTA-AT step (eps_train 0.1,
 K = 10, batch 128 each) as one pmapped program (``training.program_step``,
