@@ -18,13 +18,13 @@ the same attack only.
 How the step maps over runs (``RUN_MAPS``): ``vmap`` batches the runs;
 ``unroll`` writes each run's step into the program one after another. On
 XLA:CPU (2 cores, ``benchmark.py --sections=runs``) ``unroll`` matches R
-single programs and ``vmap`` costs ~50% (vmapped weights become grouped
+plain steps and ``vmap`` costs ~50% (vmapped weights become grouped
 convolutions): ``unroll`` is the CPU default, ``vmap`` the accelerators'
 (unmeasured here: no GPU was lent). A program of one run is the unrolled
 step of that run.
 
-Memory: ``runs_that_fit`` sizes a program from the compiled step's memory
-analysis.
+Memory: ``runs_that_fit`` sizes a program from ``loop_bytes``: the compiled
+step's memory analysis and what the loop holds beside it.
 """
 
 from __future__ import annotations
