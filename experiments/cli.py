@@ -23,8 +23,8 @@ flags.DEFINE_string(
     'off')
 
 # Loggers whose lines users read: our progress, and AutoAttack's own wording.
-
 USER_LOGGERS = ('uta_jax', 'auto-attack')
+
 
 def fail(message: str) -> None:
   """One line on stderr, exit code 2, no traceback."""
