@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+from uta_jax import claims
 from uta_jax import reporting
+from uta_jax import stats
 
 EPS_TRAIN = (0.1, 0.2, 0.3, 0.4)
 METHODS = {
@@ -59,46 +61,57 @@ PAPER_TABLE2 = {
 FLAGS = flags.FLAGS
 
 
+def clean(rows: list) -> list:
+  return [r['clean_accuracy'] for r in rows]
+
+
+def score(rows: list, i: int) -> list:
+  return [r['score'][i] for r in rows]
+
+
 def verdicts(rows: list) -> list:
-  """Table 2 / Fig. 13's claims as rules over the per-seed rows."""
+  """Table 2 / Fig. 13's claims over the per-seed rows (``uta_jax.stats``:
+  paired seeds, intervals over seeds and test points)."""
   pgd = sweep.method_cells(rows, 'ls_pgd')
   uta = sweep.method_cells(rows, 'ls_uta')
   shared = sorted(set(pgd) & set(uta))
   if not shared:
     return []
-  clean = lambda rs: [r['clean_accuracy'] for r in rs]
-  seq = lambda vs: '/'.join(f'{v:.1f}' for v in vs)
+  n_eval = min(r['eval_examples'] for r in rows)
+  n_aa = min(r['aa_examples'] for r in rows)
   large = [e for e in shared if e >= 0.2]
-  mean = lambda rs, i: reporting.mean_std(r['score'][i] for r in rs)['mean']
-  score_cells = [(e, i, mean(uta[e], i), mean(pgd[e], i)) for e in shared
-                 for i in range(len(rows[0]['eps_test']))]
-  return [
-      reporting.verdict(
-          'latent space: LS-PGD-AT collapses at eps_train >= 0.2 (Table 2: '
-          '11.3 everywhere)',
-          f'clean(LS-PGD-AT) < {COLLAPSED_CLEAN:g}% at every eps_train >= 0.2,'
-          ' in every seed',
-          bool(large) and all(c < COLLAPSED_CLEAN for e in large
-                              for c in clean(pgd[e])),
-          '; '.join(f'{e:g}: {seq(clean(pgd[e]))}' for e in large)),
-      reporting.verdict(
-          'latent space: LS-UTA-AT keeps a higher clean accuracy than '
-          'LS-PGD-AT (Fig. 13 left)',
-          'clean(LS-UTA-AT) > clean(LS-PGD-AT) at every eps_train, in every '
-          'seed',
-          all(u > p for e in shared for p in clean(pgd[e])
-              for u in clean(uta[e])),
-          '; '.join(f'{e:g}: UTA {seq(clean(uta[e]))} vs PGD '
-                    f'{seq(clean(pgd[e]))}' for e in shared)),
-      reporting.verdict(
-          'latent space: LS-UTA-AT scores higher than LS-PGD-AT (Table 2)',
-          'seed-mean score LS-UTA-AT > LS-PGD-AT in every (eps_train, '
-          'eps_test) cell',
-          all(u > p for _, _, u, p in score_cells),
-          f'{sum(u > p for _, _, u, p in score_cells)} of {len(score_cells)} '
-          'cells; smallest difference '
-          f'{min(u - p for _, _, u, p in score_cells):+.1f}'),
-  ]
+  out = []
+  if large:
+    out.append(claims.every(
+        'latent space: LS-PGD-AT collapses at eps_train >= 0.2 (Table 2: '
+        '11.3 everywhere)',
+        f'clean(LS-PGD-AT) < {COLLAPSED_CLEAN:g}% at every eps_train >= 0.2',
+        [(f'eps_train {e:g}', 'clean(LS-PGD-AT), %',
+          stats.accuracy(clean(pgd[e]), n=n_eval), '<',
+          COLLAPSED_CLEAN) for e in large], signed=False))
+  pairs = {e: claims.paired_rows(uta[e], pgd[e]) for e in shared}
+  out.append(claims.every(
+      'latent space: LS-UTA-AT keeps a higher clean accuracy than '
+      'LS-PGD-AT (Fig. 13 left)',
+      'clean(LS-UTA-AT) - clean(LS-PGD-AT) > 0 at every eps_train',
+      [(f'eps_train {e:g}', 'clean(LS-UTA-AT) - clean(LS-PGD-AT)',
+        stats.paired_difference(clean(u), clean(p), n=n_eval),
+        '>', 0) for e, (u, p) in pairs.items()]))
+  out.append(claims.every(
+      'latent space: LS-UTA-AT scores higher than LS-PGD-AT (Table 2)',
+      'score(LS-UTA-AT) - score(LS-PGD-AT) > 0 in every (eps_train / '
+      'eps_test) cell',
+      [(f'{e:g}/{t:g}', 'score(LS-UTA-AT) - score(LS-PGD-AT)',
+        stats.paired_difference(score(u, i), score(p, i),
+                                n=n_aa), '>', 0)
+       for e, (u, p) in pairs.items()
+       for i, t in enumerate(rows[0]['eps_test'])]))
+  return out
+
+
+def payload_verdicts(payload: dict) -> list:
+  """The verdicts of a stored payload."""
+  return verdicts(payload['rows'])
 
 
 def markdown(payload: dict) -> str:
@@ -121,10 +134,10 @@ def figure(payload: dict):
     cells = sweep.method_cells(rows, method)
     if not cells:
       continue
-    stats = [reporting.mean_std(r['clean_accuracy'] for r in rs)
-             for rs in cells.values()]
-    left.errorbar(list(cells), [s['mean'] for s in stats],
-                  yerr=[s['std'] for s in stats], marker='o', ls=style,
+    spread = [reporting.mean_std(r['clean_accuracy'] for r in rs)
+              for rs in cells.values()]
+    left.errorbar(list(cells), [s['mean'] for s in spread],
+                  yerr=[s['std'] for s in spread], marker='o', ls=style,
                   capsize=3, label=method)
     for eps, rs in cells.items():
       eps_test = list(rs[0]['jax_pgd_accuracy'])
@@ -161,8 +174,8 @@ def run(out: str):
                      paper_score=list(paper) if paper else None))
   payload = {'dataset': preset['dataset'],
              'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
-             'verdicts': verdicts(rows),
              'compute_seconds': sweep.compute_seconds(rows)}
+  payload['verdicts'] = payload_verdicts(payload)
   return payload, {'latent_space': figure(payload)}
 
 

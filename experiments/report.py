@@ -1,14 +1,18 @@
 r"""Rebuilds results/README.md, the README's verdict summary and its
 benchmark tables from the JSON.
 
-  python experiments/report.py           # rewrite them
-  python experiments/report.py --check   # exit 1 if any is out of date
+  python experiments/report.py             # rewrite them
+  python experiments/report.py --check     # exit 1 if any is out of date
+  python experiments/report.py --reverdict # first re-decide the stored
+                                           # verdicts with today's rules
 
 Every paper script writes ``results/<script>_<preset>/<script>.json`` with
 its per-seed rows and the ``verdicts`` of the paper's claims it tests. This
 script renders each JSON with the script's own ``markdown`` function (the
 one that wrote its ``.md``), adds the command, seeds, stored compute time and
-figures, and collects every verdict into one table. A README region
+figures, and collects every verdict into one table (``--reverdict`` first
+applies each script's current rules, ``payload_verdicts``, to its stored
+per-seed rows, keeping the old rule's yes/no as ``previous``). A README region
 ``<!-- benchmark SECTION: PATH -->`` ... ``<!-- end of benchmark SECTION -->``
 holds the table of that section of a ``benchmark.py`` JSON, rendered by the
 section's own ``markdown``. Nothing here is typed by hand: rerunning a
@@ -37,6 +41,7 @@ import toy2d
 import visual_appearance
 from benchmarks import loop as loop_benchmark
 from benchmarks import runs as runs_benchmark
+from uta_jax import claims
 from uta_jax import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +72,19 @@ How to read these numbers:
 
 - **Seeds**: every cell is the mean ± sample standard deviation over the
   seeds named in its header (one run per seed); a lone value had one seed.
-- **Verdicts** are rules in the scripts' code (`verdicts()` in each script),
-  applied to the stored per-seed rows. A claim that does not hold is
-  reported as not holding; the rules were written before the runs.
+- **Verdicts** (`uta_jax/stats.py`, one rule for every claim): each claim
+  is a statistic measured per seed (mostly a paired difference, UTA-AT
+  minus PGD-AT of the same seed's data order and initialisation) and a side
+  of a threshold. Its seed mean gets a 95% interval over both sources of
+  error: the seeds (Student's t) and the shared test sample (the binomial
+  error of n test points), joined with Welch-Satterthwaite degrees of
+  freedom. The claim **holds** when the whole interval lies on its side,
+  **fails** when it lies on the other side, and is *inconclusive*
+  otherwise: a tie, or too few seeds or test points to tell. "At every
+  eps_train" claims hold when every part holds and show their weakest part.
+  The rules are in each script's `verdicts()`, written before the runs;
+  "old rule" is the yes/no of the rule used before this one (every seed
+  strictly ordered), on the same stored data.
 - **AutoAttack**: quick presets run its standard version's APGD-CE and
   APGD-T (`--aa_version=apgd`, natively in JAX; see the agreement check at
   the end); the paper preset runs the standard version with FAB-T and
@@ -86,6 +101,9 @@ flags.DEFINE_bool('check', False, 'exit 1 when results/README.md or the '
 flags.DEFINE_string('results_dir', RESULTS, 'the folder of the scripts\' '
                     'output folders')
 flags.DEFINE_string('readme', README, 'the README with the verdict markers')
+flags.DEFINE_bool('reverdict', False, 'first recompute every stored JSON\'s '
+                  'verdicts with its script\'s current rules (keeping the '
+                  'old yes/no) and rewrite its JSON and markdown')
 FLAGS = flags.FLAGS
 
 
@@ -126,13 +144,32 @@ def verdict_rows(found: list, *, link: str) -> str:
     for v in payload.get('verdicts') or ():
       rel = os.path.basename(folder)
       title = dict(SECTIONS)[module]
-      rows.append([v['claim'], 'yes' if v['holds'] else '**no**',
-                   str(payload['seeds']),
+      rows.append([v['claim'], f"{v['statistic']}: "
+                   f'{claims.interval_text(v)}', claims.outcome_text(v),
+                   claims.previous_text(v), str(payload['seeds']),
                    f'[{rel}]({link}#{anchor(title, rel)})'])
   if not rows:
     return 'No stored results with verdicts yet.\n'
-  return reporting.markdown_table(['claim', 'holds', 'seeds', 'results'],
-                                  rows)
+  return reporting.markdown_table(
+      ['claim', 'statistic: seed mean [95% interval]', 'outcome',
+       'old rule', 'seeds', 'results'], rows)
+
+
+def reverdict(results_dir: str) -> list:
+  """Re-decides every stored JSON's verdicts with its script's current
+  ``payload_verdicts``; rewrites the JSON and markdown; the paths written."""
+  written = []
+  for module, _, folder, payload in stored_results(results_dir):
+    if 'seeds' not in payload or not hasattr(module, 'payload_verdicts'):
+      continue
+    payload['verdicts'] = claims.carry_previous(
+        module.payload_verdicts(payload), payload.get('verdicts'))
+    stem = module.__name__
+    reporting.write_json(os.path.join(folder, f'{stem}.json'), payload)
+    with open(os.path.join(folder, f'{stem}.md'), 'w') as f:
+      f.write(sweep.render(module.markdown, payload))
+    written.append(os.path.join(folder, f'{stem}.json'))
+  return written
 
 
 def heading(title: str, rel: str) -> str:
@@ -191,7 +228,13 @@ def build(results_dir: str, readme_path: str) -> dict:
 
 def main(argv):
   del argv
+  if FLAGS.reverdict and FLAGS.check:
+    cli.fail('--reverdict rewrites the JSON; --check writes nothing: '
+             'choose one')
   try:
+    if FLAGS.reverdict:
+      for path in reverdict(FLAGS.results_dir):
+        print(f're-decided {os.path.relpath(path)}')
     wanted = build(FLAGS.results_dir, FLAGS.readme)
   except (ValueError, OSError) as e:
     cli.fail(str(e))

@@ -31,6 +31,7 @@ from absl import flags
 import cli
 import config_flags
 from uta_jax import auto_attack
+from uta_jax import claims
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import loop
@@ -357,8 +358,9 @@ def render(markdown: Callable[[Dict[str, Any]], str],
   """A script's markdown from its JSON payload: tables, then verdicts."""
   text = markdown(payload)
   if payload.get('verdicts'):
-    text += ('\n#### Verdicts (rules over the per-seed results)\n\n' +
-             reporting.verdicts_markdown(payload['verdicts']))
+    text += ('\n#### Verdicts (seed mean of each statistic with its 95% '
+             'interval over seeds and test points; `uta_jax.stats`)\n\n' +
+             claims.verdicts_markdown(payload['verdicts']))
   return text
 
 
@@ -368,6 +370,10 @@ def write_outputs(out: str, stem: str, *, payload: Dict[str, Any],
   """``<stem>.json`` (``payload`` plus the script and command), ``<stem>.md``
   (``render``ed from it) and a ``<name>.png`` per figure in ``out``."""
   payload = dict(payload, script=stem, command=command())
+  old = os.path.join(out, f'{stem}.json')
+  if 'verdicts' in payload and os.path.exists(old):
+    payload['verdicts'] = claims.carry_previous(
+        payload['verdicts'], reporting.read_json(old).get('verdicts'))
   text = render(markdown, payload)
   try:
     reporting.write_json(os.path.join(out, f'{stem}.json'), payload)

@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+from uta_jax import claims
 from uta_jax import reporting
+from uta_jax import stats
 
 METHODS = ('pgd', 'uta', 'uta_ensemble')
 EPS_TRAIN = {
@@ -56,6 +58,9 @@ PRESETS = {
 }
 # Clean accuracy under which a run counts as collapsed (chance is 10%).
 COLLAPSED_CLEAN = 20.0
+# "At least as well": the ensemble's score is not below UTA-AT's by more
+# than this many points (a non-inferiority margin; 0 would demand a win).
+ENSEMBLE_MARGIN = 1.0
 # Table 1 of the paper: (dataset, method, eps_train) -> scores per eps_test.
 PAPER_TABLE1 = {
     ('fashion_mnist', 'pgd', 0.1): (79.6, 75.1, 44.6, 41.2),
@@ -129,70 +134,107 @@ def _means(rows: list, key: str, index=None) -> float:
   return reporting.mean_std(values)['mean']
 
 
+def clean(rows: list) -> list:
+  """The per-seed clean accuracies of a cell's rows."""
+  return [r['clean_accuracy'] for r in rows]
+
+
+def score(rows: list, i: int) -> list:
+  """The per-seed scores at the ``i``-th eps_test of a cell's rows."""
+  return [r['score'][i] for r in rows]
+
+
 def verdicts(rows: list) -> list:
-  """The paper's Table 1 / Fig. 2 claims as rules over one dataset's
-  per-seed rows (a rule needs both of its methods; seeds are paired)."""
+  """The paper's Table 1 / Fig. 2 claims over one dataset's per-seed rows
+  (``uta_jax.stats``: paired seeds, intervals over seeds and test points;
+  clean accuracy on each row's ``eval_examples``, scores on its
+  ``aa_examples``: the score averages two accuracies of the same points, so
+  its binomial variance is at most that of one accuracy)."""
   dataset = rows[0]['dataset']
   pgd, uta, ens = (sweep.method_cells(rows, m) for m in METHODS)
+  n_eval = min(r['eval_examples'] for r in rows)
+  n_aa = min(r['aa_examples'] for r in rows)
+  eps_test = rows[0]['eps_test']
   out = []
   shared = sorted(set(pgd) & set(uta))
   if shared:
-    pairs = {eps: [(p['clean_accuracy'], u['clean_accuracy'])
-                   for p in pgd[eps] for u in uta[eps]
-                   if p['seed'] == u['seed']] for eps in shared}
-    out.append(reporting.verdict(
+    pairs = {eps: claims.paired_rows(uta[eps], pgd[eps]) for eps in shared}
+    gaps = {eps: stats.paired_difference(clean(u), clean(p), n=n_eval)
+            for eps, (u, p) in pairs.items()}
+    out.append(claims.every(
         f'{dataset}: UTA-AT keeps a higher clean accuracy than PGD-AT '
         '(Fig. 2)',
-        'clean(UTA-AT) > clean(PGD-AT) at every eps_train, in every seed',
-        all(u > p for ps in pairs.values() for p, u in ps),
-        '; '.join(f'{eps:g}: UTA ' + '/'.join(f'{u:.1f}' for _, u in ps) +
-                  ' vs PGD ' + '/'.join(f'{p:.1f}' for p, _ in ps)
-                  for eps, ps in pairs.items())))
-    gap = {eps: _means(uta[eps], 'clean_accuracy') -
-                _means(pgd[eps], 'clean_accuracy') for eps in shared}
-    out.append(reporting.verdict(
-        f'{dataset}: the clean-accuracy gap UTA-AT minus PGD-AT widens with '
-        'eps_train (Fig. 2)',
-        'mean gap at the largest eps_train > mean gap at the smallest',
-        len(shared) > 1 and gap[shared[-1]] > gap[shared[0]],
-        ', '.join(f'{eps:g}: {g:+.1f}' for eps, g in gap.items())))
+        'clean(UTA-AT) - clean(PGD-AT) > 0 at every eps_train',
+        [(f'eps_train {eps:g}', 'clean(UTA-AT) - clean(PGD-AT)', g, '>', 0)
+         for eps, g in gaps.items()]))
+    if len(shared) > 1:
+      lo_eps, hi_eps = shared[0], shared[-1]
+      (u_hi, p_hi), (u_lo, p_lo) = pairs[hi_eps], pairs[lo_eps]
+      common = sorted({r['seed'] for r in u_hi} & {r['seed'] for r in u_lo})
+      at = lambda rs: [r['clean_accuracy'] for s in common for r in rs
+                       if r['seed'] == s]
+      widening = [(a - b) - (c - d) for a, b, c, d in
+                  zip(at(u_hi), at(p_hi), at(u_lo), at(p_lo))]
+      test_var = sum(stats.binomial_variance(_means(rs, 'clean_accuracy'),
+                                             n_eval)
+                     for rs in (u_hi, p_hi, u_lo, p_lo))
+      est = stats.interval(widening, test_var)
+      out.append(claims.verdict(
+          f'{dataset}: the clean-accuracy gap UTA-AT minus PGD-AT widens '
+          'with eps_train (Fig. 2)',
+          f'gap at eps_train {hi_eps:g} - gap at {lo_eps:g} > 0 (per seed)',
+          'change of the gap, points', est, stats.outcome(est, '>', 0),
+          ', '.join(f'gap at {eps:g}: {g.text()}' for eps, g in gaps.items())))
     top = shared[-1]
-    pgd_top = [r['clean_accuracy'] for r in pgd[top]]
-    uta_top = [r['clean_accuracy'] for r in uta[top]]
-    out.append(reporting.verdict(
+    u_top, p_top = pairs[top]
+    parts = [(f'PGD-AT at {top:g}', 'clean(PGD-AT)',
+              stats.accuracy(clean(p_top), n=n_eval), '<', COLLAPSED_CLEAN),
+             (f'UTA-AT at {top:g}', 'clean(UTA-AT)',
+              stats.accuracy(clean(u_top), n=n_eval), '>', COLLAPSED_CLEAN)]
+    out.append(claims.every(
         f'{dataset}: at the largest eps_train PGD-AT collapses and UTA-AT '
         'does not (§5.1)',
-        f'at eps_train {top:g}: clean(PGD-AT) < {COLLAPSED_CLEAN:g}% in every '
-        f'seed and clean(UTA-AT) >= {COLLAPSED_CLEAN:g}% in every seed',
-        all(c < COLLAPSED_CLEAN for c in pgd_top) and
-        all(c >= COLLAPSED_CLEAN for c in uta_top),
-        'PGD-AT ' + '/'.join(f'{c:.1f}' for c in pgd_top) + ', UTA-AT ' +
-        '/'.join(f'{c:.1f}' for c in uta_top)))
-    eps_test = rows[0]['eps_test']
-    best = lambda cells, i: max(_means(rs, 'score', i)
-                                for rs in cells.values())
-    wins = [(e, best(uta, i), best(pgd, i)) for i, e in enumerate(eps_test)]
-    out.append(reporting.verdict(
+        f'at eps_train {top:g}: clean(PGD-AT) < {COLLAPSED_CLEAN:g}% and '
+        f'clean(UTA-AT) > {COLLAPSED_CLEAN:g}%', parts, signed=False))
+    best = lambda cells, i: max(cells, key=lambda e: _means(cells[e], 'score',
+                                                            i))
+    parts = []
+    for i, e in enumerate(eps_test):
+      bu, bp = best({k: uta[k] for k in shared}, i), best(
+          {k: pgd[k] for k in shared}, i)
+      u, p = claims.paired_rows(uta[bu], pgd[bp])
+      parts.append((f'eps_test {e:g} (UTA {bu:g} vs PGD {bp:g})',
+                    'score(best UTA-AT) - score(best PGD-AT)',
+                    stats.paired_difference(score(u, i), score(p, i),
+                                            n=n_aa), '>', 0))
+    out.append(claims.every(
         f'{dataset}: the best UTA-AT model beats the best PGD-AT model at '
         'every eps_test (Table 1)',
-        'max over eps_train of the seed-mean score: UTA-AT > PGD-AT at '
-        'every eps_test',
-        all(u > p for _, u, p in wins),
-        ', '.join(f'{e:g}: {u:.1f} vs {p:.1f}' for e, u, p in wins)))
+        'per eps_test, the eps_train of each method with the best seed-mean '
+        'score; their paired score difference > 0 at every eps_test',
+        parts))
   if ens and uta:
-    cells = [(eps, i, _means(ens[eps], 'score', i),
-              _means(uta[eps], 'score', i))
-             for eps in sorted(set(ens) & set(uta))
-             for i in range(len(rows[0]['eps_test']))]
-    out.append(reporting.verdict(
+    parts = []
+    for eps in sorted(set(ens) & set(uta)):
+      e_rows, u_rows = claims.paired_rows(ens[eps], uta[eps])
+      for i, e in enumerate(eps_test):
+        parts.append((f'{eps:g}/{e:g}', 'score(ensemble) - score(UTA-AT)',
+                      stats.paired_difference(score(e_rows, i),
+                                              score(u_rows, i), n=n_aa),
+                      '>', -ENSEMBLE_MARGIN))
+    out.append(claims.every(
         f'{dataset}: a 5-model UTA ensemble scores at least as well as '
         'single-model UTA-AT (App. C)',
-        'seed-mean score(ensemble) >= seed-mean score(UTA-AT) in every '
-        '(eps_train, eps_test) cell',
-        all(e >= u for _, _, e, u in cells),
-        f'{sum(e >= u for _, _, e, u in cells)} of {len(cells)} cells; '
-        'differences ' + ', '.join(f'{e - u:+.1f}' for _, _, e, u in cells)))
+        f'score(ensemble) - score(UTA-AT) > -{ENSEMBLE_MARGIN:g} points in '
+        'every (eps_train / eps_test) cell', parts))
   return out
+
+
+def payload_verdicts(payload: dict) -> list:
+  """The verdicts of every dataset of a stored payload."""
+  rows = payload['rows']
+  return [v for d in dict.fromkeys(r['dataset'] for r in rows)
+          for v in verdicts([r for r in rows if r['dataset'] == d])]
 
 
 def markdown(payload: dict) -> str:
@@ -255,9 +297,8 @@ def run(out: str):
     rows += run_dataset(dataset, setting, out, seeds)
   payload = {
       'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
-      'verdicts': [v for d in datasets
-                   for v in verdicts([r for r in rows if r['dataset'] == d])],
       'compute_seconds': sweep.compute_seconds(rows)}
+  payload['verdicts'] = payload_verdicts(payload)
   return payload, {'table1': figure(payload)}
 
 

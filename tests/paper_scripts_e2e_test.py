@@ -17,6 +17,8 @@ import time
 from absl.testing import absltest
 import pytest
 
+from uta_jax import stats
+
 from testutil import ROOT, run_script  # pylint: disable=g-bad-import-order
 
 TINY = ['--max_train_examples=256', '--max_eval_examples=32',
@@ -52,10 +54,19 @@ class PaperScriptsTest(absltest.TestCase):
     self.assertEqual([v['claim'].split(':')[0] for v in payload['verdicts']],
                      ['mnist_embedded'] * 4)
     for v in payload['verdicts']:
-      self.assertEqual(set(v), {'claim', 'rule', 'holds', 'evidence'})
+      self.assertEqual(set(v), {'claim', 'rule', 'statistic', 'effect', 'lo', 'hi',
+                               'seeds', 'digits', 'signed', 'outcome',
+                               'evidence'})
+      self.assertEqual(v['seeds'], 2)
     clean = {(r['seed'], r['method']): r['clean_accuracy'] for r in rows}
-    self.assertEqual(payload['verdicts'][0]['holds'],
-                     all(clean[s, 'uta'] > clean[s, 'pgd'] for s in (0, 1)))
+    # One eps_train: the claim's statistic is the mean paired difference,
+    # decided by where its interval lies.
+    first = payload['verdicts'][0]
+    self.assertAlmostEqual(first['effect'], sum(
+        clean[s, 'uta'] - clean[s, 'pgd'] for s in (0, 1)) / 2, places=3)
+    self.assertLess(first['lo'], first['effect'])
+    self.assertEqual(first['outcome'], stats.outcome(stats.Estimate(
+        first['effect'], first['lo'], first['hi'], 2)))
     # The quick AutoAttack: the standard APGD-CE and APGD-T only, in JAX.
     self.assertIn('including apgd-ce, apgd-t (JAX backend', proc.stderr)
     self.assertIn('robust accuracy after APGD-T', proc.stderr)
@@ -109,9 +120,14 @@ class PaperScriptsTest(absltest.TestCase):
       self.assertEqual(r['lowest_pgd_after_best'],
                        min(r['pgd'][r['pgd'].index(r['best_pgd']):]))
     fgsm_collapsed, uta_kept, _ = payload['verdicts']
-    self.assertEqual(fgsm_collapsed['holds'],
-                     rows[0]['lowest_pgd_after_best'] < 5)
-    self.assertEqual(uta_kept['holds'], rows[1]['lowest_pgd_after_best'] >= 5)
+    # One seed: the statistic is its value; no interval, so no decision.
+    self.assertAlmostEqual(fgsm_collapsed['effect'],
+                           rows[0]['lowest_pgd_after_best'], places=3)
+    self.assertAlmostEqual(uta_kept['effect'],
+                           rows[1]['lowest_pgd_after_best'], places=3)
+    for v in payload['verdicts']:
+      self.assertEqual((v['lo'], v['hi'], v['outcome']),
+                       (None, None, 'inconclusive'))
 
   def test_toy2d_reports_crossing_oscillations_and_geometry(self):
     out = self.create_tempdir().full_path
@@ -145,8 +161,8 @@ class PaperScriptsTest(absltest.TestCase):
     osc = [s['training'][m]['mean_oscillations'] for s in result['per_seed']
            for m in ('pgd', 'uta')]
     oscillation_verdict = result['verdicts'][-1]
-    self.assertEqual(oscillation_verdict['holds'],
-                     osc[1] < osc[0] and osc[3] < osc[2])
+    self.assertAlmostEqual(oscillation_verdict['effect'],
+                           (osc[1] - osc[0] + osc[3] - osc[2]) / 2, places=3)
     rerun = run_script('toy2d', *args)
     self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
     self.assertEqual(rerun.stderr.count('reusing'), 10)
@@ -170,8 +186,9 @@ class PaperScriptsTest(absltest.TestCase):
       self.assertLen(row[name]['predictions'], 10)
       self.assertBetween(row[name]['mean_linf'], 0.0, 50 * 0.001 + 1e-6)
     (v,) = result['verdicts']
-    self.assertEqual(v['holds'], all(r['uta']['mean_l2'] < r['pgd']['mean_l2']
-                                     for r in result['rows']))
+    self.assertAlmostEqual(v['effect'], sum(
+        r['uta']['mean_l2'] - r['pgd']['mean_l2'] for r in result['rows']) / 2,
+                           places=3)
 
   def test_bad_flags_give_one_line_errors(self):
     out = self.create_tempdir().full_path

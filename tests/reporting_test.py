@@ -87,13 +87,6 @@ class ReportingTest(absltest.TestCase):
     with self.assertRaises(KeyError):
       reporting.values_at(rows, 'c')
 
-  def test_verdict_and_its_table(self):
-    v = reporting.verdict('c', 'r', 0 > 1, 'e')
-    self.assertEqual(v, {'claim': 'c', 'rule': 'r', 'holds': False,
-                         'evidence': 'e'})
-    self.assertIn('| c | r | **no** | e |',
-                  reporting.verdicts_markdown([v]))
-
 
   def test_tensorboard_events_hold_each_metric_once_per_step(self):
     folder = self.create_tempdir().full_path

@@ -294,19 +294,3 @@ def group_rows(rows: Iterable[Dict[str, Any]], *keys: str
   for row in rows:
     groups.setdefault(tuple(row[k] for k in keys), []).append(row)
   return groups
-
-
-def verdict(claim: str, rule: str, holds: bool, evidence: str
-           ) -> Dict[str, Any]:
-  """A paper claim, the rule over per-seed results that tests it, whether
-  the rule holds on the stored data, and the numbers it was decided on."""
-  return {'claim': claim, 'rule': rule, 'holds': bool(holds),
-          'evidence': evidence}
-
-
-def verdicts_markdown(verdicts: List[Dict[str, Any]]) -> str:
-  """The verdicts as a markdown table (claim, rule, holds, evidence)."""
-  return markdown_table(
-      ['claim', 'rule', 'holds', 'evidence'],
-      [[v['claim'], v['rule'], 'yes' if v['holds'] else '**no**',
-        v['evidence']] for v in verdicts])
