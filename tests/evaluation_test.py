@@ -19,6 +19,24 @@ from uta_jax import steps
 pytestmark = pytest.mark.accelerator
 
 
+class StepSizeTest(absltest.TestCase):
+
+  def test_every_preset_attack_can_reach_every_eps_it_reports(self):
+    for dataset in data.DATASETS:
+      config = configs.get_config(dataset)
+      for eps in config.eval.eps:
+        for k in (config.eval.pgd_steps, config.eval.uta_steps):
+          reach = k * float(evaluation.step_size(eps, config.eval, k))
+          self.assertGreaterEqual(reach, eps - 1e-7, (dataset, eps, k))
+
+  def test_the_configured_step_is_kept_where_it_reaches(self):
+    config = configs.get_config('mnist_embedded').eval  # 0.01, 20 steps
+    self.assertAlmostEqual(float(evaluation.step_size(0.05, config, 20)),
+                           0.01)
+    self.assertAlmostEqual(float(evaluation.step_size(0.3, config, 20)),
+                           0.0375)
+
+
 class EvaluateTest(absltest.TestCase):
 
   @classmethod
@@ -61,6 +79,21 @@ class EvaluateTest(absltest.TestCase):
                  (np.argmax(logits_fn(x_adv), -1) == y))
       self.assertAlmostEqual(r['robust_accuracy']['fgsm'][str(eps)],
                              100 * correct.mean(), places=4)
+
+  def test_uta_column_is_a_direct_uta_that_reaches_its_eps(self):
+    r = self.evaluate()
+    x, y = data.to_float(self.ds.test.images), self.ds.test.labels
+    _, sample_fn = evaluation.logits_fns(self.model, self.variables, False)
+    logits_fn = lambda inputs: self.model.apply(self.variables, inputs)
+    steps_k = self.config.eval.uta_steps
+    x_adv = attacks.uta(sample_fn, x, eps=0.3, num_steps=steps_k,
+                        step_size=2.5 * 0.3 / steps_k, bounds=(0.0, 1.0))
+    correct = ((np.argmax(logits_fn(x), -1) == y) &
+               (np.argmax(logits_fn(x_adv), -1) == y))
+    self.assertAlmostEqual(r['robust_accuracy']['uta']['0.3'],
+                           100 * correct.mean(), places=4)
+    # It leaves the 0.2-ball that 20 steps of the configured 0.01 kept it in.
+    self.assertGreater(float(np.abs(x_adv - x).max()), 0.2 + 1e-3)
 
   def test_collapse_step_finds_the_first_lasting_drop(self):
     steps_ = [0, 50, 100, 150, 200, 250]

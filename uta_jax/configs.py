@@ -101,8 +101,9 @@ class EvalConfig:
   eps: Tuple[float, ...] = field((0.05, 0.1, 0.2, 0.3),
                                  'eps values of the evaluation')
   pgd_steps: int = field(20, 'PGD steps in evaluation')
-  pgd_step_size: Optional[float] = field(0.01, 'PGD step size in evaluation '
-                                         '(preset None: eps / 4)')
+  pgd_step_size: Optional[float] = field(0.01, 'step size of the PGD and '
+                                         'UTA evaluation attacks (None: eps '
+                                         '/ 4), at least 2.5 eps / steps')
   pgd_restarts: int = field(10, 'PGD restarts in evaluation')
   uta_steps: int = field(20, 'UTA steps in evaluation')
   batch_size: int = field(500, 'evaluation batch size')
