@@ -213,21 +213,28 @@ def figure(payload: dict):
   """Clean, FGSM and PGD accuracy against iteration; a thin line per seed."""
   groups = reporting.group_rows(payload['rows'], 'setting', 'method')
   plt = sweep.pyplot()
-  fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5),
+  fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2),
                            squeeze=False, sharey=True)
+  styles = ('-', '--', ':', '-.')
   for ax, ((setting, method), rs) in zip(axes[0], groups.items()):
     for key, label, color in (('clean', 'clean', 'tab:blue'),
                               ('fgsm', 'FGSM', 'tab:orange'),
-                              ('pgd', 'PGD', 'tab:green')):
+                              ('pgd', 'PGD-20', 'tab:green')):
       for i, r in enumerate(rs):
-        ax.plot(r['steps'], r[key], color=color, lw=1, alpha=0.8,
-                label=label if i == 0 else None)
-    for r in rs:
+        ax.plot(r['steps'], r[key], color=color, lw=1.2, alpha=0.85,
+                ls=styles[i % len(styles)],
+                label=f"{label}, seed {r['seed']}")
+    for i, r in enumerate(rs):
       if r['collapse_step'] is not None:
-        ax.axvline(r['collapse_step'], color='k', ls=':', lw=1)
-    ax.set(title=f'{setting}: {method} ({len(rs)} seeds)', xlabel='iteration',
-           ylabel='test accuracy (%)')
-    ax.legend()
+        ax.axvline(r['collapse_step'], color='k', ls=styles[i % len(styles)],
+                   lw=0.8)
+    ax.set(title=f'{setting}: {reporting.method_name(method)}, eps '
+                 f"{rs[0]['eps']:g}\n(black: where PGD accuracy collapses)",
+           xlabel='training iteration',
+           ylabel=f"test accuracy (%), {rs[0]['eval_examples']} points")
+    ax.legend(fontsize=6, ncol=len(rs))
+  fig.suptitle(f"Fig. 4 at quick scale: seeds {payload['seeds']}, one line "
+               'style per seed', fontsize=10)
   fig.tight_layout()
   return fig
 

@@ -130,25 +130,33 @@ def figure(payload: dict):
   rows = payload['rows']
   plt = sweep.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for method, style in (('ls_pgd', '-'), ('ls_uta', '-.')):
+  for method, color in (('ls_pgd', 'tab:blue'), ('ls_uta', 'tab:orange')):
     cells = sweep.method_cells(rows, method)
     if not cells:
       continue
+    name = reporting.method_name(method)
     spread = [reporting.mean_std(r['clean_accuracy'] for r in rs)
               for rs in cells.values()]
     left.errorbar(list(cells), [s['mean'] for s in spread],
-                  yerr=[s['std'] for s in spread], marker='o', ls=style,
-                  capsize=3, label=method)
-    for eps, rs in cells.items():
+                  yerr=[s['std'] for s in spread], marker='o', color=color,
+                  capsize=3, label=name)
+    for i, (eps, rs) in enumerate(cells.items()):
       eps_test = list(rs[0]['jax_pgd_accuracy'])
       right.plot([float(e) for e in eps_test],
                  [reporting.mean_std(r['jax_pgd_accuracy'][e] for r in rs)[
-                     'mean'] for e in eps_test], marker='.', ls=style,
-                 label=f'{method} eps_train={eps:g}')
-  left.set(xlabel='eps_train (latent)', ylabel='clean accuracy (%)')
-  right.set(xlabel='eps_test (input)', ylabel='PGD-20 accuracy (%)')
+                     'mean'] for e in eps_test], marker='.', color=color,
+                 alpha=0.4 + 0.15 * i,
+                 label=(f'{name}, eps_train {min(cells):g}-{max(cells):g} '
+                        '(one line each, overlapping)') if i == 0 else None)
+  left.set(xlabel='eps_train (latent space)', ylabel='clean accuracy (%)',
+           title='clean accuracy, mean ± std over seeds')
+  right.set(xlabel='eps_test (input space)',
+            ylabel='PGD-20 accuracy (%), seed mean',
+            title='input-space robustness')
   left.legend()
   right.legend(fontsize=7)
+  fig.suptitle(f"Table 2 / Fig. 13 at quick scale ({payload['dataset']}, "
+               f"seeds {payload['seeds']})", fontsize=10)
   fig.tight_layout()
   return fig
 

@@ -328,7 +328,7 @@ def score_table(rows: List[Dict[str, Any]]) -> str:
   for (method, eps), rs in reporting.group_rows(
       rows, 'method', 'eps_train').items():
     paper = rs[0].get('paper_score') or [None] * len(rs[0]['score'])
-    table.append([method, f'{eps:g}'] + [
+    table.append([reporting.method_name(method), f'{eps:g}'] + [
         reporting.format_mean_std(r['score'][i] for r in rs) +
         (f' ({p:.1f})' if p is not None else '')
         for i, p in enumerate(paper)] + [

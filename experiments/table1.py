@@ -261,30 +261,53 @@ def markdown(payload: dict) -> str:
   return '\n'.join(parts)
 
 
+COLORS = {'pgd': 'tab:blue', 'uta': 'tab:orange', 'uta_ensemble': 'tab:green'}
+
+
 def figure(payload: dict):
-  """Fig. 2: clean accuracy against eps_train (mean ± std over seeds), one
-  panel per dataset; every seed as a faint dot."""
+  """Fig. 2 and Table 1 beside the paper: per dataset, clean accuracy and
+  each eps_test's score against eps_train, seed mean ± std (every seed a
+  faint dot), the paper's Table 1 score dashed."""
   rows = payload['rows']
   plt = sweep.pyplot()
   datasets = list(dict.fromkeys(r['dataset'] for r in rows))
-  fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets),
-                                                      3.5), squeeze=False)
-  for ax, dataset in zip(axes[0], datasets):
-    for method in METHODS:
-      cells = sweep.method_cells(
-          [r for r in rows if r['dataset'] == dataset], method)
-      if not cells:
-        continue
-      stats = [reporting.mean_std(r['clean_accuracy'] for r in rs)
-               for rs in cells.values()]
-      line = ax.errorbar(list(cells), [s['mean'] for s in stats],
-                         yerr=[s['std'] for s in stats], marker='o',
-                         capsize=3, label=method)
-      for eps, rs in cells.items():
-        ax.scatter([eps] * len(rs), [r['clean_accuracy'] for r in rs], s=8,
-                   alpha=0.4, color=line[0].get_color())
-    ax.set(title=dataset, xlabel='eps_train', ylabel='clean accuracy (%)')
-    ax.legend()
+  eps_test = rows[0]['eps_test']
+  fig, axes = plt.subplots(len(datasets), 1 + len(eps_test),
+                           figsize=(3.6 * (1 + len(eps_test)),
+                                    3.3 * len(datasets)), squeeze=False)
+  for ax_row, dataset in zip(axes, datasets):
+    rs_d = [r for r in rows if r['dataset'] == dataset]
+    panels = [('clean accuracy (%)', lambda r: r['clean_accuracy'], None)]
+    panels += [(f'score at eps_test {e:g} (%)', lambda r, i=i: r['score'][i],
+                i) for i, e in enumerate(eps_test)]
+    for ax, (label, value, index) in zip(ax_row, panels):
+      for method in METHODS:
+        cells = sweep.method_cells(rs_d, method)
+        if not cells:
+          continue
+        spread = [reporting.mean_std(value(r) for r in rs)
+                  for rs in cells.values()]
+        ax.errorbar(list(cells), [s['mean'] for s in spread],
+                    yerr=[s['std'] for s in spread], marker='o', capsize=3,
+                    color=COLORS[method], label=reporting.method_name(method))
+        for eps, rs in cells.items():
+          ax.scatter([eps] * len(rs), [value(r) for r in rs], s=8,
+                     alpha=0.4, color=COLORS[method])
+        paper = [(eps, rs[0]['paper_score'][index]) for eps, rs in
+                 cells.items() if index is not None and rs[0]['paper_score']]
+        if paper:
+          ax.plot(*zip(*paper), ls='--', marker='x', color=COLORS[method],
+                  alpha=0.7, label=f'{reporting.method_name(method)}, paper')
+      ax.set(xlabel='eps_train', ylabel=label)
+    r0 = rs_d[0]
+    ax_row[0].set_title(
+        f"{dataset}: {r0['train_examples'] or 'all'} training images, "
+        f"{r0['epochs']} epochs\n(quick scale; seeds "
+        f"{sorted({r['seed'] for r in rs_d})}, mean ± std)", fontsize=9)
+    for ax in ax_row[1:]:
+      ax.set_title(f"AutoAttack ({r0['aa_version']}) on {r0['aa_examples']}"
+                   ' points', fontsize=9)
+    ax_row[-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1))
   fig.tight_layout()
   return fig
 

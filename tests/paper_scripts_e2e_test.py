@@ -131,44 +131,69 @@ class PaperScriptsTest(absltest.TestCase):
       self.assertEqual((v['lo'], v['hi'], v['outcome']),
                        (None, None, 'inconclusive'))
 
-  def test_toy2d_reports_crossing_oscillations_and_geometry(self):
+  def test_toy2d_reports_crossing_and_oscillations(self):
     out = self.create_tempdir().full_path
-    args = ['--epochs=2', '--seeds=0,1', '--ratios=0.6,2',
-            f'--output_dir={out}']
+    args = ['--epochs=2', '--seeds=0,1', f'--output_dir={out}']
     proc = run_script('toy2d', *args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     result = self.outputs(out, 'toy2d')
-    self.assertTrue(os.path.exists(os.path.join(out, 'toy2d_geometry.png')))
     self.assertEqual(result['seeds'], [0, 1])
     self.assertLen(result['per_seed'], 2)
     for seed in result['per_seed']:
-      for fraction in seed['attack']['crossing'].values():
-        self.assertBetween(fraction, 0.0, 1.0)
-      for method in ('pgd', 'uta'):
+      for model in ('single', 'ensemble'):
+        crossing = seed['attack']['crossing'][model]
+        for method in ('pgd', 'uta'):
+          for value in crossing[method].values():
+            self.assertBetween(value, 0.0, 100.0)
+        # Two classes: one step of UTA is one step of PGD on correct points.
+        self.assertEqual(crossing['pgd']['one_step'],
+                         crossing['uta']['one_step'])
+      for method in ('standard', 'pgd', 'uta'):
         training = seed['training'][method]
         self.assertEqual(training['updates'], 16)  # 2 epochs x 512 / 64
         self.assertEqual(set(training['region_accuracy']), {'near', 'far'})
-    # 2 seeds x 2 shapes x 2 ratios; the strips at ratio 0.6 are the
-    # paper's toy (near gap 0.3 at eps 0.5), so they repeat its numbers.
-    cells = result['geometry']
-    self.assertLen(cells, 8)
-    paper_cell = [c for c in cells if c['shape'] == 'strips' and
-                  c['ratio'] == 0.6 and c['seed'] == 0][0]
-    for method in ('pgd', 'uta'):  # (the oscillation grid is coarser)
-      for key in ('clean_accuracy', 'region_accuracy'):
-        self.assertEqual(paper_cell['training'][method][key],
-                         result['per_seed'][0]['training'][method][key])
-    self.assertEqual(paper_cell['attack']['crossing']['pgd_20'],
-                     result['per_seed'][0]['attack']['crossing']['pgd_20'])
     osc = [s['training'][m]['mean_oscillations'] for s in result['per_seed']
            for m in ('pgd', 'uta')]
-    oscillation_verdict = result['verdicts'][-1]
+    crossing_verdicts, oscillation_verdict = (result['verdicts'][:2],
+                                              result['verdicts'][2])
+    self.assertLen(result['verdicts'], 3)
     self.assertAlmostEqual(oscillation_verdict['effect'],
                            (osc[1] - osc[0] + osc[3] - osc[2]) / 2, places=3)
+    k_steps = lambda m: [s['attack']['crossing']['single'][m]['k_steps']
+                         for s in result['per_seed']]
+    self.assertAlmostEqual(crossing_verdicts[1]['effect'], sum(
+        u - p for u, p in zip(k_steps('uta'), k_steps('pgd'))) / 2, places=3)
     rerun = run_script('toy2d', *args)
     self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
-    self.assertEqual(rerun.stderr.count('reusing'), 10)
+    self.assertEqual(rerun.stderr.count('reusing'), 2)
     self.assertEqual(self.outputs(out, 'toy2d'), result)
+    # Steps that cannot reach eps are refused in one line.
+    proc = run_script('toy2d', '--train_steps=5', f'--output_dir={out}')
+    self.assertEqual(proc.returncode, 2)
+    self.assertIn('reach', proc.stderr.strip().splitlines()[-1])
+
+  def test_toy2d_map_cells_frontiers_and_rules(self):
+    out = self.create_tempdir().full_path
+    args = ['--epochs=2', '--seeds=0,1', '--shapes=strips',
+            '--ratios=0.5,1.5', '--spreads=1/8', f'--output_dir={out}']
+    proc = run_script('toy2d_map', *args)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    result = self.outputs(out, 'toy2d_map')
+    rows = result['rows']
+    self.assertEqual([(r['ratio'], r['seed']) for r in rows],
+                     [(0.5, 0), (1.5, 0), (0.5, 1), (1.5, 1)])
+    for r in rows:
+      self.assertAlmostEqual(r['eps'], r['ratio'] * 0.3)
+      self.assertGreaterEqual(r['steps'] * 0.05, 1.25 * r['eps'] - 1e-9)
+      for method in ('standard', 'pgd', 'uta'):
+        self.assertEqual(set(r[method]['last_quarter']), {'near', 'far'})
+    # A seed's standard training is shared by its cells.
+    self.assertEqual(rows[0]['standard'], rows[1]['standard'])
+    self.assertLen(result['verdicts'], 4)
+    rerun = run_script('toy2d_map', *args)
+    self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
+    self.assertEqual(rerun.stderr.count('reusing'), 2)
+    self.assertEqual(self.outputs(out, 'toy2d_map'), result)
 
   def test_visual_appearance_grid(self):
     out = self.create_tempdir().full_path

@@ -259,6 +259,21 @@ def markdown_table(header: List[str], rows: Iterable[List[Any]]) -> str:
 
 # ------------------------------------------------- seeds and verdicts
 
+# The paper's names for the scripts' method keys (figures and tables).
+METHOD_NAMES = {
+    'none': 'standard training', 'pgd': 'PGD-AT', 'uta': 'UTA-AT',
+    'uta_ensemble': 'UTA-AT (5-model ensemble)', 'ls_pgd': 'LS-PGD-AT',
+    'ls_uta': 'LS-UTA-AT', 'fgsm': 'FGSM-AT', 'uta1': 'single-step UTA-AT',
+    'uta1_mc1': 'single-step UTA-AT (MC dropout, 1 sample)',
+    'uta1_mc5': 'single-step UTA-AT (MC dropout, 5 samples)',
+}
+
+
+def method_name(key: str) -> str:
+  """The paper's name of a method key ('pgd' -> 'PGD-AT'), else the key."""
+  return METHOD_NAMES.get(key, key)
+
+
 
 def values_at(rows: Iterable[Any], *path: Any) -> List[Any]:
   """``row[path[0]][path[1]]...`` of each row (a column of nested rows)."""
