@@ -139,7 +139,13 @@ def section(module, title: str, folder: str, payload: dict) -> str:
   text = head + line + '\n\n'
   text += ''.join(f'![{os.path.basename(f)}]({rel}/{os.path.basename(f)})\n'
                   for f in figures)
-  return text + '\n' + sweep.render(module.markdown, payload)
+  try:
+    rendered = sweep.render(module.markdown, payload)
+  except (KeyError, IndexError, TypeError) as e:
+    raise ValueError(f'{os.path.join(rel, stem)}.json predates '
+                     f'{stem}.py\'s current format (no {e}); rerun `python '
+                     f'experiments/{stem}.py` to regenerate it') from None
+  return text + '\n' + rendered
 
 
 def own_figures(folder: str, stem: str) -> list:

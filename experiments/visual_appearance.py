@@ -164,11 +164,19 @@ def run(out: str):
   return payload, {'visual_appearance': figure(*shown)}
 
 
+FASHION_MNIST_CLASSES = ('T-shirt', 'trouser', 'pullover', 'dress', 'coat',
+                         'sandal', 'shirt', 'sneaker', 'bag', 'boot')
+
+
 def figure(images: dict, row: dict):
-  """Clean, UTA and PGD rows of one seed's images, with predictions."""
+  """Clean, UTA and PGD rows of one seed's images (the seed named), with
+  the model's prediction over each."""
   plt = sweep.pyplot()
   n = images['clean'].shape[0]
-  fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.6))
+  names = (FASHION_MNIST_CLASSES if row['dataset'] == 'fashion_mnist' else
+           [str(c) for c in range(10)])
+  labels = {'clean': 'clean', 'uta': 'UTA', 'pgd': 'PGD'}
+  fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.9))
   for i, name in enumerate(('clean', 'uta', 'pgd')):
     for col in range(n):
       ax = axes[i, col]
@@ -177,9 +185,13 @@ def figure(images: dict, row: dict):
                 vmin=0, vmax=1)
       ax.set_xticks([])
       ax.set_yticks([])
-      ax.set_title(f"pred {row[name]['predictions'][col]}", fontsize=8)
+      ax.set_title(names[row[name]['predictions'][col]], fontsize=8)
       if col == 0:
-        ax.set_ylabel(name.upper())
+        ax.set_ylabel(labels[name])
+  fig.suptitle(f"Fig. 8 at quick scale: seed {row['seed']}'s clean-trained "
+               f"{row['model']}; titles: its prediction; UTA and PGD with an "
+               f'unbounded budget ({FLAGS.attack_steps} steps of '
+               f'{FLAGS.attack_step_size:g})', fontsize=9)
   fig.tight_layout()
   return fig
 
