@@ -37,6 +37,9 @@ from uta_jax import torch_bridge
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
 flags.DEFINE_list('eps_test', ['0.1', '0.2'], 'AutoAttack radii')
 
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 FMNIST = dict(max_train_examples=10000, epochs=3, max_eval_examples=500,

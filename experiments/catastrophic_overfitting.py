@@ -93,6 +93,9 @@ COLLAPSED_PGD = 5.0
 flags.DEFINE_list('settings', None, f'subset of {",".join(SETTINGS)}; '
                   'default: the preset\'s (quick has no CIFAR-10 offline)')
 config_flags.define(['eval_every_steps'])
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

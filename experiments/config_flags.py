@@ -70,13 +70,36 @@ class _ListParser(flags.ListParser):
     return [self._item(v) for v in super().parse(argument)]
 
 
+_DEFAULT_PRESET = configs.get_config(configs.Config().dataset)
+
+
+def _shown(value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    return ','.join(_shown(v) for v in value)
+  return 'None' if value is None else f'{value:g}' if isinstance(
+      value, float) else str(value)
+
+
 def _help(setting: configs.Setting) -> str:
   text = setting.help
   if setting.choices:
     text += f'; one of {", ".join(setting.choices)}'
   if setting.path != 'dataset':
-    text += '; default: the preset\'s'
+    text += (f'; default: the --dataset preset\'s ({_DEFAULT_PRESET.dataset}:'
+             f' {_shown(configs.get(_DEFAULT_PRESET, setting.path))}; '
+             '--print_config shows any preset)')
   return text
+
+
+def describe(config: configs.Config, given: Iterable[str] = ()) -> str:
+  """Every setting of ``config`` as the flag that sets it, one per line,
+  with its schema path; ``given`` paths (set by flags) marked with '*'."""
+  given = set(given)
+  lines = [f'# {config.dataset} preset; * = set by a flag']
+  for path in _SETTINGS:
+    flag = f'--{flag_name(path)}={_shown(configs.get(config, path))}'
+    lines.append(f"{'*' if path in given else ' '} {flag:<40} # {path}")
+  return '\n'.join(lines)
 
 
 def define(paths: Optional[Iterable[str]] = None,

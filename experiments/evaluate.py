@@ -2,14 +2,14 @@ r"""Evaluate a trained workdir with AutoAttack and JAX-native PGD.
 
   python experiments/evaluate.py --workdir=runs/mnist_embedded_uta_eps0.2
   python experiments/evaluate.py --workdir=DIR --eps=0.1,0.3 --num_examples=1000
-  python experiments/evaluate.py --workdir=DIR --version=apgd   # JAX APGD
-  python experiments/evaluate.py --workdir=DIR --version=rand   # MC dropout, EoT
+  python experiments/evaluate.py --workdir=DIR --aa_version=apgd   # JAX APGD
+  python experiments/evaluate.py --workdir=DIR --aa_version=rand   # MC dropout, EoT
 
 Restores the newest valid checkpoint, runs AutoAttack and PGD with restarts
 at every eps on the first --num_examples test points, prints AutoAttack's own
 log lines, and stores an 'autoattack' section in DIR/results.json after each
 eps. The standard version (APGD-CE, APGD-T, FAB-T, Square) runs the reference
-through uta_jax.torch_bridge; --version=apgd runs APGD-CE and APGD-T natively
+through uta_jax.torch_bridge; --aa_version=apgd runs APGD-CE and APGD-T natively
 in JAX on every device (--aa_backend=torch for the reference). SIGTERM or
 Ctrl-C stops within seconds; a rerun skips the eps already stored.
 """
@@ -34,9 +34,10 @@ from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
-flags.DEFINE_enum('version', 'standard', list(auto_attack.VERSIONS),
+flags.DEFINE_enum('aa_version', 'standard', list(auto_attack.VERSIONS),
                   "AutoAttack version; 'rand' evaluates MC dropout with EoT; "
                   "'apgd' only the standard APGD-CE + APGD-T (cheap)")
+flags.DEFINE_alias('version', 'aa_version')
 flags.DEFINE_enum('aa_backend', None, list(auto_attack.BACKENDS),
                   "jax: APGD-CE + APGD-T natively in JAX, on every device "
                   "(version apgd only); torch: the reference pyautoattack "
@@ -69,17 +70,17 @@ def main(argv):
   if not FLAGS.workdir:
     cli.fail('--workdir is required: a folder written by experiments/train.py')
   eps = parse_eps(FLAGS.eps)
-  backend = FLAGS.aa_backend or auto_attack.default_backend(FLAGS.version)
-  if backend == 'jax' and FLAGS.version != 'apgd':
-    cli.fail(f'--aa_backend=jax runs --version=apgd only; use '
-             f'--aa_backend=torch for --version={FLAGS.version}')
+  backend = FLAGS.aa_backend or auto_attack.default_backend(FLAGS.aa_version)
+  if backend == 'jax' and FLAGS.aa_version != 'apgd':
+    cli.fail(f'--aa_backend=jax runs --aa_version=apgd only; use '
+             f'--aa_backend=torch for --aa_version={FLAGS.aa_version}')
   stop = cli.stop_signals()
   try:
     if backend == 'torch':
       torch = torch_bridge.require_torch()
       torch.set_num_threads(FLAGS.torch_threads)
     report = runs.evaluate_workdir(
-        FLAGS.workdir, version=FLAGS.version, backend=backend, eps=eps,
+        FLAGS.workdir, version=FLAGS.aa_version, backend=backend, eps=eps,
         num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd, stop_requested=stop)
   except parallel.Stopped:

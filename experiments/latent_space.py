@@ -58,6 +58,9 @@ PAPER_TABLE2 = {
     ('ls_uta', 0.4): (93.2, 67.0, 49.5, 49.5),
 }
 
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

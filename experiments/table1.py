@@ -98,6 +98,9 @@ PAPER_TABLE1 = {
 PAPER_DATASET = {'mnist_embedded': 'mnist'}
 
 flags.DEFINE_list('datasets', None, 'default: the preset\'s datasets')
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

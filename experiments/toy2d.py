@@ -68,6 +68,9 @@ flags.DEFINE_float('eps', 0.5, 'attack and training radius (violates AT-Asm '
 flags.DEFINE_float('alpha', 0.05, 'attack step size')
 flags.DEFINE_integer('train_steps', 15, 'attack steps k during training '
                      '(k * alpha must reach eps)')
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

@@ -70,6 +70,9 @@ flags.DEFINE_list('ratios', None, 'eps / near gap of the map; default '
                   + ','.join(f'{r:g}' for r in RATIOS))
 flags.DEFINE_list('spreads', None, 'near spread / near gap of the map; '
                   'default 1/16,1/8,1/6,1/4')
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

@@ -39,19 +39,22 @@ from uta_jax import workdir_lock
 FLAGS = flags.FLAGS
 config_flags.define()
 flags.adopt_module_key_flags(config_flags)
+flags.DEFINE_bool('print_config', False, 'print the resolved configuration '
+                  '(the --dataset preset with the given flags) and exit')
 flags.DEFINE_string('workdir', None,
                     'output folder; default runs/<dataset>_<attack>_eps<eps>')
 flags.DEFINE_list('seeds', None, 'train these seeds (e.g. 0,1,2) as one '
                   'program, one workdir each: <workdir>/seed<s>')
 cli.define_program_flags()
+flags.adopt_module_key_flags(cli)  # --help lists --run_map, ... too
 flags.DEFINE_bool('autoattack', False, 'after training, evaluate with '
                   'AutoAttack (as experiments/evaluate.py)')
 flags.DEFINE_list('autoattack_eps', None, 'AutoAttack radii; default: the '
                   'first --eval_eps')
 flags.DEFINE_integer('autoattack_examples', 1000, 'test points for AutoAttack')
-flags.DEFINE_enum('autoattack_version', 'standard',
-                  list(auto_attack.VERSIONS), 'AutoAttack version; apgd: '
-                  'APGD-CE + APGD-T only')
+flags.DEFINE_enum('aa_version', 'standard', list(auto_attack.VERSIONS),
+                  'AutoAttack version; apgd: APGD-CE + APGD-T only')
+flags.DEFINE_alias('autoattack_version', 'aa_version')
 flags.DEFINE_enum('aa_backend', None, list(auto_attack.BACKENDS),
                   'AutoAttack backend; default: jax for apgd, else torch')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
@@ -71,6 +74,9 @@ def main(argv):
   cli.show_logs(sys.stderr, timestamps=True)
   try:
     config = config_flags.config(FLAGS.dataset)
+    if FLAGS.print_config:
+      print(config_flags.describe(config, config_flags.overrides()))
+      return
     parallel.initialize_distributed(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
@@ -96,7 +102,7 @@ def main(argv):
       if FLAGS.autoattack and result['status'] == 'finished':
         autoattack[i] = runs.evaluate_workdir(
             run_dir, eps=aa_eps, num_examples=FLAGS.autoattack_examples,
-            version=FLAGS.autoattack_version, backend=FLAGS.aa_backend,
+            version=FLAGS.aa_version, backend=FLAGS.aa_backend,
             jax_pgd=False, stop_requested=stop)
   except parallel.Stopped:
     print(f'stopped during AutoAttack: finished eps are in {run_dir}/'

@@ -49,6 +49,9 @@ flags.DEFINE_string('workdir', None, 'a trained run to attack; default: '
                     'train a clean model in <output_dir>/runs/clean')
 flags.DEFINE_integer('attack_steps', 1000, 'sign steps of both attacks')
 flags.DEFINE_float('attack_step_size', 0.001, 'step size of both attacks')
+# --help lists the shared sweep flags (--preset, --seeds, ...) too.
+flags.adopt_module_key_flags(sweep)
+flags.adopt_module_key_flags(cli)
 FLAGS = flags.FLAGS
 
 

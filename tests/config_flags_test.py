@@ -6,7 +6,7 @@ import sys
 from absl import flags
 from absl.testing import absltest
 
-from testutil import ROOT  # pylint: disable=g-bad-import-order
+from testutil import ROOT, run_script  # pylint: disable=g-bad-import-order
 
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 import config_flags  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -81,6 +81,41 @@ class ConfigFlagsTest(absltest.TestCase):
                      {'attack.name': 'uta', 'model.ensemble_size': 5})
     with self.assertRaises(KeyError):
       config_flags.as_paths({'colour': 'red'})
+
+
+class HelpTest(absltest.TestCase):
+  """What --help and --print_config show, as a user runs them."""
+
+  def test_print_config_shows_the_resolved_preset_and_the_overrides(self):
+    proc = run_script('train', '--dataset=svhn', '--print_config',
+                      '--epochs=7')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    svhn = configs.get_config('svhn')
+    lines = proc.stdout.splitlines()
+    self.assertEqual(lines[0], '# svhn preset; * = set by a flag')
+    for flag in (f'--eps_train={svhn.attack.eps_train:g}',
+                 f'--num_steps={svhn.attack.num_steps}',
+                 f'--step_schedule={svhn.attack.step_schedule}'):
+      self.assertTrue(any(l.startswith(f'  {flag} ') for l in lines), flag)
+    self.assertTrue(any(l.startswith('* --epochs=7 ') for l in lines))
+    self.assertFalse(os.path.exists(os.path.join(ROOT, 'runs', 'svhn_uta_eps'
+                                                 f'{svhn.attack.eps_train:g}')))
+
+  def test_help_lists_the_shared_flags_and_the_default_presets_values(self):
+    table1 = run_script('table1', '--help').stdout
+    for flag in ('--preset', '--seeds', '--methods', '--output_dir',
+                 '--aa_version', '--max_runs_per_program'):
+      self.assertIn(f'  {flag}:', table1)
+    train = run_script('train', '--help').stdout
+    self.assertIn('  --run_map:', train)
+    self.assertIn('(mnist_embedded: 0.2;', ' '.join(train.split()))
+
+  def test_old_autoattack_version_names_are_aliases(self):
+    proc = run_script('train', '--autoattack_version=apgd', '--print_config')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    proc = run_script('evaluate', '--version=apgd')  # no --workdir: refused
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertNotIn('Unknown command line flag', proc.stderr)
 
 
 if __name__ == '__main__':

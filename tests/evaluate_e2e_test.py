@@ -119,7 +119,7 @@ class EvaluateTest(absltest.TestCase):
                   proc.stdout)
 
   def test_jax_apgd_stores_each_eps_and_a_rerun_skips_them(self):
-    args = [f'--workdir={self.workdir}', '--version=apgd', '--eps=0.1,0.2',
+    args = [f'--workdir={self.workdir}', '--aa_version=apgd', '--eps=0.1,0.2',
             '--num_examples=32', '--nojax_pgd']
     proc = run_evaluate(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
@@ -139,7 +139,7 @@ class EvaluateTest(absltest.TestCase):
                          '--version=standard')
     self.assertEqual(wrong.returncode, 2)
     self.assertRegex(wrong.stderr.strip(), '^error: --aa_backend=jax runs '
-                     '--version=apgd only')
+                     '--aa_version=apgd only')
 
   def test_sigterm_during_autoattack_keeps_finished_eps_and_resumes(self):
     workdir = tempfile.mkdtemp(prefix='uta_eval_stop_')
