@@ -215,6 +215,34 @@ def aa_version() -> str:
   return 'apgd' if FLAGS.preset == 'quick' else 'standard'
 
 
+def preflight(configs_: Sequence[configs.Config], *,
+              autoattack: bool = False) -> None:
+  """Before the first step: every dataset the runs read is there
+  (``data.check_available``), one --data_dir is not an IDX folder standing
+  in for two datasets (MNIST and Fashion-MNIST share file names), and the
+  reference AutoAttack's PyTorch is installed when it will run. Raises the
+  library's error naming what is missing and how to get it."""
+  datasets = {c.dataset: c.data_dir for c in configs_}
+  idx_readers = sorted(d for d in datasets if d in ('mnist', 'fashion_mnist'))
+  folders = {datasets[d] for d in idx_readers}
+  if len(idx_readers) > 1 and any(data.idx_folder_has(f) for f in folders):
+    raise data.DataError(
+        f'--data_dir holds one IDX dataset, but this sweep reads '
+        f'{" and ".join(idx_readers)} (their IDX files share names): run each '
+        'with its own --datasets and --data_dir', 'data_dir')
+  for dataset, data_dir in datasets.items():
+    data.check_available(dataset, data_dir)
+  if autoattack and aa_backend(aa_version()) == 'torch':
+    torch_bridge.require_torch()
+    try:
+      import pyautoattack  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ImportError(f'AutoAttack {aa_version()} runs the reference '
+                        "library: pip install 'uta-jax[torch]' (or "
+                        '--aa_version=apgd for APGD-CE + APGD-T in JAX)'
+                       ) from e
+
+
 def train_all(runs_: Sequence[Tuple[configs.Config, str]]
              ) -> List[Dict[str, Any]]:
   """Each (config, workdir)'s finished ``results.json``: a finished run of
@@ -222,6 +250,7 @@ def train_all(runs_: Sequence[Tuple[configs.Config, str]]
   programs as ``loop.train_and_evaluate_runs`` can make of them
   (``cli.program_options``). Exits after a stop signal (runs checkpointed);
   a run that failed (non-finite) is an error naming its workdir."""
+  preflight([config for config, _ in runs_])
   results: List[Optional[Dict[str, Any]]] = []
   todo = []
   for config, workdir in runs_:
@@ -285,6 +314,7 @@ def train_and_attack(cells: Sequence[Tuple[configs.Config, str]], *,
   ``score`` per eps_test is the paper's Table 1 / 2 cell: the mean of clean
   and AutoAttack robust accuracy on the AutoAttack points.
   """
+  preflight([config for config, _ in cells], autoattack=True)
   trained = train_all(cells)
   return [_attack_row(config, workdir, results, aa_examples=aa_examples)
           for (config, workdir), results in zip(cells, trained)]

@@ -112,9 +112,9 @@ def method_overrides(method: str) -> dict:
   return {'attack': 'uta', 'ensemble_size': 5}
 
 
-def run_dataset(dataset: str, setting: dict, out: str, seeds) -> list:
-  """Trains every (seed, method, eps_train) together (as few programs of
-  runs as they allow) and AutoAttacks each; row dicts."""
+def dataset_cells(dataset: str, setting: dict, out: str, seeds) -> tuple:
+  """(cells, keys): the (config, workdir) and (method, eps_train) of every
+  (seed, method, eps_train) of ``dataset``."""
   cells, keys = [], []
   for seed in seeds:
     for method in sweep.methods(setting['methods'], METHODS):
@@ -125,6 +125,12 @@ def run_dataset(dataset: str, setting: dict, out: str, seeds) -> list:
             os.path.join(out, 'runs', dataset, f'{method}_eps{eps:g}'),
             seed)))
         keys.append((method, eps))
+  return cells, keys
+
+
+def run_dataset(dataset: str, setting: dict, cells: list, keys: list) -> list:
+  """Trains ``dataset_cells`` together (as few programs of runs as they
+  allow) and AutoAttacks each; row dicts."""
   rows = sweep.train_and_attack(
       cells, aa_examples=sweep.aa_examples(setting['aa_examples']))
   out_rows = []
@@ -321,6 +327,7 @@ def run(out: str):
   datasets = FLAGS.datasets or list(preset['datasets'])
   seeds = sweep.seeds(preset['seeds'])
   rows = []
+  planned = []
   for dataset in datasets:
     if dataset not in EPS_TRAIN:
       cli.fail(f'unknown dataset {dataset!r} for Table 1; choose from '
@@ -329,7 +336,13 @@ def run(out: str):
     setting = preset['datasets'].get(dataset) or next(
         p['datasets'][dataset] for p in PRESETS.values()
         if dataset in p['datasets'])
-    rows += run_dataset(dataset, setting, out, seeds)
+    planned.append((dataset, setting,
+                    *dataset_cells(dataset, setting, out, seeds)))
+  # Every dataset's data (and PyTorch, if AutoAttack needs it) before the
+  # first one trains for hours.
+  sweep.preflight([c for p in planned for c, _ in p[2]], autoattack=True)
+  for dataset, setting, cells, keys in planned:
+    rows += run_dataset(dataset, setting, cells, keys)
   payload = {
       'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
       'compute_seconds': sweep.compute_seconds(rows)}

@@ -69,6 +69,20 @@ class RealDataTest(absltest.TestCase):
 
 class IdxTest(absltest.TestCase):
 
+  def test_check_available_names_the_source_without_reading_it(self):
+    folder = self.create_tempdir().full_path
+    write_idx_folder(folder)
+    self.assertEqual(data.check_available('mnist_embedded'), 'built in')
+    self.assertEqual(data.check_available('mnist', folder), f'IDX {folder}')
+    with self.assertRaisesRegex(data.DataError, 'unknown dataset'):
+      data.check_available('imagenet')
+    with self.assertRaisesRegex(data.DataError, 'not a readable folder'):
+      data.check_available('mnist', os.path.join(folder, 'missing'))
+    empty = self.create_tempdir().full_path
+    with self.assertRaisesRegex(data.DataError, 'svhn_cropped is not '
+                                'prepared'):
+      data.check_available('svhn', empty)
+
   def test_idx_folder_via_data_dir(self):
     folder = self.create_tempdir().full_path
     write_idx_folder(folder)

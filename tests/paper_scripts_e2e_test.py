@@ -19,6 +19,8 @@ import pytest
 
 from uta_jax import stats
 
+import data_test  # pylint: disable=g-bad-import-order
+
 from testutil import ROOT, run_script  # pylint: disable=g-bad-import-order
 
 TINY = ['--max_train_examples=256', '--max_eval_examples=32',
@@ -216,6 +218,25 @@ class PaperScriptsTest(absltest.TestCase):
     self.assertAlmostEqual(v['effect'], sum(
         r['uta']['mean_l2'] - r['pgd']['mean_l2'] for r in result['rows']) / 2,
                            places=3)
+
+  def test_a_sweep_checks_every_dataset_before_its_first_step(self):
+    out = self.create_tempdir().full_path
+    # SVHN is not prepared here: found before embedded MNIST trains.
+    proc = run_script('table1', '--datasets=mnist_embedded,svhn',
+                      '--seeds=0', f'--output_dir={out}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith('error: svhn: svhn_cropped is not '
+                                    'prepared'), last)
+    self.assertFalse(os.path.exists(os.path.join(out, 'runs')))
+    # One IDX folder cannot stand in for both MNIST and Fashion-MNIST.
+    idx = self.create_tempdir().full_path
+    data_test.write_idx_folder(idx)
+    proc = run_script('table1', '--datasets=mnist,fashion_mnist',
+                      f'--data_dir={idx}', '--seeds=0', f'--output_dir={out}')
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertIn('--data_dir holds one IDX dataset',
+                  proc.stderr.strip().splitlines()[-1])
 
   def test_bad_flags_give_one_line_errors(self):
     out = self.create_tempdir().full_path

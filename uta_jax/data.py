@@ -230,6 +230,39 @@ def release_order(ids: np.ndarray) -> np.ndarray:
   return np.argsort(np.asarray(ids).astype(str), kind='stable')
 
 
+def check_available(name: str, data_dir: Optional[str] = None) -> str:
+  """Where ``load_dataset(name, data_dir=...)`` will read from, checked
+  without reading the data (a sweep's check before its first step); a
+  DataError naming what is missing and how to get it otherwise."""
+  if data_dir and not os.path.isdir(data_dir):
+    raise DataError(f'data_dir {data_dir!r} is not a readable folder: set '
+                    'data_dir to an existing folder', 'data_dir')
+  if name in ('mnist_embedded', 'toy2d'):
+    return 'built in'
+  if name in ('mnist', 'fashion_mnist') and idx_folder_has(data_dir):
+    return f'IDX {data_dir}'
+  if (name == 'fashion_mnist' and not data_dir and
+      idx_folder_has(DEBIAN_FASHION_MNIST)):
+    return f'IDX {DEBIAN_FASHION_MNIST}'
+  if name not in TFDS_NAMES:
+    raise DataError(f'unknown dataset {name!r}; choose one of {DATASETS}')
+  tfds_name = TFDS_NAMES[name]
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f"{name} needs tensorflow-datasets (or, for MNIST-style "
+                    "data, an IDX folder as data_dir): pip install "
+                    "'uta-jax[tfds]'", 'data_dir') from e
+  builder = tfds.builder(tfds_name, data_dir=data_dir or os.environ.get(
+      'TFDS_DATA_DIR'))
+  if not builder.is_prepared():
+    raise DataError(
+        f'{name}: {tfds_name} is not prepared under {builder.data_dir}: set '
+        f'data_dir (or TFDS_DATA_DIR) to a folder holding {tfds_name}/'
+        f'<version>/, or {tfds_prepare_hint(tfds_name)}', 'data_dir')
+  return f'tfds {tfds_name}'
+
+
 def load_dataset(name: str, *, data_dir: Optional[str] = None,
                  max_train_examples: Optional[int] = None,
                  max_eval_examples: Optional[int] = None,
