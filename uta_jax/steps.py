@@ -27,6 +27,7 @@ them. Each member is then trained on its own perturbed code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from typing import Any, Callable, Optional, Tuple
@@ -339,6 +340,18 @@ def make_train_step(config: configs.Config, model: nn.Module,
       axis_name=axis_name)
 
 
+@functools.lru_cache(maxsize=32)
+def _fit_program(config: configs.Config, steps_per_epoch: int):
+  """(model, optimiser, jitted step) of ``fit``, built once per config up
+  to its seed (the step takes the run key from the state): many quick
+  trainings, the toy's hundreds, share one compiled step instead of each
+  compiling (and keeping) its own."""
+  model = classifier.create_model(config)
+  tx = make_optimizer(config, steps_per_epoch)
+  return model, tx, jax.jit(make_train_step(config, model, tx,
+                                            axis_name=None))
+
+
 def fit(config: configs.Config, split: data.Split, *, num_steps: int,
         callback: Optional[Callable[[int, nn.Module, dict], None]] = None
        ) -> Tuple[nn.Module, dict]:
@@ -349,11 +362,10 @@ def fit(config: configs.Config, split: data.Split, *, num_steps: int,
   ``callback(step, model, variables)`` sees the model after every update
   (the toy's boundary-oscillation map). Returns the model and its variables.
   """
-  model = classifier.create_model(config)
   steps_per_epoch = data.steps_per_epoch(len(split), config.batch_size)
-  tx = make_optimizer(config, steps_per_epoch)
+  model, tx, step_fn = _fit_program(dataclasses.replace(config, seed=0),
+                                    steps_per_epoch)
   state = create_train_state(config, model, tx, tuple(split.images.shape[1:]))
-  step_fn = jax.jit(make_train_step(config, model, tx, axis_name=None))
   for step in range(num_steps):
     batch = data.get_batch(split, data.host_batch_indices(
         seed=config.seed, step=step, num_examples=len(split),
