@@ -334,11 +334,13 @@ def figure(payload: dict):
              ylabel='near spread / gap',
              title=f'{shape}: near accuracy, {title} (points)')
       fig.colorbar(shown, ax=ax)
-    row_axes[0].legend(fontsize=7, loc='upper right')
+  handles, labels = axes[0, 0].get_legend_handles_labels()
   fig.suptitle(f"Toy geometry map: mean over seeds {payload['seeds']}, "
                f"{payload['rows'][0]['standard']['updates']} updates per "
-               'training')
-  fig.tight_layout()
+               'training; lines: where each method keeps the near region '
+               '(measured, solid) and the analysis\'s prediction (dotted)')
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  fig.legend(handles, labels, loc='lower center', ncol=4, fontsize=9)
   return fig
 
 

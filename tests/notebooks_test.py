@@ -1,7 +1,7 @@
 """Executes every notebook headless (nbclient) on small settings.
 
-``UTA_NOTEBOOK_FAST=1`` makes the toy walkthrough train for a few epochs;
-the results notebook reads the committed outputs in ``results/``.
+``UTA_NOTEBOOK_FAST=1`` makes the toy walkthrough and the own-model
+notebook train for a few epochs.
 """
 
 import glob
@@ -26,7 +26,7 @@ class NotebooksTest(parameterized.TestCase):
 
   def test_there_are_notebooks(self):
     names = {os.path.basename(p) for p in NOTEBOOKS}
-    self.assertContainsSubset({'toy2d_walkthrough.ipynb', 'results.ipynb'},
+    self.assertContainsSubset({'toy2d_walkthrough.ipynb', 'own_model.ipynb'},
                               names)
 
   @parameterized.named_parameters(
