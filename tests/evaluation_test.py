@@ -37,6 +37,15 @@ class StepSizeTest(absltest.TestCase):
                            0.0375)
 
 
+class PerDeviceBatchTest(absltest.TestCase):
+
+  def test_remainders_share_a_few_bucketed_shapes(self):
+    sizes = {parallel.per_device_batch(n, 2, 250) for n in range(1, 1001)}
+    self.assertEqual(sizes, {8, 16, 32, 64, 128, 250})
+    self.assertEqual(parallel.per_device_batch(300, 4, 500), 128)
+    self.assertEqual(parallel.per_device_batch(3, 1, 2), 2)
+
+
 class EvaluateTest(absltest.TestCase):
 
   @classmethod
@@ -109,7 +118,10 @@ class EvaluateTest(absltest.TestCase):
                                                         0.0, 0.0]))
 
   def test_later_evaluations_reuse_the_compiled_programs(self):
+    # Later PGD restarts run on the surviving points, so a new key may meet
+    # a new (bucketed) shape; the same evaluation again compiles nothing.
     self.evaluate(seed=1)
+    self.evaluate(seed=2)
     compiles = []
     def listener(event, duration, **kwargs):
       del duration, kwargs
@@ -117,7 +129,8 @@ class EvaluateTest(absltest.TestCase):
         compiles.append(event)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-      self.evaluate(seed=2)  # as --eval_every does during training
+      self.evaluate(seed=1)  # as --eval_every does during training
+      self.evaluate(seed=2)
     finally:
       jax.monitoring.unregister_event_duration_listener(listener)
     self.assertEqual(compiles, [])

@@ -221,10 +221,14 @@ def local_pmap(fn: Callable[..., Any], devices: Sequence[Any], *,
 
 def per_device_batch(num_examples: int, num_devices: int,
                      batch_size: int) -> int:
-  """Examples per device and call: at most ``batch_size``, rounded up to a
-  multiple of 8 so that small remainders share compiled shapes."""
+  """Examples per device and call: at most ``batch_size``, else rounded up
+  to 8 times a power of two, so that the shrinking point sets of later PGD
+  restarts (and of later evaluations) meet a handful of compiled shapes."""
   need = -(-num_examples // num_devices)
-  return max(1, min(batch_size, -(-need // 8) * 8))
+  bucket = 8
+  while bucket < need:
+    bucket *= 2
+  return max(1, min(batch_size, bucket))
 
 
 def map_examples(fn: Callable[..., Dict[str, Any]], indices: np.ndarray,
