@@ -229,6 +229,59 @@ def anchor(title: str, rel: str) -> str:
   return keep.replace(' ', '-')
 
 
+MAIN_JOB = re.compile(
+    r'(<!-- main job: (\S+) -->\n).*?(<!-- end of main job -->)', re.S)
+DOCS = os.path.join(ROOT, 'docs')
+
+
+def main_job_text(result: dict) -> str:
+  """The main job's measured output, from its committed results."""
+  r, t = result['results'], result['results']['timings']
+  eps = list(r['robust_accuracy']['pgd'])
+  table = reporting.markdown_table(
+      ['attack'] + [f'eps {e}' for e in eps],
+      [[name] + [f"{r['robust_accuracy'][key][e]:.1f}" for e in eps]
+       for key, name in (('pgd', 'PGD-20, 10 restarts'), ('uta', 'UTA-20'),
+                         ('fgsm', 'FGSM'))])
+  return (f"`{result['command']}` ({result['date']}, {result['device']}; "
+          f"{result['note']}): {r['steps']} steps in "
+          f"{t['train_seconds_this_run']:.0f} s, evaluation in "
+          f"{t['eval_seconds']:.0f} s, {t['wall_seconds']:.0f} s in all; "
+          f"clean accuracy {r['clean_accuracy']:.1f}% on "
+          f"{result['eval_examples']} test digits; robust accuracy (%):\n\n"
+          + table)
+
+
+def main_job_region(readme: str, root: str) -> str:
+  """``readme`` with its main-job region rendered from ``PATH``."""
+  def render(match):
+    with open(os.path.join(root, match.group(2))) as f:
+      return (match.group(1) + main_job_text(json.load(f)) + '\n' +
+              match.group(3))
+  return MAIN_JOB.sub(render, readme)
+
+
+def verdict_summary(found: list, *, link: str) -> str:
+  """The front page's count of outcomes per result, linking each."""
+  rows, totals = [], dict.fromkeys(('holds', 'fails', 'inconclusive'), 0)
+  for module, title, folder, payload in found:
+    verdicts = payload.get('verdicts') or ()
+    if not verdicts:
+      continue
+    count = {o: sum(v.get('outcome') == o for v in verdicts) for o in totals}
+    for o in totals:
+      totals[o] += count[o]
+    rel = os.path.basename(folder)
+    rows.append([f'[{title}]({link}#{anchor(title, rel)})', count['holds'],
+                 count['fails'], count['inconclusive'], str(payload['seeds'])])
+  if not rows:
+    return 'No stored results with verdicts yet.\n'
+  rows.append(['**all claims**', totals['holds'], totals['fails'],
+               totals['inconclusive'], ''])
+  return reporting.markdown_table(
+      ['result', 'holds', 'fails', 'inconclusive', 'seeds'], rows)
+
+
 def benchmark_tables(readme: str, root: str) -> str:
   """``readme`` with every benchmark region rendered from its JSON
   (``PATH`` relative to ``root``)."""
@@ -260,15 +313,19 @@ def build(results_dir: str, readme_path: str) -> dict:
   if BEGIN not in readme or END not in readme:
     raise ValueError(f'README.md lacks the markers {BEGIN} ... {END}')
   start = readme.index(BEGIN) + len(BEGIN)
+  root = os.path.dirname(os.path.abspath(readme_path))
   readme = (readme[:start] + '\n' +
-            verdict_rows(found, link=os.path.join(os.path.relpath(
-                results_dir, os.path.dirname(os.path.abspath(readme_path))),
-                                                  'README.md')) +
+            verdict_summary(found, link=os.path.join(os.path.relpath(
+                results_dir, root), 'README.md')) +
             readme[readme.index(END):])
-  readme = benchmark_tables(readme, os.path.dirname(
-      os.path.abspath(readme_path)))
-  return {os.path.join(results_dir, 'README.md'): results,
-          readme_path: readme}
+  readme = main_job_region(benchmark_tables(readme, root), root)
+  pages = {os.path.join(results_dir, 'README.md'): results,
+           readme_path: readme}
+  # The docs pages beside the README: their benchmark regions.
+  for page in sorted(glob.glob(os.path.join(root, 'docs', '*.md'))):
+    with open(page) as f:
+      pages[page] = main_job_region(benchmark_tables(f.read(), root), root)
+  return pages
 
 
 def main(argv):
