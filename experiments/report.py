@@ -40,6 +40,9 @@ import table1
 import toy2d
 import toy2d_map
 import visual_appearance
+from benchmarks import attacks as attacks_benchmark
+from benchmarks import autoattack as autoattack_benchmark
+from benchmarks import convs as convs_benchmark
 from benchmarks import loop as loop_benchmark
 from benchmarks import runs as runs_benchmark
 from uta_jax import claims
@@ -70,7 +73,11 @@ def table1_cost(loop_rows: list) -> str:
 
 
 # Region name -> (the benchmark.py JSON section it reads, its markdown).
-BENCHMARK_TABLES = {'runs': ('runs', runs_benchmark.markdown),
+BENCHMARK_TABLES = {'attacks': ('attacks', attacks_benchmark.markdown),
+                    'convs': ('convs', convs_benchmark.markdown),
+                    'autoattack': ('autoattack',
+                                   autoattack_benchmark.markdown),
+                    'runs': ('runs', runs_benchmark.markdown),
                     'loop': ('loop', loop_benchmark.markdown),
                     'table1_cost': ('loop', table1_cost)}
 BENCHMARK_REGION = re.compile(
