@@ -1,0 +1,110 @@
+"""Tests of uta_jax.fab: the L-inf projection and FAB-T against the
+reference (``pyautoattack``), and their invariants."""
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uta_jax import classifier
+from uta_jax import configs
+from uta_jax import data
+from uta_jax import fab
+from uta_jax import steps
+
+from testutil import require  # pylint: disable=g-bad-import-order
+
+# Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
+# python -m pytest -m accelerator runs them there.
+pytestmark = pytest.mark.accelerator
+
+
+class ProjectionTest(absltest.TestCase):
+
+  def test_equals_the_references_projection(self):
+    torch = require('torch')
+    projections = require('pyautoattack.fab_projections')
+    rng = np.random.default_rng(0)
+    n, d = 64, 784
+    t = rng.uniform(size=(n, d)).astype(np.float32)
+    t[:, :300] = rng.integers(0, 2, size=(n, 300))  # many exact 0/1 pixels
+    w = rng.normal(size=(n, d)).astype(np.float32)
+    w[:8, ::7] = 0.0  # zero weights, as a flat gradient has
+    # Offsets on both sides and far away (the box-limited case).
+    b = (np.sum(w * t, 1) + rng.normal(size=n) * np.r_[
+        np.full(32, 5.0), np.full(32, 500.0)]).astype(np.float32)
+    ours = np.asarray(fab.projection_linf(jnp.asarray(t), jnp.asarray(w),
+                                          jnp.asarray(b)))
+    ref = projections.projection_linf(torch.from_numpy(t), torch.from_numpy(w),
+                                      torch.from_numpy(b)).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # The projected points stay in the box.
+    self.assertGreaterEqual((t + ours).min(), -1e-6)
+    self.assertLessEqual((t + ours).max(), 1 + 1e-6)
+
+
+def trained():
+  config = configs.get_config('mnist_embedded', {'attack.name': 'none'})
+  ds = data.load_dataset('mnist_embedded', max_eval_examples=48)
+  model, variables = steps.fit(config, ds.train, num_steps=60)
+  logits_fn = jax.jit(lambda x: classifier.predict_logits(
+      model, variables, x, ensemble=False))
+  return model, variables, logits_fn, ds.test
+
+
+class FabTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model, cls.variables, logits_fn, test = trained()
+    cls.logits_fn = staticmethod(logits_fn)
+    cls.x = data.to_float(test.images)
+    cls.y = test.labels
+    cls.result = fab.fab_t(logits_fn, jnp.asarray(cls.x), jnp.asarray(cls.y),
+                           num_targets=3, num_steps=15)
+
+  def test_robust_at_any_eps_and_invariants(self):
+    r = self.result
+    self.assertEqual(r.distances.shape, (3, len(self.x)))
+    for eps in (0.05, 0.1, 0.3):
+      robust, x_adv = r.robust_at(eps)
+      self.assertTrue(np.all(robust <= r.clean))
+      fooled = r.clean & ~robust
+      dist = np.abs(x_adv - self.x).reshape(len(self.x), -1).max(1)
+      self.assertTrue(np.all(dist[fooled] <= eps + 1e-6))
+      pred = np.argmax(np.asarray(self.logits_fn(jnp.asarray(x_adv))), -1)
+      self.assertTrue(np.all(pred[fooled] != self.y[fooled]))
+      np.testing.assert_array_equal(x_adv[robust], self.x[robust])
+    # A larger eps fools at least the same points.
+    self.assertTrue(np.all(r.robust_at(0.3)[0] <= r.robust_at(0.1)[0]))
+
+  def test_equals_the_reference_fab_t(self):
+    torch = require('torch')
+    fab_pt = require('pyautoattack.fab_pt')
+    torch_bridge = require('uta_jax.torch_bridge')
+    module = torch_bridge.bridge_module(self.model.apply, self.variables)
+    x_nchw = torch.from_numpy(np.transpose(self.x, (0, 3, 1, 2)).copy())
+    y = torch.from_numpy(self.y.astype(np.int64))
+    for eps in (0.05, 0.15):
+      attack = fab_pt.FABAttack_PT(module, norm='Linf', n_restarts=1,
+                                   n_iter=15, eps=eps, targeted=True,
+                                   n_target_classes=3, device='cpu')
+      adv = np.transpose(attack.perturb(x_nchw, y).numpy(), (0, 2, 3, 1))
+      dist = np.abs(adv - self.x).reshape(len(self.x), -1).max(1)
+      pred = np.argmax(np.asarray(self.logits_fn(jnp.asarray(adv))), -1)
+      ref_robust = (pred == self.y) | (dist > eps)
+      robust, x_adv = self.result.robust_at(eps)
+      np.testing.assert_array_equal(robust, ref_robust & self.result.clean)
+      self.assertLess(robust.sum(), self.result.clean.sum())
+      np.testing.assert_allclose(x_adv[~robust], adv[~robust], atol=1e-4)
+
+  def test_needs_enough_classes(self):
+    with self.assertRaisesRegex(ValueError, 'at least 10 classes'):
+      fab.fab_t(lambda v: v.reshape(v.shape[0], -1)[:, :5],
+                jnp.zeros((2, 28, 28, 1)), jnp.zeros((2,), jnp.int32))
+
+
+if __name__ == '__main__':
+  absltest.main()
