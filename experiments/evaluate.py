@@ -71,8 +71,9 @@ def main(argv):
     cli.fail('--workdir is required: a folder written by experiments/train.py')
   eps = parse_eps(FLAGS.eps)
   backend = FLAGS.aa_backend or auto_attack.default_backend(FLAGS.aa_version)
-  if backend == 'jax' and FLAGS.aa_version != 'apgd':
-    cli.fail(f'--aa_backend=jax runs --aa_version=apgd only; use '
+  if backend == 'jax' and FLAGS.aa_version not in auto_attack.JAX_ATTACKS:
+    cli.fail(f'--aa_backend=jax runs --aa_version='
+             f'{" or ".join(sorted(auto_attack.JAX_ATTACKS))}; use '
              f'--aa_backend=torch for --aa_version={FLAGS.aa_version}')
   stop = cli.stop_signals()
   try:

@@ -115,8 +115,8 @@ How to read these numbers:
   strictly ordered), on the same stored data.
 - **AutoAttack**: quick presets run its standard version's APGD-CE and
   APGD-T (`--aa_version=apgd`, natively in JAX; see the agreement check at
-  the end); the paper preset runs the standard version with FAB-T and
-  Square through the reference library.
+  the end); the paper preset runs the standard version (APGD-CE, APGD-T,
+  FAB-T, Square), natively in JAX unless `--aa_backend=torch`.
 - **Scale**: quick presets train far shorter than the paper (on 2 CPU cores),
   so absolute accuracies are lower; compare orderings. The embedded set is a
   5k-digit MNIST subset, compared with the paper's MNIST.

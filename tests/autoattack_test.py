@@ -88,13 +88,59 @@ class JaxAutoAttackTest(absltest.TestCase):
     with self.assertRaises(parallel.Stopped):
       self.autoattack(stop_requested=lambda: True)
     with self.assertRaisesRegex(ValueError, "backend 'torch'"):
-      self.autoattack(version='standard', backend='jax')
+      self.autoattack(version='rand', backend='jax')
     with self.assertRaisesRegex(ValueError, 'unknown AutoAttack backend'):
       self.autoattack(backend='tf')
     with self.assertRaisesRegex(ValueError, r'outside \(0, 1\]'):
       self.autoattack(eps=1.5)
     self.assertEqual(auto_attack.default_backend('apgd'), 'jax')
-    self.assertEqual(auto_attack.default_backend('standard'), 'torch')
+    self.assertEqual(auto_attack.default_backend('standard'), 'jax')
+    self.assertEqual(auto_attack.default_backend('rand'), 'torch')
+
+  @pytest.mark.slow  # the standard version compiled for 1 and 4 devices
+  def test_the_standard_version_in_jax(self):
+    devices = jax.local_devices()
+    with self.assertLogs(auto_attack.LOGGER, logging.DEBUG) as logs:
+      four = self.autoattack(version='standard', devices=devices)
+    self.assertEqual(list(four['per_attack']),
+                     ['apgd-ce', 'apgd-t', 'fab-t', 'square'])
+    accs = list(four['per_attack'].values())
+    self.assertEqual(accs, sorted(accs, reverse=True))  # never undone
+    self.assertLessEqual(four['max_perturbation'], 0.1 + 1e-6)
+    self.assertIn('robust accuracy after SQUARE', '\n'.join(logs.output))
+    # Sharding does not change a point's attack (keys by example id).
+    one = self.autoattack(version='standard', devices=devices[:1])
+    np.testing.assert_array_equal(one['robust_points'], four['robust_points'])
+
+  @pytest.mark.slow
+  def test_the_standard_version_agrees_with_the_reference(self):
+    require('pyautoattack')
+    jax_report = self.autoattack(version='standard', backend='jax')
+    torch_report = self.autoattack(version='standard', backend='torch')
+    self.assertAlmostEqual(jax_report['robust_accuracy'],
+                           torch_report['robust_accuracy'], delta=1.5)
+    same = np.mean(jax_report['robust_points'] ==
+                   torch_report['robust_points'])
+    self.assertGreaterEqual(same, 0.98)
+
+  def test_a_stop_during_square_is_honoured(self):
+    class AfterFab(logging.Handler):
+      seen = False
+
+      def emit(self, record):
+        AfterFab.seen |= 'after FAB-T' in record.getMessage()
+    handler = AfterFab()
+    logger = logging.getLogger(auto_attack.LOGGER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    self.addCleanup(logger.removeHandler, handler)
+    small = data.Split(self.ds.test.images[:32], self.ds.test.labels[:32])
+    # At a small eps points survive to Square, which stops at once.
+    with self.assertRaises(parallel.Stopped):
+      auto_attack.evaluate(self.model, self.variables, small, eps=0.02,
+                           version='standard', batch_size=32,
+                           stop_requested=lambda: AfterFab.seen)
+    self.assertTrue(AfterFab.seen)
 
 
 if __name__ == '__main__':

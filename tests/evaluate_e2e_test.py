@@ -136,10 +136,10 @@ class EvaluateTest(absltest.TestCase):
     self.assertNotIn('robust accuracy after', rerun.stdout)
     self.assertEqual(self.results()['autoattack']['eps'], report['eps'])
     wrong = run_evaluate(f'--workdir={self.workdir}', '--aa_backend=jax',
-                         '--version=standard')
+                         '--version=rand')
     self.assertEqual(wrong.returncode, 2)
     self.assertRegex(wrong.stderr.strip(), '^error: --aa_backend=jax runs '
-                     '--aa_version=apgd only')
+                     '--aa_version=apgd or standard')
 
   def test_sigterm_during_autoattack_keeps_finished_eps_and_resumes(self):
     workdir = tempfile.mkdtemp(prefix='uta_eval_stop_')

@@ -100,6 +100,14 @@ class FabTest(absltest.TestCase):
       self.assertLess(robust.sum(), self.result.clean.sum())
       np.testing.assert_allclose(x_adv[~robust], adv[~robust], atol=1e-4)
 
+  def test_the_traced_form_equals_the_per_target_runs(self):
+    run = jax.jit(lambda x, y: fab.fab_t_at(self.logits_fn, x, y, 0.1,
+                                            num_targets=3, num_steps=15))
+    robust, x_adv = run(jnp.asarray(self.x), jnp.asarray(self.y))
+    want_robust, want_adv = self.result.robust_at(0.1)
+    np.testing.assert_array_equal(np.asarray(robust), want_robust)
+    np.testing.assert_allclose(np.asarray(x_adv), want_adv, atol=1e-6)
+
   def test_needs_enough_classes(self):
     with self.assertRaisesRegex(ValueError, 'at least 10 classes'):
       fab.fab_t(lambda v: v.reshape(v.shape[0], -1)[:, :5],

@@ -1,10 +1,13 @@
-"""AutoAttack: APGD-CE + APGD-T natively in JAX, or the reference pyautoattack.
+"""AutoAttack natively in JAX, or the reference pyautoattack.
 
-``evaluate`` runs AutoAttack's APGD-CE then APGD-T on the points still
-robust, sharded like ``evaluation.evaluate`` (``uta_jax.apgd``,
-``backend='jax'``), or the reference ``pyautoattack`` (PyTorch) on the JAX
-model through ``torch_bridge`` (``backend='torch'``); torch is imported only
-there. Both log AutoAttack's own lines to the logger ``LOGGER``.
+``evaluate`` runs AutoAttack's attacks in sequence, each on the points still
+robust, sharded like ``evaluation.evaluate`` (``backend='jax'``): the
+standard version's APGD-CE, APGD-T (``uta_jax.apgd``), FAB-T
+(``uta_jax.fab``) and Square (``uta_jax.square``), or version ``apgd``'s
+first two. ``backend='torch'`` runs the reference ``pyautoattack``
+(PyTorch) on the JAX model through ``torch_bridge`` (every version, ``rand``
+and ``plus`` too); torch is imported only there. Both log AutoAttack's own
+lines to the logger ``LOGGER``.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ from uta_jax import apgd
 from uta_jax import classifier
 from uta_jax import data
 from uta_jax import evaluation
+from uta_jax import fab
 from uta_jax import parallel
+from uta_jax import square
 
 LOGGER = 'auto-attack'
-# version='apgd': the standard version without FAB-T and Square.
+# The attacks of each version the JAX backend runs, in AutoAttack's order;
+# version='apgd' is the standard version without FAB-T and Square.
 APGD_ATTACKS = ('apgd-ce', 'apgd-t')
+JAX_ATTACKS = {'apgd': APGD_ATTACKS,
+               'standard': APGD_ATTACKS + ('fab-t', 'square')}
 _AFTER = re.compile(r'robust accuracy after (\S+): ([\d.]+)%')
 
 
@@ -50,8 +58,9 @@ VERSIONS = ('standard', 'apgd', 'rand', 'plus')
 
 
 def default_backend(version: str) -> str:
-  """'jax' for the APGD-only version (native here), else the reference."""
-  return 'jax' if version == 'apgd' else 'torch'
+  """'jax' for the versions native here (``JAX_ATTACKS``), else the
+  reference."""
+  return 'jax' if version in JAX_ATTACKS else 'torch'
 
 
 def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
@@ -62,10 +71,14 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
              stop_requested: evaluation.StopFn = None) -> Dict[str, Any]:
   """AutoAttack at ``eps`` on ``split``: natively in JAX or the reference.
 
-  ``backend='jax'`` (the default for ``version='apgd'``) runs APGD-CE, then
-  APGD-T on the points still robust (``uta_jax.apgd``), sharded over hosts
-  and ``devices``. ``backend='torch'`` runs the reference ``pyautoattack``
-  through ``torch_bridge`` (``standard``, ``rand``, ``plus`` and ``apgd``).
+  ``backend='jax'`` (the default for ``standard`` and ``apgd``) runs the
+  version's attacks (``JAX_ATTACKS``: APGD-CE, APGD-T, then for
+  ``standard`` FAB-T and Square), each on the points still robust, sharded
+  over hosts and ``devices``; FAB-T is deterministic and equals the
+  reference, APGD's random starts and Square's draws come from ``seed``
+  (not the reference's torch stream). ``backend='torch'`` runs the
+  reference ``pyautoattack`` through ``torch_bridge`` (``standard``,
+  ``rand``, ``plus`` and ``apgd``).
   Both log AutoAttack's own lines to the logger ``'auto-attack'``. With
   ``version='rand'`` a model with dropout is evaluated as the stochastic
   MC-dropout model (a new key per call, AutoAttack's EoT); otherwise dropout
@@ -84,8 +97,8 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   if version not in VERSIONS:
     raise ValueError(f'unknown AutoAttack version {version!r}; choose one of '
                      f'{VERSIONS}')
-  if backend == 'jax' and version != 'apgd':
-    raise ValueError(f"the JAX backend runs version 'apgd' (APGD-CE, APGD-T);"
+  if backend == 'jax' and version not in JAX_ATTACKS:
+    raise ValueError(f'the JAX backend runs versions {sorted(JAX_ATTACKS)};'
                      f" run version {version!r} with backend 'torch'")
   if not 0 < eps <= 1:
     raise ValueError(f'eps {eps} is outside (0, 1]: images are in [0, 1]')
@@ -111,6 +124,53 @@ def _apgd_program(variables, batch, key, eps, *, model, ensemble, attack):
   return {'robust': robust, 'linf': linf}
 
 
+def _fab_program(variables, batch, eps, *, model, ensemble):
+  """Per example: robust after FAB-T at ``eps`` and its perturbation's
+  L-inf size."""
+  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
+  x, y = batch['image'], batch['label']
+  robust, x_adv = fab.fab_t_at(logits_fn, x, y, eps)
+  robust &= jnp.argmax(logits_fn(x_adv), -1) == y
+  linf = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1)
+  return {'robust': robust, 'linf': linf}
+
+
+def _square_start(variables, batch, key, eps, *, model, ensemble):
+  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
+  return square.start_state(logits_fn, batch['image'], batch['label'], key,
+                            batch['id'], eps=eps)
+
+
+def _square_segment(variables, batch, state, key, eps, first, sides, *,
+                    model, ensemble):
+  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
+  return square.segment_queries(logits_fn, batch['image'], batch['label'],
+                                state, key, first, sides, eps=eps)
+
+
+def _square_runner(programs, replicated, key, eps, stop_requested):
+  """Square on one chunk of points (``map_examples``' function): the start,
+  then segments of queries until none is left or a stop is asked for."""
+  def run(batch):
+    state = programs['square-start'](replicated, batch, key, eps)
+    height, width = batch['image'].shape[2:4]
+    sides = jnp.asarray(square.padded_sides(square.NUM_QUERIES, height,
+                                            width))
+    for first in range(0, int(sides.shape[0]), square.SEGMENT):
+      if not np.any(np.asarray(state.margin_min) > 0.0):
+        break
+      if stop_requested is not None and stop_requested():
+        raise parallel.Stopped(f'stopped during Square after {first} '
+                               'queries')
+      state = programs['square-segment'](replicated, batch, state, key, eps,
+                                         jnp.int32(first), sides)
+    x_best = np.asarray(state.x_best)
+    linf = np.abs(x_best - batch['image']).reshape(
+        x_best.shape[:2] + (-1,)).max(-1)
+    return {'robust': np.asarray(state.margin_min) > 0.0, 'linf': linf}
+  return run
+
+
 def _clean_program(variables, batch, *, model, ensemble):
   logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
   return {'correct': jnp.argmax(logits_fn(batch['image']), -1) ==
@@ -127,13 +187,23 @@ def _apgd_programs(devices: Tuple[Any, ...], model: nn.Module,
     programs[attack] = parallel.local_pmap(
         functools.partial(_apgd_program, attack=attack, **settings), devices,
         in_axes=(0, 0, None, None))
+  programs['fab-t'] = parallel.local_pmap(
+      functools.partial(_fab_program, **settings), devices,
+      in_axes=(0, 0, None))
+  programs['square-start'] = parallel.local_pmap(
+      functools.partial(_square_start, **settings), devices,
+      in_axes=(0, 0, None, None))
+  programs['square-segment'] = parallel.local_pmap(
+      functools.partial(_square_segment, **settings), devices,
+      in_axes=(0, 0, 0, None, None, None, None))
   return programs
 
 
 def _evaluate_jax(model, variables, split, *, eps, ensemble, version,
                     batch_size, seed, devices, stop_requested):
-  """APGD-CE then APGD-T on the points still robust, in JAX."""
-  del version  # always 'apgd'
+  """``version``'s attacks (``JAX_ATTACKS``), each on the points still
+  robust, in JAX."""
+  attacks = JAX_ATTACKS[version]
   logger = logging.getLogger(LOGGER)
   devices = tuple(devices or jax.local_devices())
   programs = _apgd_programs(devices, model, ensemble)
@@ -141,8 +211,8 @@ def _evaluate_jax(model, variables, split, *, eps, ensemble, version,
   n = len(split)
   ids = parallel.host_indices(n)
   run = evaluation.example_runner(split, devices, stop_requested)
-  logger.info('using apgd version including %s (JAX backend, %d devices '
-              'x %d hosts)', ', '.join(APGD_ATTACKS), len(devices),
+  logger.info('using %s version including %s (JAX backend, %d devices '
+              'x %d hosts)', version, ', '.join(attacks), len(devices),
               jax.process_count())
   start = time.time()
   robust = run(lambda b: programs['clean'](replicated, b), ids,
@@ -152,21 +222,35 @@ def _evaluate_jax(model, variables, split, *, eps, ensemble, version,
   linf = np.zeros(len(ids), np.float32)
   key = jax.random.key(seed)
   per_attack = {}
-  for a, attack in enumerate(APGD_ATTACKS):
+  for a, attack in enumerate(attacks):
     todo = np.flatnonzero(robust)
-    # APGD-T runs its targets side by side: fewer points per call.
-    size = batch_size if attack == 'apgd-ce' else max(
+    # APGD-T and FAB-T run their targets side by side: fewer points a call.
+    size = batch_size if attack in ('apgd-ce', 'square') else max(
         1, batch_size // apgd.NUM_TARGETS)
+    attack_key = jax.random.fold_in(key, a)
+    if attack == 'fab-t':
+      program = lambda b: programs['fab-t'](replicated, b, jnp.float32(eps))
+    elif attack == 'square':
+      program = _square_runner(programs, replicated, attack_key,
+                               jnp.float32(eps), stop_requested)
+    else:
+      program = lambda b, attack=attack, attack_key=attack_key: programs[
+          attack](replicated, b, attack_key, jnp.float32(eps))
     if len(todo):
-      out = run(lambda b, a=a, attack=attack: programs[attack](
-          replicated, b, jax.random.fold_in(key, a), jnp.float32(eps)),
-                ids[todo], batch_size=size)
+      out = run(program, ids[todo], batch_size=size)
       robust[todo] = out['robust']
       linf[todo] = np.maximum(linf[todo], out['linf'])
     per_attack[attack] = 100.0 * float(
         parallel.gather_examples(robust, n).mean())
     logger.debug('robust accuracy after %s: %.2f%% (total time %.1f s)',
                  attack.upper(), per_attack[attack], time.time() - start)
+  if 'square' in per_attack:
+    before = per_attack[attacks[attacks.index('square') - 1]]
+    if before - per_attack['square'] > 0.2:  # as checks.check_square_sr
+      logger.warning('Square lowered the robust accuracy by %.2f points '
+                     'after the gradient-based attacks: a sign of gradient '
+                     'masking; see flags_doc.md of AutoAttack',
+                     before - per_attack['square'])
   robust_points = parallel.gather_examples(robust, n)
   return {
       'model_randomness': 'deterministic (dropout off)',

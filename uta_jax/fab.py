@@ -160,6 +160,31 @@ class FabResult(NamedTuple):
     return self.clean & ~any_fooled, x_adv
 
 
+def target_classes(logits: jax.Array, num_targets: int = NUM_TARGETS
+                   ) -> jax.Array:
+  """[T, B]: the 2nd .. (T+1)-th largest class of each point's logits."""
+  order = jnp.argsort(logits, axis=-1)  # ascending, as torch's sort
+  return jnp.stack([order[:, -k] for k in range(2, num_targets + 2)])
+
+
+def fab_t_at(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, eps, *,
+             num_targets: int = NUM_TARGETS, num_steps: int = NUM_STEPS
+             ) -> Tuple[jax.Array, jax.Array]:
+  """(robust [B], x_adv) of FAB-T at ``eps``, traceable (the targets run
+  side by side, ``jax.vmap``): what ``fab_t(...).robust_at(eps)`` gives."""
+  logits = logits_fn(x)
+  clean = jnp.argmax(logits, -1) == labels
+  distances, points = jax.vmap(lambda t: targeted_run(
+      logits_fn, x, labels, t, num_steps=num_steps))(
+          target_classes(logits, num_targets))  # [T, B], [T, B, ...]
+  fooled = (distances <= eps) & clean[None]
+  hit = fooled.any(0)
+  first = jnp.argmax(fooled, 0)
+  chosen = points[first, jnp.arange(x.shape[0])]
+  x_adv = jnp.where(hit.reshape((-1,) + (1,) * (x.ndim - 1)), chosen, x)
+  return clean & ~hit, x_adv
+
+
 def fab_t(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
           num_targets: int = NUM_TARGETS, num_steps: int = NUM_STEPS
           ) -> FabResult:
@@ -170,12 +195,11 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
     raise ValueError(f'FAB-T with {num_targets} targets needs at least '
                      f'{num_targets + 1} classes, got {logits.shape[-1]}')
   clean = jnp.argmax(logits, -1) == labels
-  order = jnp.argsort(logits, axis=-1)  # ascending, as torch's sort
   run = jax.jit(lambda t: targeted_run(logits_fn, x, labels, t,
                                        num_steps=num_steps))
   distances, points = [], []
-  for k in range(2, num_targets + 2):  # the k-th largest clean logit
-    res, adv = run(order[:, -k])
+  for targets in target_classes(logits, num_targets):  # in the ref's order
+    res, adv = run(targets)
     distances.append(np.asarray(res))
     points.append(np.asarray(adv))
   return FabResult(np.stack(distances), np.stack(points), np.asarray(clean),

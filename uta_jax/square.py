@@ -70,20 +70,52 @@ class Draws(NamedTuple):
   signs: jax.Array
 
 
-def draw(key: jax.Array, x: jax.Array, num_queries: int,
-         p_init: float = P_INIT) -> Draws:
-  """Draws from ``key`` with the reference's distributions: +-1 signs, and a
-  corner ``floor(U * (H - s))`` for the window of side s of each query."""
-  batch, height, width, channels = x.shape
-  k_start, k_corner, k_sign = jax.random.split(key, 3)
-  sign = lambda k, shape: jnp.where(jax.random.bernoulli(k, shape=shape),
-                                    1.0, -1.0).astype(x.dtype)
-  sides = jnp.asarray(window_sides(num_queries, height, width, p_init))
-  room = jnp.stack([height - sides, width - sides], axis=1)  # [Q, 2]
-  u = jax.random.uniform(k_corner, (num_queries, 2))
+def _signs(key: jax.Array, shape, dtype) -> jax.Array:
+  return jnp.where(jax.random.bernoulli(key, shape=shape), 1.0,
+                   -1.0).astype(dtype)
+
+
+def stripe_signs(key: jax.Array, example_ids: jax.Array, width: int,
+                 channels: int, dtype=jnp.float32) -> jax.Array:
+  """[B, 1, W, C] start signs, point i's from ``fold_in(key, id_i)``: a
+  point's start does not depend on its batch or device."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      jax.random.fold_in(key, 0), example_ids)
+  return jax.vmap(lambda k: _signs(k, (1, width, channels), dtype))(keys)
+
+
+def query_draws(key: jax.Array, first, count: int, sides: jax.Array,
+                shape: Tuple[int, int, int], dtype=jnp.float32
+                ) -> Tuple[jax.Array, jax.Array]:
+  """(corners [count, 2], channel signs [count, C]) of queries ``first`` ..
+  ``first + count - 1`` (``first`` may be traced): query q's from
+  ``fold_in(key, q)``, shared by every point (as the reference's), with its
+  window side ``sides`` [count]; corner ``floor(U * (H - s))``."""
+  height, width, channels = shape
+  queries = first + jnp.arange(count)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(
+      jax.random.fold_in(key, 1), queries)
+  u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0),
+                                            (2,)))(keys)
+  room = jnp.stack([height - sides, width - sides], axis=1)
   corners = jnp.floor(u * room).astype(jnp.int32)
-  return Draws(stripes=sign(k_start, (batch, 1, width, channels)),
-               corners=corners, signs=sign(k_sign, (num_queries, channels)))
+  signs = jax.vmap(lambda k: _signs(jax.random.fold_in(k, 1), (channels,),
+                                    dtype))(keys)
+  return corners, signs
+
+
+def draw(key: jax.Array, x: jax.Array, num_queries: int,
+         p_init: float = P_INIT,
+         example_ids: Optional[jax.Array] = None) -> Draws:
+  """Every draw of an attack on ``x`` from ``key`` (``stripe_signs``,
+  ``query_draws``), with the reference's distributions."""
+  batch, height, width, channels = x.shape
+  ids = jnp.arange(batch) if example_ids is None else example_ids
+  sides = jnp.asarray(window_sides(num_queries, height, width, p_init))
+  corners, signs = query_draws(key, 0, num_queries, sides,
+                               (height, width, channels), x.dtype)
+  return Draws(stripes=stripe_signs(key, ids, width, channels, x.dtype),
+               corners=corners, signs=signs)
 
 
 def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -142,6 +174,41 @@ def run_queries(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array,
     return _query(logits_fn, x, labels, s, sides[i], corners[i], signs[i],
                   eps=eps, bounds=bounds)
   return jax.lax.fori_loop(0, sides.shape[0], body, state)
+
+
+def start_state(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array,
+                key: jax.Array, example_ids: jax.Array, *, eps,
+                bounds: Tuple[float, float] = (0.0, 1.0)) -> State:
+  """The start of every point (``stripe_signs`` by example id), points
+  misclassified when clean marked done (margin -1): traceable, for a
+  sharded program (``auto_attack``)."""
+  clean = margin(logits_fn(x), labels) > 0.0
+  stripes = stripe_signs(key, example_ids, x.shape[2], x.shape[3], x.dtype)
+  state = start(logits_fn, x, labels, stripes, eps=eps, bounds=bounds)
+  return state._replace(margin_min=jnp.where(clean, state.margin_min, -1.0))
+
+
+def padded_sides(num_queries: int, height: int, width: int,
+                 segment: int = SEGMENT, p_init: float = P_INIT
+                 ) -> np.ndarray:
+  """``window_sides`` padded with side-0 windows (no change) to a whole
+  number of segments."""
+  sides = window_sides(num_queries, height, width, p_init)
+  return np.pad(sides, (0, -num_queries % segment))
+
+
+def segment_queries(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array,
+                    state: State, key: jax.Array, first, sides: jax.Array,
+                    *, segment: int = SEGMENT, eps,
+                    bounds: Tuple[float, float] = (0.0, 1.0)) -> State:
+  """Queries ``first`` .. ``first + segment - 1`` (``first`` traced; one
+  compiled program for every segment), drawn from ``key`` by query index
+  (``query_draws``); ``sides``: ``padded_sides``."""
+  window = jax.lax.dynamic_slice(sides, (first,), (segment,))
+  corners, signs = query_draws(key, first, segment, window, x.shape[1:],
+                               x.dtype)
+  return run_queries(logits_fn, x, labels, state, window, corners, signs,
+                     eps=eps, bounds=bounds)
 
 
 def square_linf(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
