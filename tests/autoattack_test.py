@@ -1,6 +1,8 @@
 """auto_attack.evaluate: the JAX backend against the reference, devices, stops."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -122,6 +124,24 @@ class JaxAutoAttackTest(absltest.TestCase):
     same = np.mean(jax_report['robust_points'] ==
                    torch_report['robust_points'])
     self.assertGreaterEqual(same, 0.98)
+
+  def test_the_standard_version_runs_without_torch(self):
+    code = '''
+import sys
+sys.modules['torch'] = None  # import torch raises ImportError
+import jax
+from uta_jax import auto_attack, data, models
+model = models.MLP()
+variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+ds = data.load_dataset('mnist_embedded', max_eval_examples=16)
+r = auto_attack.evaluate(model, variables, ds.test, eps=0.1)
+print(r['backend'], sorted(r['per_attack']))
+'''
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("jax ['apgd-ce', 'apgd-t', 'fab-t', 'square']",
+                  proc.stdout)
 
   def test_a_stop_during_square_is_honoured(self):
     class AfterFab(logging.Handler):

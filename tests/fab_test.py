@@ -80,6 +80,27 @@ class FabTest(absltest.TestCase):
     # A larger eps fools at least the same points.
     self.assertTrue(np.all(r.robust_at(0.3)[0] <= r.robust_at(0.1)[0]))
 
+  def test_after_1_3_and_10_iterations_equals_the_reference(self):
+    torch = require('torch')
+    fab_pt = require('pyautoattack.fab_pt')
+    torch_bridge = require('uta_jax.torch_bridge')
+    module = torch_bridge.bridge_module(self.model.apply, self.variables)
+    x_nchw = torch.from_numpy(np.transpose(self.x, (0, 3, 1, 2)).copy())
+    y = torch.from_numpy(self.y.astype(np.int64))
+    for steps_ in (1, 3, 10):
+      ours = fab.fab_t(self.logits_fn, jnp.asarray(self.x),
+                       jnp.asarray(self.y), num_targets=2, num_steps=steps_)
+      attack = fab_pt.FABAttack_PT(module, norm='Linf', n_restarts=1,
+                                   n_iter=steps_, eps=0.2, targeted=True,
+                                   n_target_classes=2, device='cpu')
+      adv = np.transpose(attack.perturb(x_nchw, y).numpy(), (0, 2, 3, 1))
+      dist = np.abs(adv - self.x).reshape(len(self.x), -1).max(1)
+      pred = np.argmax(np.asarray(self.logits_fn(jnp.asarray(adv))), -1)
+      robust, x_adv = ours.robust_at(0.2)
+      np.testing.assert_array_equal(
+          robust, ((pred == self.y) | (dist > 0.2)) & ours.clean, steps_)
+      np.testing.assert_allclose(x_adv[~robust], adv[~robust], atol=1e-4)
+
   def test_equals_the_reference_fab_t(self):
     torch = require('torch')
     fab_pt = require('pyautoattack.fab_pt')
