@@ -250,8 +250,10 @@ class FaultToleranceTest(absltest.TestCase):
 
   def test_a_second_run_on_the_same_workdir_is_refused(self):
     workdir = self.create_tempdir().full_path
+    # Long enough that it is still training when the second one starts,
+    # however loaded the machine (it is killed at the end).
     first = subprocess.Popen(
-        train_command(workdir, '--epochs=4', '--checkpoint_every=4'),
+        train_command(workdir, '--epochs=400', '--checkpoint_every=4'),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     self.addCleanup(first.kill)
     wait_for_checkpoint(workdir, first, min_step=4)
