@@ -31,11 +31,11 @@ class JaxAutoAttackTest(absltest.TestCase):
     cls.ds = data.load_dataset('mnist_embedded', max_eval_examples=200)
     cls.model, cls.variables = steps.fit(config, cls.ds.train, num_steps=300)
 
-  def autoattack(self, **kwargs):
+  def autoattack(self, split=None, **kwargs):
     args = dict(eps=0.1, version='apgd', batch_size=128)
     args.update(kwargs)
-    return auto_attack.evaluate(self.model, self.variables, self.ds.test,
-                                 **args)
+    return auto_attack.evaluate(self.model, self.variables,
+                                split or self.ds.test, **args)
 
   @pytest.mark.slow
   def test_agrees_with_the_reference_through_the_bridge(self):
@@ -102,8 +102,10 @@ class JaxAutoAttackTest(absltest.TestCase):
   @pytest.mark.slow  # the standard version compiled for 1 and 4 devices
   def test_the_standard_version_in_jax(self):
     devices = jax.local_devices()
+    split = data.Split(self.ds.test.images[:48], self.ds.test.labels[:48])
     with self.assertLogs(auto_attack.LOGGER, logging.DEBUG) as logs:
-      four = self.autoattack(version='standard', devices=devices)
+      four = self.autoattack(version='standard', devices=devices,
+                             split=split)
     self.assertEqual(list(four['per_attack']),
                      ['apgd-ce', 'apgd-t', 'fab-t', 'square'])
     accs = list(four['per_attack'].values())
@@ -111,19 +113,26 @@ class JaxAutoAttackTest(absltest.TestCase):
     self.assertLessEqual(four['max_perturbation'], 0.1 + 1e-6)
     self.assertIn('robust accuracy after SQUARE', '\n'.join(logs.output))
     # Sharding does not change a point's attack (keys by example id).
-    one = self.autoattack(version='standard', devices=devices[:1])
+    one = self.autoattack(version='standard', devices=devices[:1],
+                          split=split)
     np.testing.assert_array_equal(one['robust_points'], four['robust_points'])
 
   @pytest.mark.slow
   def test_the_standard_version_agrees_with_the_reference(self):
     require('pyautoattack')
-    jax_report = self.autoattack(version='standard', backend='jax')
-    torch_report = self.autoattack(version='standard', backend='torch')
+    # 128 points: APGD's random starts and Square's draws differ from the
+    # reference's, so a few points may; FAB-T is exact (fab_test).
+    split = data.Split(self.ds.test.images[:128], self.ds.test.labels[:128])
+    jax_report = self.autoattack(version='standard', backend='jax',
+                                 split=split)
+    torch_report = self.autoattack(version='standard', backend='torch',
+                                   split=split)
+    self.assertGreater(jax_report['robust_accuracy'], 10)
     self.assertAlmostEqual(jax_report['robust_accuracy'],
-                           torch_report['robust_accuracy'], delta=1.5)
+                           torch_report['robust_accuracy'], delta=2.5)
     same = np.mean(jax_report['robust_points'] ==
                    torch_report['robust_points'])
-    self.assertGreaterEqual(same, 0.98)
+    self.assertGreaterEqual(same, 0.97)
 
   def test_the_standard_version_runs_without_torch(self):
     code = '''
