@@ -18,6 +18,7 @@
 # script sources .accel/env.sh when it exists. PYTHON names the interpreter
 # (default python3).
 # GPU_CHECK_PARTS="tests resume" runs only the parts named (a rerun of one);
+# GPU_CHECK_TIMEOUT_SCALE=N multiplies every part's timeout (a loaded CPU);
 # GPU_CHECK_PLATFORM=cpu runs them on the CPU (a check of the script
 # itself; the numbers are then CPU numbers).
 set -uo pipefail
@@ -37,7 +38,7 @@ export JAX_PLATFORMS=$platform
 py=${PYTHON:-python3}
 
 part() {  # part NAME SECONDS COMMAND...: its output in OUT_DIR/NAME.log
-  local name=$1 limit=$2
+  local name=$1 limit=$(( $2 * ${GPU_CHECK_TIMEOUT_SCALE:-1} ))
   shift 2
   if [ -n "${GPU_CHECK_PARTS:-}" ] && [[ " $GPU_CHECK_PARTS " != *" $name "* ]]
   then
