@@ -61,8 +61,9 @@ flags.DEFINE_enum('aa_version', None, ['standard', 'apgd', 'plus'],
                   'AutoAttack version; default: apgd (APGD-CE + APGD-T of '
                   'the standard version) for quick, standard for paper')
 flags.DEFINE_enum('aa_backend', None, ['jax', 'torch'],
-                  'AutoAttack backend; default: jax for apgd (native, every '
-                  'device), torch (the reference, bridged) otherwise')
+                  'AutoAttack backend; default: jax (native, every device) '
+                  'for standard and apgd, torch (the reference, bridged) '
+                  'for rand and plus')
 flags.DEFINE_list('seeds', None, 'seeds of the runs, e.g. 0,1,2 (one run '
                   'per seed); default: the preset\'s')
 flags.DEFINE_list('methods', None, 'subset of the script\'s methods; '
@@ -208,8 +209,9 @@ def eps_grid(default) -> list:
 
 
 def aa_version() -> str:
-  """Quick sweeps skip FAB-T and Square, which cost ~80% of AutoAttack's
-  CPU time and, in our quick runs, changed no robust accuracy."""
+  """--aa_version, else the preset's: quick sweeps run the standard
+  version's APGD-CE and APGD-T only (FAB-T and Square cost most of its time
+  and, in the quick runs measured so far, changed no robust accuracy)."""
   if FLAGS.aa_version:
     return FLAGS.aa_version
   return 'apgd' if FLAGS.preset == 'quick' else 'standard'

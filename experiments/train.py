@@ -56,7 +56,8 @@ flags.DEFINE_enum('aa_version', 'standard', list(auto_attack.VERSIONS),
                   'AutoAttack version; apgd: APGD-CE + APGD-T only')
 flags.DEFINE_alias('autoattack_version', 'aa_version')
 flags.DEFINE_enum('aa_backend', None, list(auto_attack.BACKENDS),
-                  'AutoAttack backend; default: jax for apgd, else torch')
+                  'AutoAttack backend; default: jax for standard and apgd, '
+                  'torch for rand and plus')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
                     '(multi-host)')
 flags.DEFINE_integer('num_processes', 1, 'processes in a multi-host run')
