@@ -8,10 +8,11 @@ r"""Evaluate a trained workdir with AutoAttack and JAX-native PGD.
 Restores the newest valid checkpoint, runs AutoAttack and PGD with restarts
 at every eps on the first --num_examples test points, prints AutoAttack's own
 log lines, and stores an 'autoattack' section in DIR/results.json after each
-eps. The standard version (APGD-CE, APGD-T, FAB-T, Square) runs the reference
-through uta_jax.torch_bridge; --aa_version=apgd runs APGD-CE and APGD-T natively
-in JAX on every device (--aa_backend=torch for the reference). SIGTERM or
-Ctrl-C stops within seconds; a rerun skips the eps already stored.
+eps. The standard version (APGD-CE, APGD-T, FAB-T, Square) and
+--aa_version=apgd (its first two) run natively in JAX on every device;
+--aa_backend=torch runs the reference through uta_jax.torch_bridge (and
+versions rand and plus). SIGTERM or Ctrl-C stops within seconds; a rerun
+skips the eps already stored.
 """
 
 import os
@@ -39,9 +40,9 @@ flags.DEFINE_enum('aa_version', 'standard', list(auto_attack.VERSIONS),
                   "'apgd' only the standard APGD-CE + APGD-T (cheap)")
 flags.DEFINE_alias('version', 'aa_version')
 flags.DEFINE_enum('aa_backend', None, list(auto_attack.BACKENDS),
-                  "jax: APGD-CE + APGD-T natively in JAX, on every device "
-                  "(version apgd only); torch: the reference pyautoattack "
-                  "through the bridge. Default: jax for apgd, else torch")
+                  "jax: natively in JAX, on every device (versions standard "
+                  "and apgd); torch: the reference pyautoattack through the "
+                  "bridge. Default: jax for standard and apgd, else torch")
 flags.DEFINE_list('eps', None, 'L-inf radii in (0, 1]; default: the run\'s '
                   'eval_eps')
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
