@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import config_flags  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+import sweep_tables  # pylint: disable=g-import-not-at-top
 from uta_jax import claims
 from uta_jax import evaluation
 from uta_jax import reporting
@@ -259,7 +260,7 @@ def run(out: str):
   trained = sweep.train_all([(c[3], c[4]) for c in cells])  # together
   rows = [curve_row(*cell, results) for cell, results in zip(cells, trained)]
   payload = {'seeds': seeds, 'rows': rows,
-             'compute_seconds': sweep.compute_seconds(rows)}
+             'compute_seconds': sweep_tables.compute_seconds(rows)}
   payload['verdicts'] = payload_verdicts(payload)
   return payload, {'catastrophic_overfitting': figure(payload)}
 

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+import sweep_tables  # pylint: disable=g-import-not-at-top
 from uta_jax import claims
 from uta_jax import reporting
 from uta_jax import stats
@@ -75,8 +76,8 @@ def score(rows: list, i: int) -> list:
 def verdicts(rows: list) -> list:
   """Table 2 / Fig. 13's claims over the per-seed rows (``uta_jax.stats``:
   paired seeds, intervals over seeds and test points)."""
-  pgd = sweep.method_cells(rows, 'ls_pgd')
-  uta = sweep.method_cells(rows, 'ls_uta')
+  pgd = sweep_tables.method_cells(rows, 'ls_pgd')
+  uta = sweep_tables.method_cells(rows, 'ls_uta')
   shared = sorted(set(pgd) & set(uta))
   if not shared:
     return []
@@ -124,7 +125,7 @@ def markdown(payload: dict) -> str:
           f"{payload['seeds']}; paper (MNIST) in parentheses; AutoAttack "
           f"({rows[0]['aa_version']}, {rows[0]['aa_backend']}) on "
           f"{rows[0]['aa_examples']} test points\n\n" +
-          sweep.score_table(rows))
+          sweep_tables.score_table(rows))
 
 
 def figure(payload: dict):
@@ -134,7 +135,7 @@ def figure(payload: dict):
   plt = sweep.pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
   for method, color in (('ls_pgd', 'tab:blue'), ('ls_uta', 'tab:orange')):
-    cells = sweep.method_cells(rows, method)
+    cells = sweep_tables.method_cells(rows, method)
     if not cells:
       continue
     name = reporting.method_name(method)
@@ -185,7 +186,7 @@ def run(out: str):
                      paper_score=list(paper) if paper else None))
   payload = {'dataset': preset['dataset'],
              'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
-             'compute_seconds': sweep.compute_seconds(rows)}
+             'compute_seconds': sweep_tables.compute_seconds(rows)}
   payload['verdicts'] = payload_verdicts(payload)
   return payload, {'latent_space': figure(payload)}
 

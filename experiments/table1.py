@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+import sweep_tables  # pylint: disable=g-import-not-at-top
 from uta_jax import claims
 from uta_jax import reporting
 from uta_jax import stats
@@ -164,7 +165,7 @@ def verdicts(rows: list) -> list:
   ``aa_examples``: the score averages two accuracies of the same points, so
   its binomial variance is at most that of one accuracy)."""
   dataset = rows[0]['dataset']
-  pgd, uta, ens = (sweep.method_cells(rows, m) for m in METHODS)
+  pgd, uta, ens = (sweep_tables.method_cells(rows, m) for m in METHODS)
   n_eval = min(r['eval_examples'] for r in rows)
   n_aa = min(r['aa_examples'] for r in rows)
   eps_test = rows[0]['eps_test']
@@ -266,7 +267,7 @@ def markdown(payload: dict) -> str:
         f"parentheses; {train} training images, {rs[0]['epochs']} epochs; "
         f"AutoAttack ({rs[0]['aa_version']}, {rs[0]['aa_backend']}) on "
         f"{rs[0]['aa_examples']} test points; clean and PGD accuracy on "
-        f'{n_eval}{power}\n\n' + sweep.score_table(rs))
+        f'{n_eval}{power}\n\n' + sweep_tables.score_table(rs))
   return '\n'.join(parts)
 
 
@@ -291,7 +292,7 @@ def figure(payload: dict):
                 i) for i, e in enumerate(eps_test)]
     for ax, (label, value, index) in zip(ax_row, panels):
       for method in METHODS:
-        cells = sweep.method_cells(rs_d, method)
+        cells = sweep_tables.method_cells(rs_d, method)
         if not cells:
           continue
         spread = [reporting.mean_std(value(r) for r in rs)
@@ -345,7 +346,7 @@ def run(out: str):
     rows += run_dataset(dataset, setting, cells, keys)
   payload = {
       'seeds': sorted({r['seed'] for r in rows}), 'rows': rows,
-      'compute_seconds': sweep.compute_seconds(rows)}
+      'compute_seconds': sweep_tables.compute_seconds(rows)}
   payload['verdicts'] = payload_verdicts(payload)
   return payload, {'table1': figure(payload)}
 

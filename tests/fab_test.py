@@ -7,13 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uta_jax import classifier
-from uta_jax import configs
 from uta_jax import data
 from uta_jax import fab
-from uta_jax import steps
 
-from testutil import require  # pylint: disable=g-bad-import-order
+from testutil import require, trained_mlp  # pylint: disable=g-bad-import-order
 
 # Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
 # python -m pytest -m accelerator runs them there.
@@ -44,21 +41,12 @@ class ProjectionTest(absltest.TestCase):
     self.assertLessEqual((t + ours).max(), 1 + 1e-6)
 
 
-def trained():
-  config = configs.get_config('mnist_embedded', {'attack.name': 'none'})
-  ds = data.load_dataset('mnist_embedded', max_eval_examples=48)
-  model, variables = steps.fit(config, ds.train, num_steps=60)
-  logits_fn = jax.jit(lambda x: classifier.predict_logits(
-      model, variables, x, ensemble=False))
-  return model, variables, logits_fn, ds.test
-
-
 class FabTest(absltest.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model, cls.variables, logits_fn, test = trained()
+    cls.model, cls.variables, logits_fn, test = trained_mlp(48)
     cls.logits_fn = staticmethod(logits_fn)
     cls.x = data.to_float(test.images)
     cls.y = test.labels

@@ -10,11 +10,8 @@ import pytest
 from uta_jax import data
 from uta_jax import parallel
 from uta_jax import square
-from uta_jax import steps
-from uta_jax import configs
-from uta_jax import classifier
 
-from testutil import require  # pylint: disable=g-bad-import-order
+from testutil import require, trained_mlp  # pylint: disable=g-bad-import-order
 
 # Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
 # python -m pytest -m accelerator runs them there.
@@ -38,22 +35,12 @@ class ScheduleTest(absltest.TestCase):
     self.assertTrue(np.all(np.diff(sides) <= 0))
 
 
-def trained():
-  """A small MLP trained briefly on embedded MNIST, and 64 test points."""
-  config = configs.get_config('mnist_embedded', {'attack.name': 'none'})
-  ds = data.load_dataset('mnist_embedded', max_eval_examples=64)
-  model, variables = steps.fit(config, ds.train, num_steps=60)
-  logits_fn = jax.jit(lambda x: classifier.predict_logits(
-      model, variables, x, ensemble=False))
-  return model, variables, logits_fn, ds.test
-
-
 class InvariantsTest(absltest.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model, cls.variables, logits_fn, cls.test = trained()
+    cls.model, cls.variables, logits_fn, cls.test = trained_mlp(64)
     cls.logits_fn = staticmethod(logits_fn)
     cls.x = jnp.asarray(data.to_float(cls.test.images))
     cls.y = jnp.asarray(cls.test.labels)
@@ -99,7 +86,7 @@ class ReferenceReplayTest(absltest.TestCase):
     torch = require('torch')
     reference = require('pyautoattack.square')
     torch_bridge = require('uta_jax.torch_bridge')
-    model, variables, logits_fn, test = trained()
+    model, variables, logits_fn, test = trained_mlp(64)
     x = data.to_float(test.images)
     y = test.labels
     queries, eps = 150, 0.1

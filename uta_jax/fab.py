@@ -195,11 +195,12 @@ def fab_t(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
     raise ValueError(f'FAB-T with {num_targets} targets needs at least '
                      f'{num_targets + 1} classes, got {logits.shape[-1]}')
   clean = jnp.argmax(logits, -1) == labels
-  run = jax.jit(lambda t: targeted_run(logits_fn, x, labels, t,
-                                       num_steps=num_steps))
+  # x and the labels are arguments, not constants baked into the program.
+  run = jax.jit(lambda v, y, t: targeted_run(logits_fn, v, y, t,
+                                             num_steps=num_steps))
   distances, points = [], []
   for targets in target_classes(logits, num_targets):  # in the ref's order
-    res, adv = run(targets)
+    res, adv = run(x, labels, targets)
     distances.append(np.asarray(res))
     points.append(np.asarray(adv))
   return FabResult(np.stack(distances), np.stack(points), np.asarray(clean),

@@ -238,8 +238,9 @@ def square_linf(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
   state = start(logits_fn, x, labels, draws.stripes, eps=eps, bounds=bounds)
   # Misclassified when clean: out of the attack from the start.
   state = state._replace(margin_min=jnp.where(clean, state.margin_min, -1.0))
-  segment_fn = jax.jit(lambda s, a, b, c: run_queries(
-      logits_fn, x, labels, s, a, b, c, eps=eps, bounds=bounds))
+  # x and the labels are arguments, not constants baked into the program.
+  segment_fn = jax.jit(lambda v, y, s, a, b, c: run_queries(
+      logits_fn, v, y, s, a, b, c, eps=eps, bounds=bounds))
   # Every segment has ``segment`` queries (one compiled shape): the last is
   # padded with windows of side 0, which change nothing.
   pad = -num_queries % segment
@@ -253,7 +254,8 @@ def square_linf(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *,
       raise parallel.Stopped(f'Square stopped after {lo} of {num_queries} '
                              'queries')
     hi = lo + segment
-    state = segment_fn(state, sides[lo:hi], corners[lo:hi], signs[lo:hi])
+    state = segment_fn(x, labels, state, sides[lo:hi], corners[lo:hi],
+                       signs[lo:hi])
   x_adv = jnp.where(clean.reshape((-1,) + (1,) * (x.ndim - 1)),
                     state.x_best, x)
   robust = np.asarray(clean & (state.margin_min > 0.0))
