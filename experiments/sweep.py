@@ -7,8 +7,9 @@ already holds a finished run of the same config is reused, the others train
 or resume from their checkpoints together, as few programs of runs as
 ``loop.train_and_evaluate_runs`` can make of them (``--max_runs_per_program``,
 ``--run_map``).
-``autoattack(workdir, ...)`` likewise reuses every eps of a stored report on
-the same points (quick presets: APGD-CE + APGD-T natively in JAX).
+``autoattack(workdirs, ...)`` evaluates a program's runs together in JAX
+(``train_and_attack`` does it per program) and likewise reuses every eps of
+a stored report on the same points (quick presets: APGD-CE + APGD-T).
 ``write_outputs`` writes the script's JSON (per-seed rows, ``seeds``, the
 ``verdicts`` of its claims, the command), its markdown (rendered from that
 JSON alone, so ``report.py`` can rebuild it) and its PNG into
@@ -283,17 +284,19 @@ def aa_backend(version: str) -> str:
   return FLAGS.aa_backend or auto_attack.default_backend(version)
 
 
-def autoattack(workdir: str, *, eps, num_examples: int,
-               version: str = 'standard') -> Dict[str, Any]:
-  """``runs.evaluate_workdir``'s AutoAttack report; it reuses every eps
-  already stored with the same settings."""
+def autoattack(workdirs: Sequence[str], *, eps, num_examples: int,
+               version: str = 'standard') -> List[Dict[str, Any]]:
+  """``runs.evaluate_workdirs``' AutoAttack reports of runs of one program
+  (evaluated together); it reuses every eps already stored with the same
+  settings."""
   backend = aa_backend(version)
   if backend == 'torch':
     torch_bridge.require_torch().set_num_threads(1)
   try:
-    return runs.evaluate_workdir(workdir, version=version, backend=backend,
-                                 eps=tuple(eps), num_examples=num_examples,
-                                 jax_pgd=False, stop_requested=stop_requested)
+    return runs.evaluate_workdirs(workdirs, version=version, backend=backend,
+                                  eps=tuple(eps), num_examples=num_examples,
+                                  jax_pgd=False,
+                                  stop_requested=stop_requested)
   except parallel.Stopped:
     exit_if_stopped()
     raise
@@ -311,20 +314,27 @@ def aa_cell(report: Dict[str, Any], eps: float) -> Dict[str, float]:
 def train_and_attack(cells: Sequence[Tuple[configs.Config, str]], *,
                      aa_examples: int) -> List[Dict[str, Any]]:
   """Trains (or reuses) every (config, workdir) of ``cells`` together
-  (``train_all``), then AutoAttacks each at its eval eps; a row per cell.
+  (``train_all``), then AutoAttacks each at its eval eps, the runs of one
+  program together (``programs.group``); a row per cell.
 
   ``score`` per eps_test is the paper's Table 1 / 2 cell: the mean of clean
   and AutoAttack robust accuracy on the AutoAttack points.
   """
   preflight([config for config, _ in cells], autoattack=True)
   trained = train_all(cells)
-  return [_attack_row(config, workdir, results, aa_examples=aa_examples)
-          for (config, workdir), results in zip(cells, trained)]
+  reports: List[Optional[Dict[str, Any]]] = [None] * len(cells)
+  for group in programs.group([config for config, _ in cells]):
+    eps = cells[group[0]][0].eval.eps
+    for i, report in zip(group, autoattack(
+        [cells[i][1] for i in group], eps=eps, num_examples=aa_examples,
+        version=aa_version())):
+      reports[i] = report
+  return [_attack_row(config, workdir, results, report)
+          for (config, workdir), results, report in zip(cells, trained,
+                                                        reports)]
 
 
-def _attack_row(config, workdir, results, *, aa_examples):
-  report = autoattack(workdir, eps=config.eval.eps, num_examples=aa_examples,
-                      version=aa_version())
+def _attack_row(config, workdir, results, report):
   cells = [aa_cell(report, e) for e in config.eval.eps]
   return {
       'seed': config.seed,

@@ -99,14 +99,17 @@ def main(argv):
     results = loop.train_and_evaluate_runs(
         run_configs, workdirs, stop_requested=stop, **cli.program_options())
     autoattack = [None] * len(results)
-    for i, (run_dir, result) in enumerate(zip(workdirs, results)):
-      if FLAGS.autoattack and result['status'] == 'finished':
-        autoattack[i] = runs.evaluate_workdir(
-            run_dir, eps=aa_eps, num_examples=FLAGS.autoattack_examples,
-            version=FLAGS.aa_version, backend=FLAGS.aa_backend,
-            jax_pgd=False, stop_requested=stop)
+    finished = [i for i, r in enumerate(results) if r['status'] == 'finished']
+    if FLAGS.autoattack and finished:
+      # The seeds' runs are one model: their AutoAttack is one program.
+      reports = runs.evaluate_workdirs(
+          [workdirs[i] for i in finished], eps=aa_eps,
+          num_examples=FLAGS.autoattack_examples, version=FLAGS.aa_version,
+          backend=FLAGS.aa_backend, jax_pgd=False, stop_requested=stop)
+      for i, report in zip(finished, reports):
+        autoattack[i] = report
   except parallel.Stopped:
-    print(f'stopped during AutoAttack: finished eps are in {run_dir}/'
+    print(f'stopped during AutoAttack: finished eps are in each run\'s '
           f'{reporting.RESULTS}; rerun the same command to finish')
     sys.exit(stop.exit_code())
   except (configs.ConfigError, data.DataError, parallel.ParallelError,

@@ -14,6 +14,7 @@ from uta_jax import auto_attack
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import parallel
+from uta_jax import programs
 from uta_jax import steps
 
 from testutil import require  # pylint: disable=g-bad-import-order
@@ -31,10 +32,10 @@ class JaxAutoAttackTest(absltest.TestCase):
     cls.ds = data.load_dataset('mnist_embedded', max_eval_examples=200)
     cls.model, cls.variables = steps.fit(config, cls.ds.train, num_steps=300)
 
-  def autoattack(self, split=None, **kwargs):
+  def autoattack(self, split=None, variables=None, **kwargs):
     args = dict(eps=0.1, version='apgd', batch_size=128)
     args.update(kwargs)
-    return auto_attack.evaluate(self.model, self.variables,
+    return auto_attack.evaluate(self.model, variables or self.variables,
                                 split or self.ds.test, **args)
 
   @pytest.mark.slow
@@ -133,6 +134,35 @@ class JaxAutoAttackTest(absltest.TestCase):
     same = np.mean(jax_report['robust_points'] ==
                    torch_report['robust_points'])
     self.assertGreaterEqual(same, 0.97)
+
+  @pytest.mark.slow  # the standard version on two models, and each alone
+  def test_models_at_once_equal_each_model_alone(self):
+    # A second model of the architecture: the first with noisy weights.
+    other = jax.tree_util.tree_map(
+        lambda w: w + 0.5 * np.std(w) * np.random.default_rng(0).normal(
+            size=w.shape).astype(w.dtype), self.variables)
+    split = data.Split(self.ds.test.images[:24], self.ds.test.labels[:24])
+    eps = [0.05, 0.1]
+    alone = [[self.autoattack(version='standard', split=split, eps=e,
+                              variables=v) for v in (self.variables, other)]
+             for e in eps]
+    self.assertNotEqual(alone[0][0]['robust_accuracy'],
+                        alone[0][1]['robust_accuracy'])
+    for run_map in ('map', 'vmap'):
+      stored = []
+      together = auto_attack.evaluate_runs(
+          self.model, programs.stack([self.variables, other]), split,
+          eps=eps, version='standard', batch_size=128, run_map=run_map,
+          on_eps=lambda e, reports: stored.append((e, len(reports))))
+      self.assertEqual(stored, [(0.05, 2), (0.1, 2)])
+      for got_eps, want_eps in zip(together, alone):
+        for got, want in zip(got_eps, want_eps):
+          np.testing.assert_array_equal(got['robust_points'],
+                                        want['robust_points'], run_map)
+          self.assertEqual(got['per_attack'], want['per_attack'])
+          self.assertEqual(got['runs_in_program'], 2)
+          self.assertEqual((got['eps'], got['backend']),
+                           (want['eps'], 'jax'))
 
   def test_the_standard_version_runs_without_torch(self):
     code = '''

@@ -46,6 +46,34 @@ class PerDeviceBatchTest(absltest.TestCase):
     self.assertEqual(parallel.per_device_batch(3, 1, 2), 2)
 
 
+class MapRunExamplesTest(absltest.TestCase):
+  """``parallel.map_run_examples``: each run on its own points, sharded."""
+
+  def test_each_run_gets_its_own_points_in_order(self):
+    devices = jax.local_devices()
+    values = np.arange(100, dtype=np.float32) * 10
+    fetch = lambda idx: {'value': values[idx]}
+    seen_shapes = []
+
+    def fn(batch):  # [D, R, P]: run r adds r to its points' values
+      seen_shapes.append(batch['value'].shape)
+      runs = np.arange(batch['value'].shape[1])[None, :, None]
+      return {'out': batch['value'] + runs, 'id': batch['id']}
+
+    indices = [np.arange(0, 37), np.array([], np.int64), np.arange(90, 95)]
+    outs = parallel.map_run_examples(fn, indices, fetch,
+                                     num_devices=len(devices), batch_size=4)
+    for r, idx in enumerate(indices):
+      np.testing.assert_array_equal(outs[r]['out'], values[idx] + r)
+      np.testing.assert_array_equal(outs[r]['id'], idx)
+    self.assertEqual({s[:2] for s in seen_shapes}, {(len(devices), 3)})
+    # One run: what map_examples gives.
+    single = parallel.map_examples(
+        lambda b: {'out': b['value'] * 2}, indices[0], fetch,
+        num_devices=len(devices), batch_size=4)
+    np.testing.assert_array_equal(single['out'], values[indices[0]] * 2)
+
+
 class EvaluateTest(absltest.TestCase):
 
   @classmethod

@@ -178,6 +178,32 @@ def _primitives(jaxpr):
   return names
 
 
+class MapRunsTest(parameterized.TestCase):
+
+  @parameterized.parameters(*programs.EVAL_RUN_MAPS)
+  def test_each_run_equals_the_function_on_its_slice(self, run_map):
+    def fn(w, x, scale):  # one run: [3, 2] weights, [5, 3] inputs
+      return {'y': jnp.tanh(x @ w) * scale, 'sum': jnp.sum(w)}
+    w = jax.random.normal(jax.random.key(0), (4, 3, 2))
+    x = jax.random.normal(jax.random.key(1), (4, 5, 3))
+    out = jax.jit(programs.map_runs(fn, run_map, num_mapped=2))(w, x, 2.0)
+    for r in range(4):
+      want = fn(w[r], x[r], 2.0)
+      chex.assert_trees_all_close(programs.unstack(out, r), want, rtol=1e-6)
+    one = programs.map_runs(fn, run_map, num_mapped=2)(w[:1], x[:1], 2.0)
+    chex.assert_trees_all_close(programs.unstack(one, 0),
+                                fn(w[0], x[0], 2.0), rtol=1e-6)
+
+  def test_map_runs_is_a_loop_and_refuses_unknown_maps(self):
+    fn = programs.map_runs(lambda w: w * 2, 'map', num_mapped=1)
+    self.assertIn('scan', str(jax.make_jaxpr(fn)(jnp.ones((3, 2)))))
+    with self.assertRaisesRegex(ValueError, 'run_map must be one of'):
+      programs.map_runs(lambda w: w, 'pmap', num_mapped=1)
+    with self.assertRaisesRegex(ValueError, 'run_map must be one of'):
+      programs.make_train_step(configs.get_config('mnist_embedded'), None,
+                               None, axis_name=None, run_map='map')
+
+
 class StaticControlFlowTest(parameterized.TestCase):
   """The step training runs (``training.program_step``) has no loop whose
   trip count is unknown when compiling: a traced K would make XLA:GPU copy

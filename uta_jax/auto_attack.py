@@ -1,42 +1,38 @@
 """AutoAttack natively in JAX, or the reference pyautoattack.
 
 ``evaluate`` runs AutoAttack's attacks in sequence, each on the points still
-robust, sharded like ``evaluation.evaluate`` (``backend='jax'``): the
-standard version's APGD-CE, APGD-T (``uta_jax.apgd``), FAB-T
-(``uta_jax.fab``) and Square (``uta_jax.square``), or version ``apgd``'s
-first two. ``backend='torch'`` runs the reference ``pyautoattack``
-(PyTorch) on the JAX model through ``torch_bridge`` (every version, ``rand``
-and ``plus`` too); torch is imported only there. Both log AutoAttack's own
-lines to the logger ``LOGGER``.
+robust, sharded like ``evaluation.evaluate`` (``backend='jax'``,
+``uta_jax.auto_attack_jax``): the standard version's APGD-CE, APGD-T
+(``uta_jax.apgd``), FAB-T (``uta_jax.fab``) and Square
+(``uta_jax.square``), or version ``apgd``'s first two; ``evaluate_runs``
+does it for many same-architecture models at once, at every eps.
+``backend='torch'`` runs the reference ``pyautoattack`` (PyTorch) on the
+JAX model through ``torch_bridge`` (every version, ``rand`` and ``plus``
+too); torch is imported only there. Both log AutoAttack's own lines to the
+logger ``LOGGER``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from uta_jax import apgd
+from uta_jax import auto_attack_jax
 from uta_jax import classifier
 from uta_jax import data
 from uta_jax import evaluation
-from uta_jax import fab
 from uta_jax import parallel
-from uta_jax import square
+from uta_jax import programs
 
 LOGGER = 'auto-attack'
-# The attacks of each version the JAX backend runs, in AutoAttack's order;
-# version='apgd' is the standard version without FAB-T and Square.
-APGD_ATTACKS = ('apgd-ce', 'apgd-t')
-JAX_ATTACKS = {'apgd': APGD_ATTACKS,
-               'standard': APGD_ATTACKS + ('fab-t', 'square')}
+# The attacks of each version the JAX backend runs, in AutoAttack's order.
+APGD_ATTACKS = auto_attack_jax.APGD_ATTACKS
+JAX_ATTACKS = auto_attack_jax.ATTACKS
 _AFTER = re.compile(r'robust accuracy after (\S+): ([\d.]+)%')
 
 
@@ -87,10 +83,68 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
 
   Returns clean and robust accuracy (%), the accuracy after each attack, the
   number of points, the largest perturbation, the wall time, and
-  ``robust_points`` (a bool array per point, for comparisons; not JSON).
+  ``robust_points`` (a bool array per point, for comparisons; not JSON;
+  the JAX backend adds ``robust_points_after`` each attack).
   Raises ``parallel.Stopped`` once ``stop_requested()`` is true.
   """
   backend = backend or default_backend(version)
+  _check(backend, version, eps)
+  if backend == 'jax':
+    report = evaluate_runs(model, programs.stack([variables]), split,
+                           eps=[eps], ensemble=ensemble, version=version,
+                           batch_size=batch_size, seed=seed, devices=devices,
+                           stop_requested=stop_requested)[0][0]
+    report.pop('runs_in_program')
+    return report
+  report = _evaluate_torch(model, variables, split, eps=eps,
+                           ensemble=ensemble, version=version,
+                           batch_size=batch_size, seed=seed,
+                           stop_requested=stop_requested)
+  report.update(eps=eps, version=version, backend=backend,
+                num_examples=len(split))
+  return report
+
+
+def evaluate_runs(model: nn.Module, variables: Any, split: data.Split, *,
+                  eps: Sequence[float], ensemble: bool = False,
+                  version: str = 'standard', batch_size: int = 500,
+                  seed: int = 0, devices: evaluation.Devices = None,
+                  run_map: Optional[str] = None,
+                  stop_requested: evaluation.StopFn = None,
+                  on_eps: Optional[Callable[[float, List[Dict[str, Any]]],
+                                            None]] = None
+                 ) -> List[List[Dict[str, Any]]]:
+  """``evaluate``'s JAX backend on R models of one architecture at once.
+
+  ``variables``: the models' variables stacked on a leading run axis [R,
+  ...] (``programs.stack``). Each attack runs in one program for every run
+  (``run_map``: ``programs.EVAL_RUN_MAPS``, default per backend), on each
+  run's own still-robust points; FAB-T's distances serve every eps. Every
+  run gets what ``evaluate`` gives it alone (same keys, same points).
+  Returns, per eps, a report per run (``evaluate``'s fields, ``seconds``
+  the run's share, ``runs_in_program``); ``on_eps(eps, reports)`` is called
+  as each eps finishes. Raises ``parallel.Stopped`` on a stop request.
+  """
+  _check('jax', version, *eps)
+  reports = auto_attack_jax.evaluate_runs(
+      model, variables, split, eps=eps, ensemble=ensemble, version=version,
+      batch_size=batch_size, seed=seed, devices=devices, run_map=run_map,
+      stop_requested=stop_requested, logger=logging.getLogger(LOGGER),
+      on_eps=None if on_eps is None else lambda e, rs: on_eps(
+          e, [_stamped(r, e, version, len(split)) for r in rs]))
+  return [[_stamped(r, e, version, len(split)) for r in rs]
+          for e, rs in zip(eps, reports)]
+
+
+def _stamped(report, eps, version, num_examples):
+  """A JAX backend report with its settings."""
+  return dict(report, eps=eps, version=version, backend='jax',
+              num_examples=num_examples)
+
+
+def _check(backend: str, version: str, *eps: float) -> None:
+  """Raises ``ValueError`` naming the choices for an unknown backend or
+  version, a version the backend does not run, or an eps outside (0, 1]."""
   if backend not in BACKENDS:
     raise ValueError(f'unknown AutoAttack backend {backend!r}; choose one of '
                      f'{BACKENDS}')
@@ -100,173 +154,15 @@ def evaluate(model: nn.Module, variables: Any, split: data.Split, *,
   if backend == 'jax' and version not in JAX_ATTACKS:
     raise ValueError(f'the JAX backend runs versions {sorted(JAX_ATTACKS)};'
                      f" run version {version!r} with backend 'torch'")
-  if not 0 < eps <= 1:
-    raise ValueError(f'eps {eps} is outside (0, 1]: images are in [0, 1]')
-  run = _evaluate_jax if backend == 'jax' else _evaluate_torch
-  report = run(model, variables, split, eps=eps, ensemble=ensemble,
-               version=version, batch_size=batch_size, seed=seed,
-               devices=devices, stop_requested=stop_requested)
-  report.update(eps=eps, version=version, backend=backend,
-                num_examples=len(split))
-  return report
-
-
-def _apgd_program(variables, batch, key, eps, *, model, ensemble, attack):
-  """Per example: robust after ``attack`` (checked on the returned point, as
-  AutoAttack does) and the L-inf size of its perturbation."""
-  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
-  x, y = batch['image'], batch['label']
-  run = apgd.apgd_ce if attack == 'apgd-ce' else apgd.apgd_t
-  robust, x_adv = run(logits_fn, x, y, eps=eps, key=key,
-                      example_ids=batch['id'])
-  robust &= jnp.argmax(logits_fn(x_adv), -1) == y
-  linf = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1)
-  return {'robust': robust, 'linf': linf}
-
-
-def _fab_program(variables, batch, eps, *, model, ensemble):
-  """Per example: robust after FAB-T at ``eps`` and its perturbation's
-  L-inf size."""
-  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
-  x, y = batch['image'], batch['label']
-  robust, x_adv = fab.fab_t_at(logits_fn, x, y, eps)
-  robust &= jnp.argmax(logits_fn(x_adv), -1) == y
-  linf = jnp.max(jnp.abs(x_adv - x).reshape(x.shape[0], -1), axis=1)
-  return {'robust': robust, 'linf': linf}
-
-
-def _square_start(variables, batch, key, eps, *, model, ensemble):
-  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
-  return square.start_state(logits_fn, batch['image'], batch['label'], key,
-                            batch['id'], eps=eps)
-
-
-def _square_segment(variables, batch, state, key, eps, first, sides, *,
-                    model, ensemble):
-  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
-  return square.segment_queries(logits_fn, batch['image'], batch['label'],
-                                state, key, first, sides, eps=eps)
-
-
-def _square_runner(programs, replicated, key, eps, stop_requested):
-  """Square on one chunk of points (``map_examples``' function): the start,
-  then segments of queries until none is left or a stop is asked for."""
-  def run(batch):
-    state = programs['square-start'](replicated, batch, key, eps)
-    height, width = batch['image'].shape[2:4]
-    sides = jnp.asarray(square.padded_sides(square.NUM_QUERIES, height,
-                                            width))
-    for first in range(0, int(sides.shape[0]), square.SEGMENT):
-      if not np.any(np.asarray(state.margin_min) > 0.0):
-        break
-      if stop_requested is not None and stop_requested():
-        raise parallel.Stopped(f'stopped during Square after {first} '
-                               'queries')
-      state = programs['square-segment'](replicated, batch, state, key, eps,
-                                         jnp.int32(first), sides)
-    x_best = np.asarray(state.x_best)
-    linf = np.abs(x_best - batch['image']).reshape(
-        x_best.shape[:2] + (-1,)).max(-1)
-    return {'robust': np.asarray(state.margin_min) > 0.0, 'linf': linf}
-  return run
-
-
-def _clean_program(variables, batch, *, model, ensemble):
-  logits_fn, _ = evaluation.logits_fns(model, variables, ensemble)
-  return {'correct': jnp.argmax(logits_fn(batch['image']), -1) ==
-                     batch['label']}
-
-
-@functools.lru_cache(maxsize=16)
-def _apgd_programs(devices: Tuple[Any, ...], model: nn.Module,
-                   ensemble: bool):
-  settings = dict(model=model, ensemble=ensemble)
-  programs = {'clean': parallel.local_pmap(
-      functools.partial(_clean_program, **settings), devices)}
-  for attack in APGD_ATTACKS:
-    programs[attack] = parallel.local_pmap(
-        functools.partial(_apgd_program, attack=attack, **settings), devices,
-        in_axes=(0, 0, None, None))
-  programs['fab-t'] = parallel.local_pmap(
-      functools.partial(_fab_program, **settings), devices,
-      in_axes=(0, 0, None))
-  programs['square-start'] = parallel.local_pmap(
-      functools.partial(_square_start, **settings), devices,
-      in_axes=(0, 0, None, None))
-  programs['square-segment'] = parallel.local_pmap(
-      functools.partial(_square_segment, **settings), devices,
-      in_axes=(0, 0, 0, None, None, None, None))
-  return programs
-
-
-def _evaluate_jax(model, variables, split, *, eps, ensemble, version,
-                    batch_size, seed, devices, stop_requested):
-  """``version``'s attacks (``JAX_ATTACKS``), each on the points still
-  robust, in JAX."""
-  attacks = JAX_ATTACKS[version]
-  logger = logging.getLogger(LOGGER)
-  devices = tuple(devices or jax.local_devices())
-  programs = _apgd_programs(devices, model, ensemble)
-  replicated = parallel.replicate(variables, devices)
-  n = len(split)
-  ids = parallel.host_indices(n)
-  run = evaluation.example_runner(split, devices, stop_requested)
-  logger.info('using %s version including %s (JAX backend, %d devices '
-              'x %d hosts)', version, ', '.join(attacks), len(devices),
-              jax.process_count())
-  start = time.time()
-  robust = run(lambda b: programs['clean'](replicated, b), ids,
-               batch_size=batch_size)['correct']
-  clean = 100.0 * float(parallel.gather_examples(robust, n).mean())
-  logger.debug('initial accuracy: %.2f%%', clean)
-  linf = np.zeros(len(ids), np.float32)
-  key = jax.random.key(seed)
-  per_attack = {}
-  for a, attack in enumerate(attacks):
-    todo = np.flatnonzero(robust)
-    # APGD-T and FAB-T run their targets side by side: fewer points a call.
-    size = batch_size if attack in ('apgd-ce', 'square') else max(
-        1, batch_size // apgd.NUM_TARGETS)
-    attack_key = jax.random.fold_in(key, a)
-    if attack == 'fab-t':
-      program = lambda b: programs['fab-t'](replicated, b, jnp.float32(eps))
-    elif attack == 'square':
-      program = _square_runner(programs, replicated, attack_key,
-                               jnp.float32(eps), stop_requested)
-    else:
-      program = lambda b, attack=attack, attack_key=attack_key: programs[
-          attack](replicated, b, attack_key, jnp.float32(eps))
-    if len(todo):
-      out = run(program, ids[todo], batch_size=size)
-      robust[todo] = out['robust']
-      linf[todo] = np.maximum(linf[todo], out['linf'])
-    per_attack[attack] = 100.0 * float(
-        parallel.gather_examples(robust, n).mean())
-    logger.debug('robust accuracy after %s: %.2f%% (total time %.1f s)',
-                 attack.upper(), per_attack[attack], time.time() - start)
-  if 'square' in per_attack:
-    before = per_attack[attacks[attacks.index('square') - 1]]
-    if before - per_attack['square'] > 0.2:  # as checks.check_square_sr
-      logger.warning('Square lowered the robust accuracy by %.2f points '
-                     'after the gradient-based attacks: a sign of gradient '
-                     'masking; see flags_doc.md of AutoAttack',
-                     before - per_attack['square'])
-  robust_points = parallel.gather_examples(robust, n)
-  return {
-      'model_randomness': 'deterministic (dropout off)',
-      'clean_accuracy': clean,
-      'robust_accuracy': 100.0 * float(robust_points.mean()),
-      'per_attack': per_attack,
-      'max_perturbation': float(parallel.gather_examples(linf, n).max()),
-      'seconds': time.time() - start,
-      'robust_points': robust_points,
-  }
+  for e in eps:
+    if not 0 < e <= 1:
+      raise ValueError(f'eps {e} is outside (0, 1]: images are in [0, 1]')
 
 
 def _evaluate_torch(model, variables, split, *, eps, ensemble, version,
-                      batch_size, seed, devices, stop_requested):
-  """The reference ``pyautoattack`` on the model through ``torch_bridge``."""
-  del devices  # the bridge runs on JAX's default device
+                    batch_size, seed, stop_requested):
+  """The reference ``pyautoattack`` on the model through ``torch_bridge``
+  (on JAX's default device)."""
   from uta_jax import torch_bridge  # pylint: disable=g-import-not-at-top
   torch = torch_bridge.require_torch()
   stochastic = version == 'rand'

@@ -14,7 +14,7 @@ per-example results.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.jax_utils
 import jax
@@ -244,22 +244,52 @@ def map_examples(fn: Callable[..., Dict[str, Any]], indices: np.ndarray,
   the same leading shape. Returns them for ``indices``, in order. Raises
   ``Stopped`` between chunks once ``stop_requested()`` is true.
   """
-  per_device = per_device_batch(len(indices), num_devices, batch_size)
+  def with_run_axis(batch):  # [D, 1, P, ...] <-> fn's [D, P, ...]
+    out = fn({k: v[:, 0] for k, v in batch.items()})
+    return {k: np.asarray(v)[:, None] for k, v in jax.device_get(out).items()}
+  return map_run_examples(with_run_axis, [indices], fetch,
+                          num_devices=num_devices, batch_size=batch_size,
+                          stop_requested=stop_requested)[0]
+
+
+def map_run_examples(fn: Callable[..., Dict[str, Any]],
+                     indices: Sequence[np.ndarray],
+                     fetch: Callable[[np.ndarray], Dict[str, np.ndarray]], *,
+                     num_devices: int, batch_size: int,
+                     stop_requested: Optional[Callable[[], bool]] = None
+                    ) -> List[Dict[str, np.ndarray]]:
+  """``map_examples`` for R runs at once, run r on its own ``indices[r]``.
+
+  Chunk c holds each run's c-th slice of its indices (shorter lists padded
+  with their last index, or example 0), reaching ``fn`` as ``[num_devices,
+  R, per_device, ...]``; ``fn`` returns arrays of that leading shape.
+  Returns per run the outputs for its indices, in order.
+  """
+  num_runs, longest = len(indices), max((len(i) for i in indices), default=0)
+  per_device = per_device_batch(longest, num_devices, batch_size)
   chunk = per_device * num_devices
   outputs = []
-  for start in range(0, len(indices), chunk):
+  for start in range(0, longest, chunk):
     if stop_requested is not None and stop_requested():
-      raise Stopped(f'stopped after {start} of {len(indices)} examples')
-    idx = indices[start:start + chunk]
-    valid = len(idx)
-    idx = np.pad(idx, (0, chunk - valid), mode='edge')  # one shape
-    arrays = dict(fetch(idx), id=idx.astype(np.int32))
-    sharded = {k: np.asarray(v).reshape((num_devices, per_device) +
-                                        np.shape(v)[1:])
+      raise Stopped(f'stopped after {start} of {longest} examples')
+    idx = np.stack([_padded(i[start:start + chunk], chunk) for i in indices])
+    arrays = dict(fetch(idx.reshape(-1)), id=idx.reshape(-1).astype(np.int32))
+    # [R * chunk, ...] -> [D, R, P, ...]: each device holds every run.
+    sharded = {k: np.swapaxes(np.asarray(v).reshape(
+        (num_runs, num_devices, per_device) + np.shape(v)[1:]), 0, 1)
                for k, v in arrays.items()}
     out = jax.device_get(fn(sharded))
-    outputs.append({k: np.asarray(v).reshape((chunk,) + v.shape[2:])[:valid]
-                    for k, v in out.items()})
+    outputs.append({k: np.swapaxes(np.asarray(v), 0, 1).reshape(
+        (num_runs, chunk) + np.shape(v)[3:]) for k, v in out.items()})
   if not outputs:
-    return {}
-  return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    return [{} for _ in indices]
+  return [{k: np.concatenate([o[k][r] for o in outputs])[:len(i)]
+           for k in outputs[0]} for r, i in enumerate(indices)]
+
+
+def _padded(idx: np.ndarray, size: int) -> np.ndarray:
+  """``idx`` padded to ``size`` with its last index (example 0 if empty):
+  one shape for every chunk."""
+  if not len(idx):
+    return np.zeros(size, np.int64)
+  return np.pad(idx, (0, size - len(idx)), mode='edge')

@@ -23,6 +23,10 @@ convolutions): ``unroll`` is the CPU default, ``vmap`` the accelerators'
 (unmeasured here: no GPU was lent). A program of one run is the unrolled
 step of that run.
 
+Evaluation maps over runs too (``map_runs``; AutoAttack of many models,
+``auto_attack.evaluate_runs``), where a loop is allowed: ``map``
+(``lax.map``, one run's program compiled once) is its CPU default.
+
 Memory: ``runs_that_fit`` sizes a program from ``loop_bytes``: the compiled
 step's memory analysis and what the loop holds beside it.
 """
@@ -44,7 +48,8 @@ from uta_jax import configs
 from uta_jax import errors
 from uta_jax import steps
 
-RUN_MAPS = ('vmap', 'unroll')
+RUN_MAPS = ('vmap', 'unroll')  # the training step's (loop-free)
+EVAL_RUN_MAPS = RUN_MAPS + ('map',)
 
 
 def default_run_map(backend: str) -> str:
@@ -108,18 +113,44 @@ def make_train_step(config: configs.Config, model, tx, *,
   if run_map not in RUN_MAPS:
     raise ValueError(f'run_map must be one of {RUN_MAPS}, got {run_map!r}')
   step = steps.make_train_step(config, model, tx, axis_name=axis_name)
+  return map_runs(lambda state, batch, run: step(state, batch, run=run),
+                  run_map, num_mapped=3)
 
-  def one(state, batch, run):
-    return step(state, batch, run=run)
 
-  def runs_step(states, batch, runs):
-    num = jax.tree_util.tree_leaves(runs)[0].shape[0]
+def default_eval_run_map(backend: str) -> str:
+  """How evaluation programs map over runs: ``map`` on XLA:CPU (one run's
+  program compiled once, run R times: ``benchmark.py --sections=autoattack``),
+  ``vmap`` on accelerators."""
+  return 'map' if backend == 'cpu' else 'vmap'
+
+
+def map_runs(fn: Callable[..., Any], run_map: str, *, num_mapped: int
+            ) -> Callable[..., Any]:
+  """``fn`` of one run over the leading run axis [R] of its first
+  ``num_mapped`` arguments (the others shared by every run); outputs
+  stacked [R, ...].
+
+  ``run_map`` (``EVAL_RUN_MAPS``): ``vmap`` batches the runs, ``unroll``
+  writes R copies of ``fn`` into the program, ``map`` loops over them
+  (``lax.map``: one copy compiled; a loop, so not for the training step,
+  which stays loop-free). One run is ``fn`` itself.
+  """
+  if run_map not in EVAL_RUN_MAPS:
+    raise ValueError(f'run_map must be one of {EVAL_RUN_MAPS}, got '
+                     f'{run_map!r}')
+
+  def mapped(*args):
+    per_run, shared = args[:num_mapped], args[num_mapped:]
+    one = lambda *a: fn(*a, *shared)
+    num = jax.tree_util.tree_leaves(per_run)[0].shape[0]
     if run_map == 'vmap' and num > 1:
-      return jax.vmap(one)(states, batch, runs)
-    outs = [one(*unstack((states, batch, runs), r)) for r in range(num)]
+      return jax.vmap(one)(*per_run)
+    if run_map == 'map' and num > 1:
+      return jax.lax.map(lambda a: one(*a), per_run)
+    outs = [one(*unstack(per_run, r)) for r in range(num)]
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
-  return runs_step
+  return mapped
 
 
 # ------------------------------------------------------------------ memory
