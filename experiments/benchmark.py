@@ -9,8 +9,8 @@ r"""JAX vs PyTorch eager, side by side in one process, on the same device.
 
 Sections, one module each in ``experiments/benchmarks/``: ``attacks`` (the
 attacks and training steps of every model, ResNet-18's CIFAR-10 preset step
-included), ``convs`` (each LeNet convolution), ``autoattack`` (APGD in JAX
-vs the reference), ``loop`` (the loop efficiency of ``train.py``) and
+included), ``convs`` (each LeNet convolution), ``autoattack`` (the standard
+AutoAttack in JAX vs the reference; 8 models in one program), ``loop`` (the loop efficiency of ``train.py``) and
 ``runs`` (R runs as one program vs R plain steps; ``train.py --seeds`` vs R
 ``train.py`` calls).
 
@@ -62,8 +62,15 @@ flags.DEFINE_integer('aa_examples', 1000, 'AutoAttack test points')
 flags.DEFINE_float('aa_eps', 0.1, 'AutoAttack eps')
 flags.DEFINE_integer('aa_batch_size', 500, 'AutoAttack batch size')
 flags.DEFINE_integer('aa_reps', 1, 'timed AutoAttack runs per implementation')
-flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the attacked '
-                     'models')
+flags.DEFINE_integer('aa_runs_reps', 1, 'timed runs of each side of the 8 '
+                     'models at once')
+flags.DEFINE_integer('aa_runs_examples', 200, 'test points of the 8 models '
+                     'at once')
+flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the 8 MLPs '
+                     'the autoattack section evaluates at once')
+flags.DEFINE_string('aa_workdir', autoattack.AGREEMENT_LENET, 'the LeNet the '
+                    'autoattack section times the standard version on '
+                    '(trained like it here if missing)')
 flags.DEFINE_string('output', 'benchmark_results.json', 'JSON output path')
 flags.DEFINE_float('loop_bare_seconds', 5.0, 'seconds of each timing of the '
                    'bare train step (loop section)')

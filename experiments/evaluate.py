@@ -4,6 +4,7 @@ r"""Evaluate a trained workdir with AutoAttack and JAX-native PGD.
   python experiments/evaluate.py --workdir=DIR --eps=0.1,0.3 --num_examples=1000
   python experiments/evaluate.py --workdir=DIR --aa_version=apgd   # JAX APGD
   python experiments/evaluate.py --workdir=DIR --aa_version=rand   # MC dropout, EoT
+  python experiments/evaluate.py --workdir=runs/x/seed0,runs/x/seed1  # together
 
 Restores the newest valid checkpoint, runs AutoAttack and PGD with restarts
 at every eps on the first --num_examples test points, prints AutoAttack's own
@@ -11,8 +12,10 @@ log lines, and stores an 'autoattack' section in DIR/results.json after each
 eps. The standard version (APGD-CE, APGD-T, FAB-T, Square) and
 --aa_version=apgd (its first two) run natively in JAX on every device;
 --aa_backend=torch runs the reference through uta_jax.torch_bridge (and
-versions rand and plus). SIGTERM or Ctrl-C stops within seconds; a rerun
-skips the eps already stored.
+versions rand and plus). Several workdirs of one model architecture and
+dataset (comma-separated: a ``train.py --seeds`` run's seed folders) are
+evaluated together, in one program per attack. SIGTERM or Ctrl-C stops
+within seconds; a rerun skips the eps already stored.
 """
 
 import os
@@ -34,7 +37,9 @@ from uta_jax import torch_bridge
 from uta_jax import workdir_lock
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'a workdir written by experiments/train.py')
+flags.DEFINE_list('workdir', None, 'a workdir written by experiments/train.py'
+                  ', or several of one model (comma-separated): evaluated '
+                  'together')
 flags.DEFINE_enum('aa_version', 'standard', list(auto_attack.VERSIONS),
                   "AutoAttack version; 'rand' evaluates MC dropout with EoT; "
                   "'apgd' only the standard APGD-CE + APGD-T (cheap)")
@@ -81,21 +86,23 @@ def main(argv):
     if backend == 'torch':
       torch = torch_bridge.require_torch()
       torch.set_num_threads(FLAGS.torch_threads)
-    report = runs.evaluate_workdir(
+    reports = runs.evaluate_workdirs(
         FLAGS.workdir, version=FLAGS.aa_version, backend=backend, eps=eps,
         num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, jax_pgd=FLAGS.jax_pgd, stop_requested=stop)
   except parallel.Stopped:
-    print(f'stopped: finished eps are in {FLAGS.workdir}/{reporting.RESULTS}; '
-          'rerun the same command to finish')
+    print(f'stopped: finished eps are in {" and ".join(FLAGS.workdir)} '
+          f'({reporting.RESULTS}); rerun the same command to finish')
     sys.exit(stop.exit_code())
   except (ImportError, runs.RunError, data.DataError, ValueError,
           workdir_lock.WorkdirError) as e:
     cli.fail(config_flags.message(e))
-  for line in reporting.autoattack_lines(report):
-    print(line)
-  print(f'results: {os.path.join(FLAGS.workdir, reporting.RESULTS)}')
-
+  for workdir, report in zip(FLAGS.workdir, reports):
+    if len(FLAGS.workdir) > 1:
+      print(f'== {workdir}')
+    for line in reporting.autoattack_lines(report):
+      print(line)
+    print(f'results: {os.path.join(workdir, reporting.RESULTS)}')
 
 if __name__ == '__main__':
   app.run(main, flags_parser=cli.parse_flags)

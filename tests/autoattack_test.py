@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from uta_jax import auto_attack
+from uta_jax import auto_attack_jax
 from uta_jax import configs
 from uta_jax import data
 from uta_jax import parallel
@@ -163,6 +164,15 @@ class JaxAutoAttackTest(absltest.TestCase):
           self.assertEqual(got['runs_in_program'], 2)
           self.assertEqual((got['eps'], got['backend']),
                            (want['eps'], 'jax'))
+
+  def test_square_taking_more_than_0_2_points_warns(self):
+    def after(fab_robust, square_robust, n=1000):
+      return {'fab-t': np.arange(n) < fab_robust,
+              'square': np.arange(n) < square_robust}
+    warning = auto_attack_jax.square_warning
+    self.assertIsNone(warning(after(413, 411), 1000))  # 0.2: not more
+    self.assertAlmostEqual(warning(after(413, 410), 1000), 0.3)
+    self.assertIsNone(warning({'apgd-t': np.ones(4, bool)}, 4))
 
   def test_the_standard_version_runs_without_torch(self):
     code = '''

@@ -170,6 +170,38 @@ class EvaluateTest(absltest.TestCase):
     self.assertEqual(sorted(resumed['eps']), ['0.1', '0.2'])
     self.assertEqual(resumed['eps']['0.1'], report['eps']['0.1'])
 
+  def test_several_workdirs_are_evaluated_together(self):
+    copies = [tempfile.mkdtemp(prefix=f'uta_eval_runs{i}_') for i in range(3)]
+    for copy in copies:
+      self.addCleanup(shutil.rmtree, copy, ignore_errors=True)
+      shutil.copytree(self.workdir, copy, dirs_exist_ok=True)
+      os.remove(os.path.join(copy, 'results.json'))
+    proc = run_evaluate(f'--workdir={copies[0]},{copies[1]}', '--eps=0.1',
+                        '--num_examples=24', '--aa_version=apgd',
+                        '--nojax_pgd')
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn('of 2 runs', proc.stdout)
+    self.assertEqual(proc.stdout.count('== '), 2)
+    reports = []
+    for copy in copies[:2]:
+      with open(os.path.join(copy, 'results.json')) as f:
+        reports.append(json.load(f)['autoattack']['eps']['0.1'])
+    self.assertEqual(reports[0]['robust_accuracy'],
+                     reports[1]['robust_accuracy'])  # the same model
+    self.assertEqual(reports[0]['runs_in_program'], 2)
+    # A run of other data cannot share the program: one line, exit 2.
+    path = os.path.join(copies[2], 'config.json')
+    with open(path) as f:
+      config = json.load(f)
+    config['dataset'] = 'mnist'
+    with open(path, 'w') as f:
+      json.dump(config, f)
+    mixed = run_evaluate(f'--workdir={copies[0]},{copies[2]}', '--eps=0.1',
+                         '--num_examples=24', '--aa_version=apgd')
+    self.assertEqual(mixed.returncode, 2, mixed.stderr[-3000:])
+    self.assertRegex(mixed.stderr.strip(), r'^error: .* have different '
+                     r'models or data; evaluate them apart$')
+
   def test_bad_input_is_one_line_with_exit_code_2(self):
     empty = self.create_tempdir().full_path
     for args, message in (

@@ -235,17 +235,26 @@ def evaluate_runs(model: nn.Module, variables: Any, split: data.Split, *,
   return reports
 
 
+def square_warning(after: Dict[str, np.ndarray], n: int) -> Optional[float]:
+  """The points (%) Square took after the gradient-based attacks when more
+  than ``SQUARE_WARNING`` (``checks.check_square_sr``: a sign of gradient
+  masking), counted in points; else None. ``after``: robust points [n]
+  after each attack."""
+  if 'square' not in after:
+    return None
+  broken = int(after['fab-t'].sum()) - int(after['square'].sum())
+  return 100.0 * broken / n if broken > SQUARE_WARNING / 100 * n else None
+
+
 def _report(eps, clean, after, linf, per_attack, seconds, num_runs, n,
             logger) -> Dict[str, Any]:
   """One run's report at ``eps`` (``auto_attack.evaluate``'s fields, and
   ``robust_points_after`` each attack: bool [N] arrays, not JSON)."""
-  if 'square' in per_attack:
-    before = per_attack['fab-t']
-    if before - per_attack['square'] > SQUARE_WARNING:  # check_square_sr
-      logger.warning('Square lowered the robust accuracy by %.2f points '
-                     'after the gradient-based attacks (eps %g): a sign of '
-                     'gradient masking; see flags_doc.md of AutoAttack',
-                     before - per_attack['square'], eps)
+  taken = square_warning(after, n)
+  if taken is not None:
+    logger.warning('Square lowered the robust accuracy by %.2f points after '
+                   'the gradient-based attacks (eps %g): a sign of gradient '
+                   'masking; see flags_doc.md of AutoAttack', taken, eps)
   robust_points = list(after.values())[-1]
   return {
       'model_randomness': 'deterministic (dropout off)',

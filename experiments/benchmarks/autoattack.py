@@ -1,167 +1,209 @@
-"""Section ``autoattack``: AutoAttack's APGD-CE + APGD-T (version ``apgd``)
-on 1,000 embedded-MNIST test points of a PGD-trained MLP and LeNet: natively
-in JAX (``uta_jax.apgd``, every local device, and one device), and the
-reference ``pyautoattack`` through ``uta_jax.torch_bridge`` and on the
-native PyTorch network. XLA_FLAGS chooses the CPU device count (one device:
-``XLA_FLAGS=--xla_force_host_platform_device_count=1``).
+"""Section ``autoattack``: the standard AutoAttack (APGD-CE, APGD-T, FAB-T,
+Square) natively in JAX vs the reference ``pyautoattack`` through
+``uta_jax.torch_bridge``, and many models in one program.
+
+- ``standard``: per ``--models`` (``lenet``: the agreement set's
+  Fashion-MNIST LeNet PGD-AT, ``--aa_workdir``, written by
+  ``autoattack_agreement.py`` and trained here like it if missing; ``mlp``:
+  the first MLP below) at ``--aa_eps`` on ``--aa_examples`` test points: JAX
+  with its compilation (caches cleared before each timed call) and the
+  bridge, interleaved; and JAX warm.
+- ``runs``: 8 embedded-MNIST MLPs (PGD-AT, seeds 0-7) at ``--aa_eps`` on
+  ``--aa_runs_examples`` points: one program over the run axis
+  (``auto_attack.evaluate_runs``, the backend's default run map) vs 8
+  separate ``auto_attack.evaluate`` calls, both warm, interleaved.
+
+XLA_FLAGS chooses the CPU device count.
 """
 
-import functools
+import os
 import statistics
 import time
 
 import jax
-import numpy as np
 
 from benchmarks import common
 from uta_jax import auto_attack
+from uta_jax import auto_attack_jax
 from uta_jax import configs
 from uta_jax import data
-from uta_jax import evaluation
+from uta_jax import programs
+from uta_jax import runs
 from uta_jax import steps
-from uta_jax import torch_bridge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+AGREEMENT_LENET = os.path.join(ROOT, 'results', 'autoattack_agreement_quick',
+                               'runs', 'fmnist_lenet_pgd_at', 'seed0')
+# autoattack_agreement.py's PGD-AT LeNet: eps_train 0.2, 3 epochs of 10k.
+LENET = {'attack.name': 'pgd', 'attack.eps_train': 0.2,
+         'max_train_examples': 10000, 'epochs': 3}
+NUM_MODELS = 8
 
 
-def run(torch, opts) -> list:
-  """AutoAttack (APGD-CE + APGD-T) in JAX vs the reference, per model.
-
-  The reference runs through the bridge and on the native PyTorch network
-  with the same weights. JAX runs on one device and, where there are more,
-  on every local device. The JAX program is compiled by a warm-up call
-  (its compile time is reported apart); the timed calls are interleaved.
-  """
-  ds = data.load_dataset('mnist_embedded',
-                         max_eval_examples=opts.aa_examples)
-  device = torch_bridge.torch_device()
-  x = common.to_nchw(torch, data.to_float(ds.test.images), device)
-  y = torch.from_numpy(ds.test.labels.astype(np.int64)).to(device)
-  devices = jax.local_devices()
-  default_threads = torch.get_num_threads()
-  rows = []
-  for name in [m for m in opts.models if m in ('mlp', 'lenet')]:
-    # PGD-AT (eps 0.1): a model with robust points left for APGD-T.
-    model, variables = steps.fit(
-        configs.get_config('mnist_embedded', {'model.name': name,
-                                              'attack.name': 'pgd',
-                                              'attack.eps_train': 0.1,
-                                              'attack.num_steps': 5,
-                                              'attack.step_size': 0.03}),
-        ds.train, num_steps=opts.aa_train_steps)
-    modules = {
-        'bridge': torch_bridge.bridge_module(model.apply, variables),
-        'native': torch_bridge.native_torch_model(
-            name, variables['params']).to(device),
-    }
-    robust = {}
-
-    def run_jax(label, devs):
-      report = auto_attack.evaluate(
-          model, variables, ds.test, eps=opts.aa_eps, version='apgd',
-          backend='jax', devices=devs, batch_size=opts.aa_batch_size)
-      robust[label] = report['robust_accuracy']
-
-    def run_torch(label, impl, threads):
-      torch.set_num_threads(threads)
-      try:
-        x_adv, _ = auto_attack.reference_autoattack(
-            modules[impl], x, y, eps=opts.aa_eps, version='apgd',
-            batch_size=opts.aa_batch_size)
-        with torch.no_grad():
-          robust[label] = 100.0 * float(
-              (modules[impl](x_adv).argmax(1) == y).float().mean())
-      finally:
-        torch.set_num_threads(default_threads)
-
-    # The reference as evaluate.py runs it (torch on 1 thread, XLA beside
-    # it), and the native network also with torch on every core.
-    fns = {'jax': functools.partial(run_jax, 'jax', devices),
-           'bridge': functools.partial(run_torch, 'bridge', 'bridge', 1),
-           'native': functools.partial(run_torch, 'native', 'native', 1)}
-    if default_threads > 1:
-      fns['native_all_threads'] = functools.partial(
-          run_torch, 'native_all_threads', 'native', default_threads)
-    if len(devices) > 1:
-      fns['jax_1_device'] = functools.partial(run_jax, 'jax_1_device',
-                                              devices[:1])
-    compile_s = {}
-    for label in [k for k in fns if k.startswith('jax')]:
-      start = time.perf_counter()
-      fns[label]()  # compiles
-      compile_s[label] = time.perf_counter() - start
-    times = common.interleaved(fns, opts.aa_reps, warm_up=False)
-    med = {k: statistics.median(t) for k, t in times.items()}
-    row = {'model': name, 'num_examples': len(y), 'eps': opts.aa_eps,
-           'version': 'apgd', 'torch_threads': 1,
-           'torch_threads_all': default_threads,
-           'jax_devices': len(devices),
-           'jax_seconds': med['jax'], 'bridge_seconds': med['bridge'],
-           'native_seconds': med['native'],
-           'jax_first_call_seconds': compile_s['jax'],
-           'speedup_over_native': med['native'] / med['jax'],
-           'speedup_over_bridge': med['bridge'] / med['jax'],
-           'robust_accuracy': dict(robust),
-           'times': {k: {'median_s': med[k], 'min_s': min(t), 'max_s': max(t)}
-                     for k, t in times.items()}}
-    if 'native_all_threads' in med:
-      row['native_all_threads_seconds'] = med['native_all_threads']
-      row['speedup_over_native_all_threads'] = (med['native_all_threads'] /
-                                                med['jax'])
-    if 'jax_1_device' in med:
-      row['jax_1_device_seconds'] = med['jax_1_device']
-      row['sharding_speedup'] = med['jax_1_device'] / med['jax']
-      row['evaluate'] = time_evaluate(model, variables, ds.test, devices,
-                                      opts)
-    rows.append(row)
-    print(f"{name:6s} AutoAttack apgd, {len(y)} points, eps {opts.aa_eps}: "
-          f"JAX {med['jax']:.1f}s ({len(devices)} devices; first call "
-          f"{compile_s['jax']:.1f}s), bridge {med['bridge']:.1f}s, native "
-          f"{med['native']:.1f}s (1 thread), "
-          f"{med.get('native_all_threads', float('nan')):.1f}s "
-          f"({default_threads} threads) -> {row['speedup_over_native']:.2f}x "
-          f"native, {row['speedup_over_bridge']:.2f}x bridge"
-          + (f"; 1 device {med['jax_1_device']:.1f}s "
-             f"({row['sharding_speedup']:.2f}x)" if 'jax_1_device' in med
-             else '') + f'; robust acc {robust}', flush=True)
-  return rows
+def lenet(workdir: str):
+  """(model, variables, config, where from) of the agreement LeNet."""
+  if os.path.exists(os.path.join(workdir, runs.CONFIG)):
+    run = runs.load_run(workdir)
+    return run.model, run.variables, run.config, workdir
+  config = configs.get_config('fashion_mnist', LENET)
+  ds = data.load_dataset('fashion_mnist', data_dir=config.data_dir,
+                         max_train_examples=config.max_train_examples,
+                         max_eval_examples=16)
+  num_steps = config.epochs * data.steps_per_epoch(len(ds.train),
+                                                   config.batch_size)
+  model, variables = steps.fit(config, ds.train, num_steps=num_steps)
+  return model, variables, config, f'trained here ({num_steps} steps)'
 
 
-def time_evaluate(model, variables, split, devices, opts) -> dict:
-  """``evaluation.evaluate`` (PGD-20 x 10 restarts, UTA-20, FGSM at the
-  AutoAttack eps) on one device and on all, interleaved after a warm-up."""
-  config = configs.get_config('mnist_embedded', {'eval.eps': [opts.aa_eps]})
-  evaluate_on = lambda devs: evaluation.evaluate(
-      model, variables, split, config=config, key=jax.random.PRNGKey(0),
-      devices=devs)
-  times = common.interleaved({'one_device': lambda: evaluate_on(devices[:1]),
-                              'all_devices': lambda: evaluate_on(devices)},
-                             opts.aa_reps)
+def mlps(opts):
+  """(model, [variables] of 8 seeds, embedded-MNIST dataset): MLPs after
+  ``--aa_train_steps`` of PGD-AT (eps 0.1)."""
+  ds = data.load_dataset('mnist_embedded')
+  fitted = [steps.fit(configs.get_config('mnist_embedded', {
+      'attack.name': 'pgd', 'attack.eps_train': 0.1, 'attack.num_steps': 5,
+      'attack.step_size': 0.03, 'seed': seed}), ds.train,
+                      num_steps=opts.aa_train_steps)
+            for seed in range(NUM_MODELS)]
+  return fitted[0][0], [v for _, v in fitted], ds
+
+
+def standard_row(name, model, variables, split, source, opts) -> dict:
+  """The standard version on one model: JAX cold and warm vs the bridge."""
+  reports = {}
+
+  def evaluate(label, backend, cold=False):
+    if cold:  # compilation included: nothing compiled is reused
+      jax.clear_caches()
+      auto_attack_jax._programs.cache_clear()  # pylint: disable=protected-access
+    reports[label] = auto_attack.evaluate(
+        model, variables, split, eps=opts.aa_eps, version='standard',
+        backend=backend, batch_size=opts.aa_batch_size)
+
+  times = common.interleaved(
+      {'jax_with_compilation': lambda: evaluate('jax', 'jax', cold=True),
+       'bridge': lambda: evaluate('bridge', 'torch')},
+      opts.aa_reps, warm_up=False)
+  start = time.perf_counter()
+  evaluate('jax_warm', 'jax')
+  warm = time.perf_counter() - start
   med = {k: statistics.median(t) for k, t in times.items()}
-  return {'one_device_seconds': med['one_device'],
-          'all_devices_seconds': med['all_devices'],
-          'speedup': med['one_device'] / med['all_devices']}
+  row = {'model': name, 'source': source, 'num_examples': len(split),
+         'eps': opts.aa_eps, 'version': 'standard',
+         'jax_devices': len(jax.local_devices()),
+         'jax_seconds': med['jax_with_compilation'], 'jax_warm_seconds': warm,
+         'bridge_seconds': med['bridge'],
+         'speedup_over_bridge': med['bridge'] / med['jax_with_compilation'],
+         'robust_accuracy': {k: r['robust_accuracy']
+                             for k, r in reports.items()},
+         'per_attack': {k: r['per_attack'] for k, r in reports.items()},
+         'times': {k: {'median_s': med[k], 'min_s': min(t), 'max_s': max(t)}
+                   for k, t in times.items()}}
+  print(f"{name} standard AutoAttack, {len(split)} points, eps "
+        f"{opts.aa_eps}: JAX {med['jax_with_compilation']:.1f} s with "
+        f"compilation ({warm:.1f} s warm), bridge {med['bridge']:.1f} s -> "
+        f"{row['speedup_over_bridge']:.2f}x; robust acc "
+        f"{row['robust_accuracy']}", flush=True)
+  return row
 
 
+def runs_row(model, variables, split, opts) -> dict:
+  """The MLPs: one program over the run axis vs separate evaluations."""
+  stacked = programs.stack(variables)
+  accuracies = {}
 
-def markdown(rows) -> str:
-  """The README's speed table of the ``autoattack`` section."""
-  fmt = lambda v: '-' if v is None else f'{v:.1f} s'
-  lines = ['| model | points | JAX, all devices | JAX, 1 device | reference '
-           'via bridge | reference, native (1 thread) | reference, native '
-           '(all threads) | JAX speed-up vs native 1 / all threads, vs bridge '
-           '| robust acc. JAX / native (%) |',
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |']
-  for r in rows:
-    all_threads = r.get('speedup_over_native_all_threads')
+  def together():
+    reports = auto_attack.evaluate_runs(
+        model, stacked, split, eps=[opts.aa_eps], version='standard',
+        batch_size=opts.aa_batch_size)[0]
+    accuracies['one_program'] = [r['robust_accuracy'] for r in reports]
+
+  def separate(models=variables):
+    accuracies['separate'] = [auto_attack.evaluate(
+        model, v, split, eps=opts.aa_eps, version='standard',
+        batch_size=opts.aa_batch_size)['robust_accuracy'] for v in models]
+
+  first_call = {}  # compiles; the 8 separate calls share one program
+  for name, fn in (('one_program', together),
+                   ('separate', lambda: separate(variables[:1]))):
+    start = time.perf_counter()
+    fn()
+    first_call[name] = time.perf_counter() - start
+  times = common.interleaved({'one_program': together,
+                              'separate': separate}, opts.aa_runs_reps,
+                             warm_up=False)
+  med = {k: statistics.median(t) for k, t in times.items()}
+  row = {'models': len(variables), 'model': 'mlp',
+         'num_examples': len(split), 'eps': opts.aa_eps,
+         'version': 'standard',
+         'run_map': programs.default_eval_run_map(jax.devices()[0].platform),
+         'jax_devices': len(jax.local_devices()),
+         'one_program_seconds': med['one_program'],
+         'separate_seconds': med['separate'],
+         'speedup': med['separate'] / med['one_program'],
+         'first_call_seconds': first_call,
+         'same_accuracies': accuracies['one_program'] ==
+                            accuracies['separate'],
+         'robust_accuracy': accuracies,
+         'times': {k: {'median_s': med[k], 'min_s': min(t), 'max_s': max(t)}
+                   for k, t in times.items()}}
+  print(f"{len(variables)} MLPs, standard AutoAttack, {len(split)} points: "
+        f"one program {med['one_program']:.1f} s vs {len(variables)} "
+        f"separate {med['separate']:.1f} s -> {row['speedup']:.2f}x (same "
+        f"accuracies: {row['same_accuracies']})", flush=True)
+  return row
+
+
+def run(torch, opts) -> dict:
+  """The standard version on ``--models`` (mlp: the first MLP; lenet: the
+  agreement LeNet), then the 8 MLPs at once; torch runs the reference on 1
+  thread (as evaluate.py runs it, XLA beside it)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    model, variables, ds = mlps(opts)
+    rows = []
+    for name in [m for m in opts.models if m in ('mlp', 'lenet')]:
+      if name == 'mlp':
+        rows.append(standard_row(
+            'mnist_mlp_pgd_at', model, variables[0],
+            ds.test.take(opts.aa_examples),
+            f'{opts.aa_train_steps} PGD-AT steps', opts))
+      else:
+        lenet_model, lenet_variables, config, source = lenet(opts.aa_workdir)
+        lenet_split = data.load_dataset(
+            config.dataset, data_dir=config.data_dir,
+            max_eval_examples=opts.aa_examples).test
+        rows.append(standard_row('fmnist_lenet_pgd_at', lenet_model,
+                                 lenet_variables, lenet_split, source, opts))
+    return {'standard': rows, 'runs': runs_row(
+        model, variables, ds.test.take(opts.aa_runs_examples), opts),
+            'torch_threads': 1}
+  finally:
+    torch.set_num_threads(threads)
+
+
+def markdown(result: dict) -> str:
+  """The speed tables of the ``autoattack`` section."""
+  lines = ['| model | points | eps | JAX, with compilation | JAX, warm | '
+           'reference via bridge | JAX speed-up (with compilation) | robust '
+           'acc. JAX / bridge (%) |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |']
+  for r in result['standard']:
     lines.append(
-        f"| {r['model']} | {r['num_examples']} | {r['jax_seconds']:.1f} s "
-        f"({r['jax_devices']}) | {fmt(r.get('jax_1_device_seconds'))} | "
-        f"{r['bridge_seconds']:.1f} s | {r['native_seconds']:.1f} s | "
-        f"{fmt(r.get('native_all_threads_seconds'))} | "
-        f"{r['speedup_over_native']:.2f}x / " +
-        (f'{all_threads:.2f}x' if all_threads else '-') +
-        f", {r['speedup_over_bridge']:.2f}x | "
+        f"| {r['model']} | {r['num_examples']} | {r['eps']:g} | "
+        f"{r['jax_seconds']:.1f} s ({r['jax_devices']} devices) | "
+        f"{r['jax_warm_seconds']:.1f} s | {r['bridge_seconds']:.1f} s | "
+        f"{r['speedup_over_bridge']:.2f}x | "
         f"{r['robust_accuracy']['jax']:.1f} / "
-        f"{r['robust_accuracy']['native']:.1f} |")
+        f"{r['robust_accuracy']['bridge']:.1f} |")
+  r = result['runs']
+  lines += ['', f"| {r['models']} models ({r['model']}, {r['num_examples']} "
+            f"points, eps {r['eps']:g}) | one program (run map "
+            f"`{r['run_map']}`) | {r['models']} separate evaluations | "
+            'speed-up | same accuracies |',
+            '| --- | ---: | ---: | ---: | --- |',
+            f"| warm, median | {r['one_program_seconds']:.1f} s | "
+            f"{r['separate_seconds']:.1f} s | {r['speedup']:.2f}x | "
+            f"{'yes' if r['same_accuracies'] else 'no'} |"]
   return '\n'.join(lines) + '\n'
-
-
