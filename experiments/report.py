@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import cli
 import sweep
-import apgd_agreement
+import autoattack_agreement
 import catastrophic_overfitting
 import latent_space
 import table1
@@ -92,7 +92,8 @@ SECTIONS = (
     (latent_space, 'Table 2 and Fig. 13: latent space'),
     (catastrophic_overfitting, 'Fig. 4: catastrophic overfitting'),
     (visual_appearance, 'Fig. 8: what the perturbations look like'),
-    (apgd_agreement, 'Check: JAX APGD vs the reference AutoAttack'),
+    (autoattack_agreement, 'Check: the standard AutoAttack in JAX vs the '
+     'reference'),
 )
 
 HOW_TO_READ = """\
