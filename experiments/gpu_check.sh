@@ -77,7 +77,8 @@ part benchmark_runs 75 "$py" experiments/benchmark.py --sections=runs \
   --run_counts=1,8,24 --reps=3 --e2e_runs=0 \
   --output="$out/benchmark_gpu_runs.json"
 part benchmark_autoattack 60 "$py" experiments/benchmark.py \
-  --sections=autoattack --aa_train_steps=100 \
+  --sections=autoattack --models=mlp --aa_examples=500 \
+  --aa_runs_examples=500 --aa_train_steps=100 \
   --output="$out/benchmark_gpu_autoattack.json"
 part main_job 60 "$py" experiments/train.py --workdir="$out/main_job" \
   --compilation_cache_dir="$out/jax_cache"
