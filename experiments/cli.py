@@ -33,13 +33,18 @@ def fail(message: str) -> None:
 
 
 class _RaisedInMainThread(std_logging.Filter):
-  """Drops orbax's log of an exception in its writer thread (a traceback):
-  orbax raises the same error in the main thread, where the script turns it
-  into one line (a full disk, say)."""
+  """Drops orbax's logs of an exception in its writer thread or in one of
+  its write tasks (asyncio's 'Task exception was never retrieved', logged
+  when the failed tasks are collected): tracebacks of the error orbax
+  raises in the main thread, where the script turns it into one line (a
+  full disk, say)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return not ('orbax' in record.pathname and
-                'raised an exception' in record.getMessage())
+    message = record.getMessage()
+    if 'orbax' in record.pathname and 'raised an exception' in message:
+      return False
+    return not (record.name == 'asyncio' and 'orbax' in message and
+                'Task exception was never retrieved' in message)
 
 
 def _unraisablehook(unraisable):

@@ -118,5 +118,26 @@ class HelpTest(absltest.TestCase):
     self.assertNotIn('Unknown command line flag', proc.stderr)
 
 
+
+class LogNoiseTest(absltest.TestCase):
+  """cli's filter: orbax's failed-write tracebacks go, other logs stay."""
+
+  def test_orbax_write_task_errors_are_dropped_and_others_kept(self):
+    import logging  # pylint: disable=g-import-not-at-top
+    import cli  # pylint: disable=g-import-not-at-top
+    keep = cli._RaisedInMainThread().filter  # pylint: disable=protected-access
+
+    def record(name, message, pathname='x.py'):
+      return logging.LogRecord(name, logging.ERROR, pathname, 1, message,
+                               None, None)
+    self.assertFalse(keep(record(
+        'asyncio', 'Task exception was never retrieved\nfuture: <Task '
+        'coro=<NumpyHandler._open_and_write() defined at /x/orbax/a.py>')))
+    self.assertFalse(keep(record('absl', 'thread raised an exception',
+                                 '/site-packages/orbax/checkpoint/x.py')))
+    self.assertTrue(keep(record('asyncio', 'Task exception was never '
+                                'retrieved\nfuture: <Task coro=<mine()>')))
+    self.assertTrue(keep(record('uta_jax', 'epoch 1 step 2')))
+
 if __name__ == '__main__':
   absltest.main()
