@@ -87,6 +87,9 @@ def use_plain_ops() -> None:
   fast_ops.conv_general_dilated = jax.lax.conv_general_dilated
   fast_ops.max_pool_2x2 = lambda x: flax.linen.max_pool(x, (2, 2),
                                                         strides=(2, 2))
+  fast_ops.conv_max_pool_2x2 = lambda lhs, rhs, *args, **kwargs: (
+      fast_ops.max_pool_2x2(jax.lax.conv_general_dilated(lhs, rhs, *args,
+                                                         **kwargs)))
 
 
 def main(argv):

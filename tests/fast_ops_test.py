@@ -127,6 +127,66 @@ class PoolTest(chex.TestCase):
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
+def _pooled_lax_conv(lhs, rhs, *args, **kwargs):
+  """The reference of ``conv_max_pool_2x2``: lax's convolution, flax's
+  max-pool, autodiff's gradients."""
+  return nn.max_pool(lax.conv_general_dilated(lhs, rhs, *args, **kwargs),
+                     (2, 2), strides=(2, 2))
+
+
+class ConvPoolTest(chex.TestCase, parameterized.TestCase):
+  """``conv_max_pool_2x2``: the phase form (grey layers) and the
+  composition (anything else) equal a convolution followed by a pool."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(((28, 1, 6), 2), ((11, 1, 4), 1),
+                            ((32, 3, 8), 2), ((14, 6, 16), 0),
+                            ((13, 1, 3), 2))
+  def test_values_and_both_gradients_match_conv_then_pool(self, shape, pad):
+    side, cin, cout = shape
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    # Integer inputs and kernels: every form sums exactly, so windows tie
+    # exactly (half of each image blank, as MNIST's background) and the
+    # gradients must go to the same element.
+    x = jnp.round(2 * jax.random.normal(kx, (3, side, side, cin)))
+    x = x.at[:, :side // 2].set(0.)
+    k = jnp.round(2 * jax.random.normal(kk, (5, 5, cin, cout)))
+
+    def loss(conv, x, k):
+      out = conv(x, k, (1, 1), [(pad, pad)] * 2, dimension_numbers=DN)
+      return jnp.sum(out * jax.random.normal(kg, out.shape)), out
+
+    fast = self.variant(jax.value_and_grad(
+        functools.partial(loss, fast_ops.conv_max_pool_2x2), argnums=(0, 1),
+        has_aux=True))
+    ref = jax.value_and_grad(functools.partial(loss, _pooled_lax_conv),
+                             argnums=(0, 1), has_aux=True)
+    (_, out_fast), grads_fast = fast(x, k)
+    (_, out_ref), grads_ref = ref(x, k)
+    chex.assert_trees_all_equal(out_fast, out_ref)
+    chex.assert_trees_all_close(grads_fast, grads_ref, rtol=1e-5, atol=1e-4)
+
+  def _lowered_lenet(self, platform):
+    model = models.LeNet()
+    variables = models.init_variables(model, jax.random.PRNGKey(0),
+                                      (28, 28, 1))
+    return export.export(jax.jit(model.apply), platforms=[platform])(
+        variables, jnp.zeros((8, 28, 28, 1))).mlir_module()
+
+  def test_lenet_pools_its_grey_layer_at_the_phases_on_the_cpu(self):
+    # The full-size first layer's pool windows [8, 14, 2, 14, 2, 6] exist
+    # only in the composition; the CPU program computes the phases instead.
+    windows = 'tensor<8x14x2x14x2x6xf32>'
+    self.assertNotIn(windows, self._lowered_lenet('cpu'))
+    with mock.patch.object(fast_ops, 'conv_max_pool_2x2', lambda l, r, *a, **
+                           kw: fast_ops.max_pool_2x2(
+                               fast_ops.conv_general_dilated(l, r, *a, **kw))):
+      self.assertIn(windows, self._lowered_lenet('cpu'))
+    gpu = self._lowered_lenet('cuda')
+    self.assertNotIn(fast_ops.CPU_SCOPE, gpu)
+    self.assertIn('reduce_window', gpu)
+
+
 @contextlib.contextmanager
 def _plain_ops():
   """The models with plain ``lax`` convolutions and ``nn.max_pool``
@@ -134,7 +194,9 @@ def _plain_ops():
   with mock.patch.object(fast_ops, 'conv_general_dilated',
                          lax.conv_general_dilated), mock.patch.object(
                              fast_ops, 'max_pool_2x2',
-                             lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))):
+                             lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+                         ), mock.patch.object(fast_ops, 'conv_max_pool_2x2',
+                                              _pooled_lax_conv):
     yield
 
 

@@ -69,12 +69,20 @@ class TorchDense(nn.Module):
 
 
 class TorchConv(nn.Module):
-  """`nn.Conv` (NHWC) with PyTorch's default initialisation."""
+  """`nn.Conv` (NHWC) with PyTorch's default initialisation.
+
+  ``pool``: a 2x2 max-pool of the convolution before its bias is added
+  (``fast_ops.conv_max_pool_2x2``). Max-pooling commutes exactly with a
+  per-channel bias and a ReLU (both monotone, float rounding too), so
+  ``relu(TorchConv(pool=True)(x))`` is ``max_pool(relu(TorchConv()(x)))``
+  with the same parameters, computed faster on the CPU.
+  """
   features: int
   kernel_size: int
   padding: int = 0
   stride: int = 1
   use_bias: bool = True
+  pool: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,7 +96,8 @@ class TorchConv(nn.Module):
         kernel_init=torch_default_kernel_init(),
         bias_init=torch_default_bias_init(fan_in),
         # lax's on GPUs and TPUs; on the CPU its fastest form (fast_ops).
-        conv_general_dilated=fast_ops.conv_general_dilated,
+        conv_general_dilated=(fast_ops.conv_max_pool_2x2 if self.pool else
+                              fast_ops.conv_general_dilated),
     )(x)
 
 
@@ -97,10 +106,6 @@ def _normalise(x: jax.Array, mean: Optional[Sequence[float]],
   if mean is None:
     return x
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
-
-
-def _max_pool(x: jax.Array) -> jax.Array:
-  return fast_ops.max_pool_2x2(x)
 
 
 class MLP(nn.Module):
@@ -145,16 +150,18 @@ class LeNet(nn.Module):
   dropout_rate: float = 0.0
 
   def setup(self):
-    self.conv1 = TorchConv(self.conv_features[0], kernel_size=5, padding=2)
-    self.conv2 = TorchConv(self.conv_features[1], kernel_size=5)
+    # Each convolution with its 2x2 max-pool (before the bias and ReLU).
+    self.conv1 = TorchConv(self.conv_features[0], kernel_size=5, padding=2,
+                           pool=True)
+    self.conv2 = TorchConv(self.conv_features[1], kernel_size=5, pool=True)
     self.fc1 = TorchDense(self.fc_features[0])
     self.fc2 = TorchDense(self.fc_features[1])
     self.fc3 = TorchDense(self.num_classes)
     self.drop = nn.Dropout(self.dropout_rate)
 
   def encode(self, x, *, train: bool = False, mc_dropout: bool = False):
-    x = _max_pool(nn.relu(self.conv1(x)))  # [B, H/2, W/2, c1]
-    x = _max_pool(nn.relu(self.conv2(x)))  # [B, (H/2-4)/2, ..., c2]
+    x = nn.relu(self.conv1(x))  # conv, pool: [B, H/2, W/2, c1]
+    x = nn.relu(self.conv2(x))  # [B, (H/2-4)/2, (W/2-4)/2, c2]
     x = x.reshape((x.shape[0], -1))
     return nn.relu(self.fc1(x))  # [B, fc_features[0]]
 
