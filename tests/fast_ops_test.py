@@ -138,7 +138,7 @@ class ConvPoolTest(chex.TestCase, parameterized.TestCase):
   """``conv_max_pool_2x2``: the phase form (grey layers) and the
   composition (anything else) equal a convolution followed by a pool."""
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True)
   @parameterized.parameters(((28, 1, 6), 2), ((11, 1, 4), 1),
                             ((32, 3, 8), 2), ((14, 6, 16), 0),
                             ((13, 1, 3), 2))
