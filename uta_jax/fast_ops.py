@@ -109,16 +109,22 @@ def _shifted_windows(lhs: jax.Array, kernel_hw: Tuple[int, int],
   return [x[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)]
 
 
-def _shifted_products(lhs: jax.Array, rhs: jax.Array, padding) -> jax.Array:
-  """NHWC/HWIO convolution as a sum of shifted inputs times kernel entries:
-  [B, H, W, I] x [kh, kw, I, O] -> [B, H', W', O], one fused loop."""
-  kh, kw, cin, _ = rhs.shape
+def _sum_of_taps(windows: list, rhs: jax.Array) -> jax.Array:
+  """Sum over taps (row-major) and input channels of each tap's window
+  [B, H', W', I] times its kernel entries [I, O]: [B, H', W', O]."""
+  kw, cin = rhs.shape[1], rhs.shape[2]
   out = None
-  for tap, window in enumerate(_shifted_windows(lhs, (kh, kw), padding)):
+  for tap, window in enumerate(windows):
     for c in range(cin):
       term = window[..., c:c + 1] * rhs[tap // kw, tap % kw, c]
       out = term if out is None else out + term
   return out
+
+
+def _shifted_products(lhs: jax.Array, rhs: jax.Array, padding) -> jax.Array:
+  """NHWC/HWIO convolution as a sum of shifted inputs times kernel entries:
+  [B, H, W, I] x [kh, kw, I, O] -> [B, H', W', O], one fused loop."""
+  return _sum_of_taps(_shifted_windows(lhs, rhs.shape[:2], padding), rhs)
 
 
 def _patch_products(lhs: jax.Array, rhs: jax.Array, padding) -> jax.Array:
@@ -334,26 +340,17 @@ def _phase_products(lhs: jax.Array, rhs: jax.Array, padding) -> list:
   """
   kh, kw, cin, _ = rhs.shape
   x, h, w = _padded(lhs, (kh, kw), padding)
-  b, hp, wp, _ = x.shape
+  batch, hp, wp, _ = x.shape
   x = jnp.pad(x, ((0, 0), (0, hp % 2), (0, wp % 2), (0, 0)))
-  split = x.reshape(b, (hp + 1) // 2, 2, (wp + 1) // 2, 2, cin)
+  split = x.reshape(batch, (hp + 1) // 2, 2, (wp + 1) // 2, 2, cin)
 
   def rows_cols(r, c):  # x[:, r + 2i, c + 2j] for i < H'/2, j < W'/2
     return split[:, r // 2:r // 2 + h // 2, r % 2, c // 2:c // 2 + w // 2,
                  c % 2]
 
-  phases = []
-  for a in range(2):
-    for bb in range(2):
-      out = None
-      for i in range(kh):
-        for j in range(kw):
-          window = rows_cols(a + i, bb + j)
-          for c in range(cin):
-            term = window[..., c:c + 1] * rhs[i, j, c]
-            out = term if out is None else out + term
-      phases.append(out)
-  return phases
+  return [_sum_of_taps([rows_cols(a + i, b + j) for i in range(kh)
+                        for j in range(kw)], rhs)
+          for a in range(2) for b in range(2)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
