@@ -26,7 +26,10 @@ class ProjectionTest(absltest.TestCase):
     n, d = 64, 784
     t = rng.uniform(size=(n, d)).astype(np.float32)
     t[:, :300] = rng.integers(0, 2, size=(n, 300))  # many exact 0/1 pixels
+    # A quarter on five grey levels: large groups of equal p everywhere.
+    t[:16] = rng.integers(0, 5, size=(16, d)) / 4
     w = rng.normal(size=(n, d)).astype(np.float32)
+    w[16:24] = np.round(w[16:24])  # equal |w| p products, zero weights too
     w[:8, ::7] = 0.0  # zero weights, as a flat gradient has
     # Offsets on both sides and far away (the box-limited case).
     b = (np.sum(w * t, 1) + rng.normal(size=n) * np.r_[
