@@ -1,8 +1,9 @@
-"""Trains a mixed program of runs and each run alone; prints the largest
-parameter difference and the evaluation results of each, as JSON.
+"""Trains a mixed program of runs once per run map and each compared run
+alone (once, shared by the maps); prints, per map, the largest parameter
+difference and the evaluation results of each, as JSON.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=N \
-      python tests/mixed_runs.py ROOT RUN_MAP
+      python tests/mixed_runs.py ROOT RUN_MAP[,RUN_MAP...]
 
 Run by ``loop_test.MixedProgramTest`` in a subprocess per device count
 (conftest fixes the test process at 4 devices).
@@ -43,27 +44,30 @@ def mixed_configs():
 COMPARED = (0, 3, 5, 6)
 
 
-def main(root, run_map):
+def main(root, run_maps):
   run_configs = mixed_configs()
-  together = loop.train_and_evaluate_runs(
-      run_configs, [f'{root}/together/{i}' for i in range(len(run_configs))],
-      run_map=run_map)
-  out = []
-  for i in COMPARED:
-    config = run_configs[i]
-    alone = loop.train_and_evaluate(config, f'{root}/alone/{i}')
-    a = runs.load_run(f'{root}/together/{i}').variables
-    b = runs.load_run(f'{root}/alone/{i}').variables
-    out.append({
-        'run': i,
-        'runs_in_program': together[i]['timings']['runs_in_program'],
-        'max_param_diff': max(float(np.max(np.abs(x - y))) for x, y in zip(
-            jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))),
-        'together': {'clean': together[i]['clean_accuracy'],
-                     'robust': together[i]['robust_accuracy']},
-        'alone': {'clean': alone['clean_accuracy'],
-                  'robust': alone['robust_accuracy']}})
-  print(json.dumps({'devices': jax.device_count(), 'runs': out}))
+  alone = {i: loop.train_and_evaluate(run_configs[i], f'{root}/alone/{i}')
+           for i in COMPARED}
+  out = {}
+  for run_map in run_maps.split(','):
+    folder = f'{root}/{run_map}'
+    together = loop.train_and_evaluate_runs(
+        run_configs, [f'{folder}/{i}' for i in range(len(run_configs))],
+        run_map=run_map)
+    out[run_map] = []
+    for i in COMPARED:
+      a = runs.load_run(f'{folder}/{i}').variables
+      b = runs.load_run(f'{root}/alone/{i}').variables
+      out[run_map].append({
+          'run': i,
+          'runs_in_program': together[i]['timings']['runs_in_program'],
+          'max_param_diff': max(float(np.max(np.abs(x - y))) for x, y in zip(
+              jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))),
+          'together': {'clean': together[i]['clean_accuracy'],
+                       'robust': together[i]['robust_accuracy']},
+          'alone': {'clean': alone[i]['clean_accuracy'],
+                    'robust': alone[i]['robust_accuracy']}})
+  print(json.dumps({'devices': jax.device_count(), 'maps': out}))
 
 
 if __name__ == '__main__':
