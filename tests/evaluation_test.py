@@ -45,6 +45,20 @@ class PerDeviceBatchTest(absltest.TestCase):
     self.assertEqual(parallel.per_device_batch(300, 4, 500), 128)
     self.assertEqual(parallel.per_device_batch(3, 1, 2), 2)
 
+  def test_finer_sizes_bound_the_padding_with_a_few_more_shapes(self):
+    sizes = {n: parallel.per_device_batch(n, 2, 250, sizes_per_octave=4)
+             for n in range(1, 1001)}
+    self.assertEqual(sorted(set(sizes.values())), [
+        8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
+        160, 192, 224, 250])
+    for n, size in sizes.items():  # every chunk's padding within 25%
+      need = -(-n // 2)
+      self.assertGreaterEqual(size, min(need, 250), n)
+      if need > 8 and size < 250:
+        self.assertLessEqual(size, 1.25 * need, n)
+    # AutoAttack's 538 clean points on 2 devices: 640 slots, not 1,000.
+    self.assertEqual(parallel.per_device_batch(538, 2, 500, 4), 320)
+
 
 class MapRunExamplesTest(absltest.TestCase):
   """``parallel.map_run_examples``: each run on its own points, sharded."""

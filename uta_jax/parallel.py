@@ -220,14 +220,18 @@ def local_pmap(fn: Callable[..., Any], devices: Sequence[Any], *,
 
 
 def per_device_batch(num_examples: int, num_devices: int,
-                     batch_size: int) -> int:
+                     batch_size: int, sizes_per_octave: int = 1) -> int:
   """Examples per device and call: at most ``batch_size``, else rounded up
-  to 8 times a power of two, so that the shrinking point sets of later PGD
-  restarts (and of later evaluations) meet a handful of compiled shapes."""
+  to the next of ``sizes_per_octave`` sizes between 8 times consecutive
+  powers of two (1: 8, 16, 32, ...; 4: 8, 10, 12, 14, 16, 20, ...), so
+  that the shrinking point sets of later PGD restarts (and of later
+  evaluations) meet a handful of compiled shapes."""
   need = -(-num_examples // num_devices)
-  bucket = 8
-  while bucket < need:
-    bucket *= 2
+  octave = 8
+  while 2 * octave < need:
+    octave *= 2
+  step = max(1, octave // sizes_per_octave)
+  bucket = octave if need <= octave else -(-need // step) * step
   return max(1, min(batch_size, bucket))
 
 
@@ -256,9 +260,11 @@ def map_run_examples(fn: Callable[..., Dict[str, Any]],
                      indices: Sequence[np.ndarray],
                      fetch: Callable[[np.ndarray], Dict[str, np.ndarray]], *,
                      num_devices: int, batch_size: int,
-                     stop_requested: Optional[Callable[[], bool]] = None
+                     stop_requested: Optional[Callable[[], bool]] = None,
+                     sizes_per_octave: int = 1
                     ) -> List[Dict[str, np.ndarray]]:
-  """``map_examples`` for R runs at once, run r on its own ``indices[r]``.
+  """``map_examples`` for R runs at once, run r on its own ``indices[r]``
+  (chunks of ``per_device_batch(..., sizes_per_octave)`` per device).
 
   Chunk c holds each run's c-th slice of its indices (shorter lists padded
   with their last index, or example 0), reaching ``fn`` as ``[num_devices,
@@ -266,7 +272,8 @@ def map_run_examples(fn: Callable[..., Dict[str, Any]],
   Returns per run the outputs for its indices, in order.
   """
   num_runs, longest = len(indices), max((len(i) for i in indices), default=0)
-  per_device = per_device_batch(longest, num_devices, batch_size)
+  per_device = per_device_batch(longest, num_devices, batch_size,
+                                sizes_per_octave)
   chunk = per_device * num_devices
   outputs = []
   for start in range(0, longest, chunk):
