@@ -23,6 +23,14 @@ within the reference seeds' range widened by 0.3 points, and the points
 robust for JAX but broken by every reference seed at most 0.3% of those
 attacked. Each (model, eps) row is stored in ``rows/`` as it finishes: a
 rerun reuses finished rows and models.
+
+A row outside the bounds after APGD-CE or APGD-T also gets a diagnostic
+that changes no verdict: APGD's random start, drawn by different
+generators on the two sides, measured as the accuracy after each APGD
+attack over seeds 0-9 on each side; the difference of the seed means with
+Welch's 95% interval "explains" the failed check when it lies within the
+0.5-point bound (the two implementations agree in distribution and seed 0
+fell apart by chance).
 """
 
 import os
@@ -45,6 +53,7 @@ from uta_jax import data
 from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import runs
+from uta_jax import stats
 from uta_jax import torch_bridge
 
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
@@ -70,6 +79,8 @@ MODELS = {
 }
 ATTACKS = auto_attack.JAX_ATTACKS['standard']
 SQUARE_SEEDS = (0, 1, 2, 3, 4)
+APGD_ATTACKS = auto_attack.JAX_ATTACKS['apgd']
+APGD_SEEDS = tuple(range(10))  # the random-start diagnostic's seeds
 # Written before the run: what "agrees with the reference" means.
 BOUNDS = {'accuracy_points': 0.5,  # per attack and final, JAX - reference
           'square_range_points': 0.3,  # beyond the reference seeds' range
@@ -175,6 +186,53 @@ def checks(row: dict) -> dict:
   return out
 
 
+def spread_summary(accuracy: dict) -> dict:
+  """The random-start diagnostic from ``accuracy[side][attack]`` (per-seed
+  accuracies, side 'jax' or 'reference'): per attack the difference of the
+  seed means, JAX - reference, with Welch's 95% interval (the sides draw
+  independent starts: nothing is paired), and whether every interval lies
+  within the accuracy bound."""
+  bound = BOUNDS['accuracy_points'] + 1e-9
+  difference = {}
+  for attack in accuracy['jax']:
+    est = stats.unpaired_difference(accuracy['jax'][attack],
+                                    accuracy['reference'][attack])
+    difference[attack] = {'effect': est.effect, 'lo': est.lo, 'hi': est.hi}
+  return {'difference': difference,
+          'explained': all(-bound <= d['lo'] and d['hi'] <= bound
+                           for d in difference.values())}
+
+
+def apgd_seed_spread(workdir: str, eps: float) -> dict:
+  """APGD-CE then APGD-T (AutoAttack's 'apgd' version) on both sides with
+  each of ``APGD_SEEDS`` on the row's points: the accuracy (%) after each
+  attack per seed, and ``spread_summary`` of them."""
+  run = runs.load_run(workdir)
+  split = data.load_dataset(run.config.dataset, data_dir=run.config.data_dir,
+                            max_eval_examples=FLAGS.num_examples).test
+  accuracy = {side: {a: [] for a in APGD_ATTACKS}
+              for side in ('jax', 'reference')}
+  for seed in APGD_SEEDS:
+    for side, backend in (('jax', 'jax'), ('reference', 'torch')):
+      report = auto_attack.evaluate(
+          run.model, run.variables, split, eps=eps, version='apgd',
+          backend=backend, ensemble=classifier.is_ensemble(run.config),
+          seed=seed, stop_requested=sweep.stop_requested)
+      for a in APGD_ATTACKS:  # the reference stops logging at 0 points
+        accuracy[side][a].append(report['per_attack'].get(
+            a, report['robust_accuracy']))
+    print(f'  APGD seed {seed}: JAX {accuracy["jax"]["apgd-ce"][-1]:.1f}, '
+          f'reference {accuracy["reference"]["apgd-ce"][-1]:.1f} after '
+          'APGD-CE', flush=True)
+  return dict(spread_summary(accuracy), seeds=list(APGD_SEEDS),
+              accuracy=accuracy)
+
+
+def apgd_failed(row: dict) -> bool:
+  """Whether the row is outside the bounds after APGD-CE or APGD-T."""
+  return not all(row['checks'][f'{a}_within'] for a in APGD_ATTACKS)
+
+
 def stored_row(path: str, num_examples: int):
   """A finished row of an earlier run on as many points, else None."""
   if not os.path.exists(path):
@@ -225,7 +283,36 @@ def markdown(payload: dict) -> str:
       f"range +- {BOUNDS['square_range_points']} points.\n\n" +
       reporting.markdown_table(
           ['model', 'eps', 'attacked', 'JAX', 'reference seeds',
-           'JAX only', 'within bounds'], square))
+           'JAX only', 'within bounds'], square) + spread_markdown(rows))
+
+
+def spread_markdown(rows) -> str:
+  """The random-start diagnostic of the rows that have one ('' if none)."""
+  def seeds(values):
+    return (f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} '
+            f'[{min(values):.1f}, {max(values):.1f}]')
+  table = []
+  for r in rows:
+    spread = r.get('apgd_seed_spread')
+    for a in APGD_ATTACKS if spread else ():
+      d = spread['difference'][a]
+      table.append([r['model'], f"{r['eps']:g}", a.upper(),
+                    seeds(spread['accuracy']['jax'][a]),
+                    seeds(spread['accuracy']['reference'][a]),
+                    f"{d['effect']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]",
+                    'yes' if spread['explained'] else 'no'])
+  if not table:
+    return ''
+  return (
+      "\nAPGD's random start, for the rows outside the bounds after APGD-CE "
+      'or APGD-T (a diagnostic: it changes no verdict above): the accuracy '
+      f'(%) after each attack over seeds {APGD_SEEDS[0]}-{APGD_SEEDS[-1]} '
+      'on each side, mean ± sd [min, max], and the difference of the means, '
+      "JAX - reference, with Welch's 95% interval; explained when every "
+      f"interval lies within ±{BOUNDS['accuracy_points']} points.\n\n" +
+      reporting.markdown_table(
+          ['model', 'eps', 'attack', 'JAX seeds', 'reference seeds',
+           'difference [95%]', 'explained'], table))
 
 
 def main(argv):
@@ -256,6 +343,13 @@ def main(argv):
           row = dict(compare(name, workdir, e), seed=seed)
           reporting.write_json(path, row)
         sweep.exit_if_stopped()
+        if apgd_failed(row) and 'apgd_seed_spread' not in row:
+          print(f'{name} eps={e:g} is outside the bounds after APGD: its '
+                f'random start over seeds {APGD_SEEDS[0]}-{APGD_SEEDS[-1]}',
+                flush=True)
+          row['apgd_seed_spread'] = apgd_seed_spread(workdir, e)
+          reporting.write_json(path, row)
+          sweep.exit_if_stopped()
         print(f"{name} eps={e:g}: final JAX {row['jax_robust_accuracy']:.1f}"
               f"% vs reference {row['reference_robust_accuracy']:.1f}%; "
               f"within bounds: {all(row['checks'].values())}", flush=True)

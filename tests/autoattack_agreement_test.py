@@ -47,6 +47,34 @@ class BoundsTest(absltest.TestCase):
                      ['square_jax_only_few'])
 
 
+class SpreadSummaryTest(absltest.TestCase):
+  """The random-start diagnostic: explained only when the seed means agree
+  within the bound, per attack."""
+
+  def spread(self, shift_ce=0.0, shift_t=0.0):
+    jax_ce = [38.3, 38.1, 37.8, 37.9, 38.1]
+    ref_ce = [37.6, 38.0, 37.8, 37.9, 37.9]
+    ref_t = [36.3, 36.1, 36.4, 36.2, 36.3]
+    return {'jax': {'apgd-ce': [v + shift_ce for v in jax_ce],
+                    'apgd-t': [v + shift_t for v in ref_t[::-1]]},
+            'reference': {'apgd-ce': ref_ce, 'apgd-t': ref_t}}
+
+  def test_the_same_distribution_is_explained(self):
+    summary = autoattack_agreement.spread_summary(self.spread())
+    self.assertTrue(summary['explained'])
+    ce = summary['difference']['apgd-ce']
+    self.assertAlmostEqual(ce['effect'], 0.2)
+    self.assertLess(ce['lo'], 0.0)  # seed 0 alone: 0.7 apart
+    self.assertLess(ce['hi'], 0.5)
+    self.assertAlmostEqual(summary['difference']['apgd-t']['effect'], 0.0)
+
+  def test_a_shift_in_either_attack_is_not(self):
+    self.assertFalse(autoattack_agreement.spread_summary(
+        self.spread(shift_ce=0.6))['explained'])
+    self.assertFalse(autoattack_agreement.spread_summary(
+        self.spread(shift_t=-0.8))['explained'])
+
+
 RESULT = os.path.join(ROOT, 'results', 'autoattack_agreement_quick',
                       'autoattack_agreement.json')
 
@@ -56,6 +84,9 @@ RESULT = os.path.join(ROOT, 'results', 'autoattack_agreement_quick',
 # final accuracy is within 0.1). A new failure, or this one gone, fails the
 # test below until this set and the docs say so.
 OUTSIDE_THE_BOUNDS = {('mnist_mlp_uta_at', 0.2, 'apgd-ce_within')}
+# Of those rows, the ones whose random-start diagnostic explains the failure
+# (over seeds 0-9 the two sides' means agree within the bound).
+EXPLAINED = {('mnist_mlp_uta_at', 0.2)}
 
 
 class CommittedResultTest(absltest.TestCase):
@@ -84,6 +115,31 @@ class CommittedResultTest(absltest.TestCase):
         outside |= {(r['model'], r['eps'], name)
                     for name, ok in checks.items() if not ok}
     self.assertEqual(outside, OUTSIDE_THE_BOUNDS)
+
+  def test_each_apgd_failure_has_its_random_start_diagnostic(self):
+    with open(RESULT) as f:
+      rows = json.load(f)['rows']
+    explained = set()
+    for r in rows:
+      spread = r.get('apgd_seed_spread')
+      # Exactly the rows outside the bounds after an APGD attack have one.
+      self.assertEqual(spread is not None,
+                       autoattack_agreement.apgd_failed(r), r['model'])
+      if spread is None:
+        continue
+      self.assertEqual(spread['seeds'], list(range(10)))
+      for side in ('jax', 'reference'):
+        for attack in ('apgd-ce', 'apgd-t'):
+          self.assertLen(spread['accuracy'][side][attack], 10)
+      # Its summary is recomputed from the stored per-seed accuracies.
+      summary = autoattack_agreement.spread_summary(spread['accuracy'])
+      self.assertEqual(summary['explained'], spread['explained'])
+      for attack, d in summary['difference'].items():
+        for key in ('effect', 'lo', 'hi'):
+          self.assertAlmostEqual(d[key], spread['difference'][attack][key])
+      if spread['explained']:
+        explained.add((r['model'], r['eps']))
+    self.assertEqual(explained, EXPLAINED)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+from scipy import stats as scipy_stats
 
 from uta_jax import stats
 
@@ -49,6 +50,34 @@ class IntervalTest(parameterized.TestCase):
       stats.outcome(stats.interval([1.0, 2.0]), side='>=')
     with self.assertRaisesRegex(ValueError, 'positive'):
       stats.binomial_variance(50.0, 0)
+
+
+class UnpairedDifferenceTest(absltest.TestCase):
+  """Welch's interval, against scipy's own t-test and a closed form."""
+
+  def test_equals_scipys_welch_interval(self):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(38.0, 0.3, 10), rng.normal(37.8, 0.2, 7)
+    est = stats.unpaired_difference(list(a), list(b))
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(
+        0.95)
+    self.assertAlmostEqual(est.effect, a.mean() - b.mean(), places=9)
+    self.assertAlmostEqual(est.lo, ref.low, places=9)
+    self.assertAlmostEqual(est.hi, ref.high, places=9)
+    self.assertEqual(est.seeds, 7)
+
+  def test_equal_spreads_and_sizes_closed_form(self):
+    # 1, 2, 3 vs 0, 1, 2: difference 1, se^2 = 1/3 + 1/3, df = 4.
+    est = stats.unpaired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    half = 2.7764451051977987 * np.sqrt(2 / 3)
+    self.assertAlmostEqual(est.lo, 1.0 - half, places=9)
+    self.assertAlmostEqual(est.hi, 1.0 + half, places=9)
+
+  def test_no_spread_is_a_point_and_one_value_is_refused(self):
+    est = stats.unpaired_difference([2.0, 2.0], [1.5, 1.5])
+    self.assertEqual((est.effect, est.lo, est.hi), (0.5, 0.5, 0.5))
+    with self.assertRaisesRegex(ValueError, '2 or more'):
+      stats.unpaired_difference([1.0], [1.0, 2.0])
 
 
 class OutcomeTest(parameterized.TestCase):

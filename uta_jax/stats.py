@@ -108,6 +108,27 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *,
   return interval([x - y for x, y in zip(a, b)], test, level=level)
 
 
+def unpaired_difference(a: Sequence[float], b: Sequence[float], *,
+                        level: float = LEVEL) -> Estimate:
+  """mean(a) - mean(b) of two independent samples (e.g. one attack's
+  accuracy over the random seeds of two implementations on the same points
+  and model: no pairing, no test-sample variance) and Welch's ``level``
+  t-interval; ``seeds`` is the smaller sample's size."""
+  a, b = [float(v) for v in a], [float(v) for v in b]
+  if len(a) < 2 or len(b) < 2:
+    raise ValueError(f'an unpaired difference needs 2 or more values per '
+                     f'side, got {len(a)} and {len(b)}')
+  mean = lambda v: sum(v) / len(v)
+  var = lambda v: sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1) / len(v)
+  va, vb = var(a), var(b)
+  effect = mean(a) - mean(b)
+  if va + vb == 0:
+    return Estimate(effect, effect, effect, min(len(a), len(b)))
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  half = float(scipy_stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(va + vb)
+  return Estimate(effect, effect - half, effect + half, min(len(a), len(b)))
+
+
 def accuracy(values: Sequence[float], *, n: Optional[int] = None,
              level: float = LEVEL) -> Estimate:
   """The seed mean of one accuracy (%) on ``n`` test points, with interval."""
