@@ -62,11 +62,13 @@ flags.DEFINE_integer('aa_examples', 1000, 'AutoAttack test points')
 flags.DEFINE_float('aa_eps', 0.1, 'AutoAttack eps')
 flags.DEFINE_integer('aa_batch_size', 500, 'AutoAttack batch size')
 flags.DEFINE_integer('aa_reps', 1, 'timed AutoAttack runs per implementation')
-flags.DEFINE_integer('aa_runs_reps', 1, 'timed runs of each side of the 8 '
-                     'models at once')
-flags.DEFINE_integer('aa_runs_examples', 200, 'test points of the 8 models '
-                     'at once')
-flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the 8 MLPs '
+flags.DEFINE_integer('aa_runs', autoattack.NUM_MODELS, 'MLPs (seeds) the '
+                     'autoattack section evaluates at once')
+flags.DEFINE_integer('aa_runs_reps', 1, 'timed runs of each side of the '
+                     '--aa_runs models at once')
+flags.DEFINE_integer('aa_runs_examples', 200, 'test points of the '
+                     '--aa_runs models at once')
+flags.DEFINE_integer('aa_train_steps', 300, 'PGD-AT steps of the MLPs '
                      'the autoattack section evaluates at once')
 flags.DEFINE_string('aa_workdir', autoattack.AGREEMENT_LENET, 'the LeNet the '
                     'autoattack section times the standard version on '
@@ -102,6 +104,8 @@ def main(argv):
   if unknown:
     cli.fail(f'unknown sections {sorted(unknown)}; choose from '
              f'{", ".join(SECTIONS)}')
+  if 'autoattack' in FLAGS.sections and FLAGS.aa_runs < 2:
+    cli.fail(f'--aa_runs {FLAGS.aa_runs}: models at once needs 2 or more')
   device = torch_bridge.torch_device()
   # The loop as train.py runs it, at JAX's default precision; the
   # comparisons with PyTorch after it at full float32 on both sides.

@@ -8,10 +8,10 @@ Square) natively in JAX vs the reference ``pyautoattack`` through
   the first MLP below) at ``--aa_eps`` on ``--aa_examples`` test points: JAX
   with its compilation (caches cleared before each timed call) and the
   bridge, interleaved; and JAX warm.
-- ``runs``: 8 embedded-MNIST MLPs (PGD-AT, seeds 0-7) at ``--aa_eps`` on
-  ``--aa_runs_examples`` points: one program over the run axis
-  (``auto_attack.evaluate_runs``, the backend's default run map) vs 8
-  separate ``auto_attack.evaluate`` calls, both warm, interleaved.
+- ``runs``: ``--aa_runs`` (8) embedded-MNIST MLPs (PGD-AT, seeds 0-7) at
+  ``--aa_eps`` on ``--aa_runs_examples`` points: one program over the run
+  axis (``auto_attack.evaluate_runs``, the backend's default run map) vs as
+  many separate ``auto_attack.evaluate`` calls, both warm, interleaved.
 
 XLA_FLAGS chooses the CPU device count.
 """
@@ -38,7 +38,7 @@ AGREEMENT_LENET = os.path.join(ROOT, 'results', 'autoattack_agreement_quick',
 # autoattack_agreement.py's PGD-AT LeNet: eps_train 0.2, 3 epochs of 10k.
 LENET = {'attack.name': 'pgd', 'attack.eps_train': 0.2,
          'max_train_examples': 10000, 'epochs': 3}
-NUM_MODELS = 8
+NUM_MODELS = 8  # --aa_runs' default: the issue's "8 models at once"
 
 
 def lenet(workdir: str):
@@ -57,14 +57,14 @@ def lenet(workdir: str):
 
 
 def mlps(opts):
-  """(model, [variables] of 8 seeds, embedded-MNIST dataset): MLPs after
-  ``--aa_train_steps`` of PGD-AT (eps 0.1)."""
+  """(model, [variables] of ``--aa_runs`` seeds, embedded-MNIST dataset):
+  MLPs after ``--aa_train_steps`` of PGD-AT (eps 0.1)."""
   ds = data.load_dataset('mnist_embedded')
   fitted = [steps.fit(configs.get_config('mnist_embedded', {
       'attack.name': 'pgd', 'attack.eps_train': 0.1, 'attack.num_steps': 5,
       'attack.step_size': 0.03, 'seed': seed}), ds.train,
                       num_steps=opts.aa_train_steps)
-            for seed in range(NUM_MODELS)]
+            for seed in range(opts.aa_runs)]
   return fitted[0][0], [v for _, v in fitted], ds
 
 
@@ -156,8 +156,8 @@ def runs_row(model, variables, split, opts) -> dict:
 
 def run(torch, opts) -> dict:
   """The standard version on ``--models`` (mlp: the first MLP; lenet: the
-  agreement LeNet), then the 8 MLPs at once; torch runs the reference on 1
-  thread (as evaluate.py runs it, XLA beside it)."""
+  agreement LeNet), then the ``--aa_runs`` MLPs at once; torch runs the
+  reference on 1 thread (as evaluate.py runs it, XLA beside it)."""
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
   try:
