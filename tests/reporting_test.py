@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 from unittest import mock
 
 from absl.testing import absltest
@@ -10,7 +12,7 @@ import numpy as np
 from uta_jax import configs
 from uta_jax import reporting
 
-from testutil import tensorboard_scalars  # pylint: disable=g-bad-import-order
+from testutil import ROOT, require, tensorboard_scalars  # pylint: disable=g-bad-import-order
 
 
 class ReportingTest(absltest.TestCase):
@@ -107,6 +109,28 @@ class ReportingTest(absltest.TestCase):
                                ('train/accuracy', 40, 0.6),
                                ('train/loss', 20, 3.0),
                                ('train/loss', 40, 2.0)])
+
+  def test_tensorboard_events_are_written_without_importing_torch(self):
+    # tensorboardX's writer imports torch when installed (2.4 s of a run's
+    # start); the writer here keeps it out, and torch imports afterwards.
+    require('torch')
+    folder = self.create_tempdir().full_path
+    script = (
+        'import sys\n'
+        'from uta_jax import reporting\n'
+        f'path = {os.path.join(folder, "metrics.jsonl")!r}\n'
+        "reporting.append_metrics(path, {'kind': 'train', 'step': 1, "
+        "'loss': 2.0})\n"
+        f'assert reporting.write_tensorboard(path, {folder!r} + "/tb")\n'
+        "print('torch' in sys.modules)\n"
+        'import torch\n'
+        'print(torch.ones(2).sum().item())\n')
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    self.assertEqual(out.stdout.split(), ['False', '2.0'])
+    self.assertEqual(tensorboard_scalars(os.path.join(folder, 'tb')),
+                     [('train/loss', 1, 2.0)])
 
   def test_metrics_log_shows_each_step_once_across_a_resume(self):
     folder = self.create_tempdir().full_path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -51,13 +52,30 @@ def _summary_writer(folder: str, *, empty_first: bool = True):
   """A tensorboardX ``SummaryWriter`` adding a new event file to ``folder``
   (emptied first unless ``empty_first`` is false), or None without
   tensorboardX (no TensorFlow needed)."""
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  SummaryWriter = _tensorboardx_writer_class()  # pylint: disable=invalid-name
+  if SummaryWriter is None:
     return None
   if empty_first:
     shutil.rmtree(folder, ignore_errors=True)
   return SummaryWriter(folder, flush_secs=10, filename_suffix=_unique())
+
+
+def _tensorboardx_writer_class():
+  """tensorboardX's ``SummaryWriter`` (None without tensorboardX), imported
+  without PyTorch: its writer module imports torch when installed only to
+  recognise torch tensors (2.4 s of every run's start on a CPU); the
+  scalars written here are floats. A torch imported already is kept."""
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None  # makes ``import torch`` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  finally:
+    if blocked:
+      sys.modules.pop('torch', None)
+  return SummaryWriter
 
 
 def _unique() -> str:
