@@ -30,7 +30,9 @@ generators on the two sides, measured as the accuracy after each APGD
 attack over seeds 0-9 on each side; the difference of the seed means with
 Welch's 95% interval "explains" the failed check when it lies within the
 0.5-point bound (the two implementations agree in distribution and seed 0
-fell apart by chance).
+fell apart by chance); and APGD-CE once more with the reference's own
+seed-0 starts recorded and replayed in JAX: the same points fooled when
+the two differ only by their generators.
 """
 
 import os
@@ -45,11 +47,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cli  # pylint: disable=g-import-not-at-top
 import config_flags  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
+import jax
 import numpy as np
 
+from uta_jax import apgd
 from uta_jax import auto_attack
 from uta_jax import classifier
 from uta_jax import data
+from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import runs
@@ -81,6 +86,7 @@ ATTACKS = auto_attack.JAX_ATTACKS['standard']
 SQUARE_SEEDS = (0, 1, 2, 3, 4)
 APGD_ATTACKS = auto_attack.JAX_ATTACKS['apgd']
 APGD_SEEDS = tuple(range(10))  # the random-start diagnostic's seeds
+REPLAY_BATCH = 250  # JAX's batch when replaying the reference's starts
 # Written before the run: what "agrees with the reference" means.
 BOUNDS = {'accuracy_points': 0.5,  # per attack and final, JAX - reference
           'square_range_points': 0.3,  # beyond the reference seeds' range
@@ -228,6 +234,45 @@ def apgd_seed_spread(workdir: str, eps: float) -> dict:
               accuracy=accuracy)
 
 
+def apgd_replayed(workdir: str, eps: float) -> dict:
+  """APGD-CE with the reference's own random starts (seed 0, AutoAttack's
+  batches), recorded by ``auto_attack.reference_apgd_ce`` and replayed by
+  JAX's ``apgd.apgd_ce``: the accuracy (%) after it on each side and the
+  share of points with the same verdict. Equal when the two differ only by
+  their generators."""
+  run = runs.load_run(workdir)
+  split = data.load_dataset(run.config.dataset, data_dir=run.config.data_dir,
+                            max_eval_examples=FLAGS.num_examples).test
+  ensemble = classifier.is_ensemble(run.config)
+  module = torch_bridge.bridge_module(
+      lambda v, x: classifier.predict_logits(run.model, v, x,
+                                             ensemble=ensemble),
+      run.variables)
+  torch = torch_bridge.require_torch()
+  device = torch_bridge.torch_device()
+  images = data.to_float(split.images)  # [N, H, W, C]
+  ref_robust, noise = auto_attack.reference_apgd_ce(
+      module, torch.from_numpy(np.ascontiguousarray(
+          images.transpose(0, 3, 1, 2))).to(device),
+      torch.from_numpy(split.labels.astype(np.int64)).to(device), eps=eps,
+      device=device)
+  logits_fn, _ = evaluation.logits_fns(run.model, run.variables, ensemble)
+  attack = jax.jit(lambda x, y, t: apgd.apgd_ce(
+      logits_fn, x, y, eps=eps, key=jax.random.key(0), noise=t)[0])
+  attacked = np.abs(noise).reshape(len(noise), -1).max(1) > 0
+  robust = np.zeros(len(split), bool)
+  noise = noise.transpose(0, 2, 3, 1)  # NHWC
+  for start in range(0, len(split), REPLAY_BATCH):
+    idx = np.arange(start, min(start + REPLAY_BATCH, len(split)))
+    robust[idx] = np.asarray(attack(images[idx], split.labels[idx],
+                                    noise[idx]))
+  robust &= attacked  # points wrong when clean are not attacked
+  return {'jax': 100.0 * float(robust.mean()),
+          'reference': 100.0 * float(ref_robust.mean()),
+          'same_verdict': float(np.mean(robust == ref_robust)),
+          'attacked': int(attacked.sum())}
+
+
 def apgd_failed(row: dict) -> bool:
   """Whether the row is outside the bounds after APGD-CE or APGD-T."""
   return not all(row['checks'][f'{a}_within'] for a in APGD_ATTACKS)
@@ -301,6 +346,11 @@ def spread_markdown(rows) -> str:
                     seeds(spread['accuracy']['reference'][a]),
                     f"{d['effect']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]",
                     'yes' if spread['explained'] else 'no'])
+  replayed = [[r['model'], f"{r['eps']:g}", r['apgd_replayed']['attacked'],
+               f"{r['apgd_replayed']['jax']:.1f}",
+               f"{r['apgd_replayed']['reference']:.1f}",
+               f"{100 * r['apgd_replayed']['same_verdict']:.1f}%"]
+              for r in rows if 'apgd_replayed' in r]
   if not table:
     return ''
   return (
@@ -312,7 +362,13 @@ def spread_markdown(rows) -> str:
       f"interval lies within ±{BOUNDS['accuracy_points']} points.\n\n" +
       reporting.markdown_table(
           ['model', 'eps', 'attack', 'JAX seeds', 'reference seeds',
-           'difference [95%]', 'explained'], table))
+           'difference [95%]', 'explained'], table) +
+      ('' if not replayed else
+       "\nAPGD-CE with the reference's own random starts (seed 0, recorded "
+       'and replayed in JAX): the accuracy (%) after it on each side and '
+       'the points with the same verdict.\n\n' + reporting.markdown_table(
+           ['model', 'eps', 'attacked', 'JAX (replayed)', 'reference',
+            'same verdict'], replayed)))
 
 
 def main(argv):
@@ -350,6 +406,9 @@ def main(argv):
           row['apgd_seed_spread'] = apgd_seed_spread(workdir, e)
           reporting.write_json(path, row)
           sweep.exit_if_stopped()
+        if apgd_failed(row) and 'apgd_replayed' not in row:
+          row['apgd_replayed'] = apgd_replayed(workdir, e)
+          reporting.write_json(path, row)
         print(f"{name} eps={e:g}: final JAX {row['jax_robust_accuracy']:.1f}"
               f"% vs reference {row['reference_robust_accuracy']:.1f}%; "
               f"within bounds: {all(row['checks'].values())}", flush=True)

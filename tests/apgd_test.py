@@ -4,6 +4,7 @@ The agreement with the reference ``pyautoattack`` (through the bridge) on a
 trained model lives in ``autoattack_agreement_test.py``.
 """
 
+import functools
 import math
 
 from absl.testing import absltest
@@ -14,7 +15,10 @@ import numpy as np
 import pytest
 
 from uta_jax import apgd
+from uta_jax import data
 from uta_jax import models
+
+from testutil import require, trained_mlp  # pylint: disable=g-bad-import-order
 
 # Numerics that mean something on an accelerator: JAX_PLATFORMS=cuda
 # python -m pytest -m accelerator runs them there.
@@ -226,6 +230,36 @@ class AttackTest(chex.TestCase):
     three = lambda x: self.logits_fn(x)[:, :3]
     with self.assertRaisesRegex(ValueError, 'at least 4 classes'):
       apgd.apgd_t(three, self.x, self.y % 3, eps=0.1, key=jax.random.key(0))
+
+
+class ReferenceReplayTest(absltest.TestCase):
+  """The reference APGD-CE's own random starts, recorded and replayed: the
+  same points fooled at the same adversarial images (the agreement in
+  distribution, JAX's own draws, is ``autoattack_agreement_test``'s)."""
+
+  def test_replayed_starts_give_the_reference_result(self):
+    torch = require('torch')
+    auto_attack = require('uta_jax.auto_attack')
+    torch_bridge = require('uta_jax.torch_bridge')
+    require('pyautoattack')
+    model, variables, logits_fn, test = trained_mlp(96)
+    x, y, eps = data.to_float(test.images), test.labels, 0.08
+    module = torch_bridge.bridge_module(model.apply, variables)
+    x_nchw = torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy())
+    # Two batches, each reseeded (as AutoAttack runs it).
+    ref_robust, noise = auto_attack.reference_apgd_ce(
+        module, x_nchw, torch.from_numpy(y.astype(np.int64)), eps=eps,
+        batch_size=48)
+    clean = np.argmax(np.asarray(logits_fn(jnp.asarray(x))), -1) == y
+    attacked = np.abs(noise).reshape(len(y), -1).max(1) > 0
+    np.testing.assert_array_equal(attacked, clean)
+    robust, _ = jax.jit(functools.partial(apgd.apgd_ce, logits_fn, eps=eps))(
+        jnp.asarray(x), jnp.asarray(y), key=jax.random.key(0),
+        noise=jnp.asarray(np.transpose(noise, (0, 2, 3, 1))))
+    robust = np.asarray(robust) & clean
+    self.assertGreater(clean.sum() - ref_robust.sum(), 10)  # it fools some
+    self.assertGreater(ref_robust.sum(), 10, clean.sum())  # and not all
+    np.testing.assert_array_equal(robust, ref_robust)
 
 
 if __name__ == '__main__':

@@ -165,17 +165,22 @@ def _per_example(v: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def random_start(key: jax.Array, x: jax.Array, *, eps: float,
-                 example_ids: Optional[jax.Array] = None) -> jax.Array:
+                 example_ids: Optional[jax.Array] = None,
+                 noise: Optional[jax.Array] = None) -> jax.Array:
   """x + eps * t / max|t| (t ~ U(-1, 1) per example), clipped to [0, 1].
 
   Example i draws ``t`` from ``fold_in(key, example_ids[i])`` (default: its
-  position in the batch).
+  position in the batch); ``noise`` [B, ...] gives t instead (to replay
+  the reference's own ``2 * torch.rand - 1``).
   """
-  if example_ids is None:
-    example_ids = jnp.arange(x.shape[0])
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
-  t = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0,
-                                            1.0))(keys)
+  if noise is not None:
+    t = noise.astype(x.dtype)
+  else:
+    if example_ids is None:
+      example_ids = jnp.arange(x.shape[0])
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)
+    t = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0,
+                                              1.0))(keys)
   scale = jnp.max(jnp.abs(t).reshape(t.shape[0], -1), axis=1)
   return jnp.clip(x + eps * t / (_per_example(scale, t) + 1e-12), 0.0, 1.0)
 
@@ -183,7 +188,8 @@ def random_start(key: jax.Array, x: jax.Array, *, eps: float,
 def apgd(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, eps,
          key: jax.Array, loss: str = 'ce', targets: Optional[jax.Array] = None,
          num_steps: int = NUM_STEPS, rho: float = RHO,
-         example_ids: Optional[jax.Array] = None
+         example_ids: Optional[jax.Array] = None,
+         noise: Optional[jax.Array] = None
         ) -> Tuple[jax.Array, jax.Array]:
   """One run of L-inf APGD on images in [0, 1] (the reference's
   ``attack_single_run``).
@@ -197,6 +203,8 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, eps,
     num_steps: iterations N (static).
     rho: oscillation threshold of the step-size checkpoints.
     example_ids: [B] global ids of the examples, for their keys.
+    noise: [B, ...] the random start's t instead of drawing it from ``key``
+      (``random_start``).
 
   Returns:
     ``(robust, x_adv)``: robust [B] is True where the model classified every
@@ -229,7 +237,7 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, eps,
     is_check[i], windows[i] = True, window
   is_check, windows = jnp.asarray(is_check), jnp.asarray(windows)
 
-  x_adv = random_start(key, x, eps=eps, example_ids=example_ids)
+  x_adv = random_start(key, x, eps=eps, example_ids=example_ids, noise=noise)
   loss0, logits0, grad0 = loss_and_grad(x_adv)
   batch = x.shape[0]
   # L-inf steps use only the gradient's sign: keep that, not the gradient.
@@ -288,11 +296,12 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, eps,
 
 def apgd_ce(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, *, eps,
             key: jax.Array, num_steps: int = NUM_STEPS,
-            example_ids: Optional[jax.Array] = None
+            example_ids: Optional[jax.Array] = None,
+            noise: Optional[jax.Array] = None
            ) -> Tuple[jax.Array, jax.Array]:
   """APGD-CE: ``apgd`` on the cross-entropy; ``(robust [B], x_adv)``."""
   return apgd(logits_fn, x, labels, eps=eps, key=key, loss='ce',
-              num_steps=num_steps, example_ids=example_ids)
+              num_steps=num_steps, example_ids=example_ids, noise=noise)
 
 
 def top_targets(logits: jax.Array, num_targets: int = NUM_TARGETS

@@ -242,6 +242,49 @@ def reference_autoattack(module, x, y, *, eps: float, version: str,
   return x_adv, recorder.per_attack
 
 
+def reference_apgd_ce(module, x, y, *, eps: float, seed: int = 0,
+                      batch_size: int = 500, device: str = 'cpu'):
+  """The reference APGD-CE as the standard AutoAttack runs it first (one
+  restart, its points reseeded with ``seed`` per batch of ``batch_size``
+  points correct when clean), its random starts recorded: (robust [N]
+  bool, noise [N, C, H, W] float32: each attacked point's
+  ``t = 2 * torch.rand - 1``, zeros elsewhere). JAX's ``apgd.apgd_ce`` given
+  that noise (NHWC) replays the reference's iterates."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from pyautoattack.autopgd_base import APGDAttack  # pylint: disable=g-import-not-at-top
+  attack = APGDAttack(module, n_restarts=1, n_iter=100, eps=eps,
+                      norm='Linf', eot_iter=1, rho=.75, seed=seed,
+                      device=device)
+  attack.loss = 'ce'
+  clean = _torch_correct(module, x, y, batch_size)
+  robust = np.zeros(len(y), bool)
+  noise = np.zeros(tuple(x.shape), np.float32)
+  draws, rand = [], torch.rand
+
+  def recorded_rand(*args, **kwargs):
+    out = rand(*args, **kwargs)
+    draws.append(out)
+    return out
+
+  todo = np.flatnonzero(clean)
+  for start in range(0, len(todo), batch_size):
+    idx = todo[start:start + batch_size]
+    xb, yb = x[idx], y[idx]
+    draws.clear()
+    torch.rand = recorded_rand
+    try:
+      x_adv = attack.perturb(xb, yb)
+    finally:
+      torch.rand = rand
+    if len(draws) != 1 or tuple(draws[0].shape) != tuple(xb.shape):
+      raise RuntimeError('the reference APGD-CE drew its start other than '
+                         'once per point: cannot record it')
+    noise[idx] = (2 * draws[0] - 1).cpu().numpy()
+    with torch.no_grad():
+      robust[idx] = (module(x_adv).argmax(1) == yb).cpu().numpy()
+  return robust, noise
+
+
 def _torch_correct(module, x, y, batch_size: int) -> np.ndarray:
   """Per-point correctness of ``module`` on ``x`` (bool [N])."""
   correct = []
