@@ -85,7 +85,8 @@ RESULT = os.path.join(ROOT, 'results', 'autoattack_agreement_quick',
 # test below until this set and the docs say so.
 OUTSIDE_THE_BOUNDS = {('mnist_mlp_uta_at', 0.2, 'apgd-ce_within')}
 # Of those rows, the ones whose random-start diagnostic explains the failure
-# (over seeds 0-9 the two sides' means agree within the bound).
+# (over seeds 0-9 the two sides' means agree within the bound; with the
+# reference's own starts replayed, the same points are fooled).
 EXPLAINED = {('mnist_mlp_uta_at', 0.2)}
 
 
@@ -122,9 +123,10 @@ class CommittedResultTest(absltest.TestCase):
     explained = set()
     for r in rows:
       spread = r.get('apgd_seed_spread')
-      # Exactly the rows outside the bounds after an APGD attack have one.
+      # Exactly the rows outside the bounds after an APGD attack have them.
       self.assertEqual(spread is not None,
                        autoattack_agreement.apgd_failed(r), r['model'])
+      self.assertEqual('apgd_replayed' in r, spread is not None, r['model'])
       if spread is None:
         continue
       self.assertEqual(spread['seeds'], list(range(10)))
@@ -139,6 +141,15 @@ class CommittedResultTest(absltest.TestCase):
           self.assertAlmostEqual(d[key], spread['difference'][attack][key])
       if spread['explained']:
         explained.add((r['model'], r['eps']))
+      # APGD-CE with the reference's own seed-0 starts replayed: the
+      # recording run reproduces the row's reference accuracy, and JAX
+      # given those starts fools the same points.
+      replayed = r['apgd_replayed']
+      self.assertEqual(replayed['reference'],
+                       r['reference_per_attack']['apgd-ce'])
+      self.assertLessEqual(abs(replayed['jax'] - replayed['reference']),
+                           autoattack_agreement.BOUNDS['accuracy_points'])
+      self.assertGreaterEqual(replayed['same_verdict'], 0.99)
     self.assertEqual(explained, EXPLAINED)
 
 
