@@ -250,9 +250,10 @@ def _mixed_runs(root, run_maps, devices):
 
 @pytest.mark.slow  # 8 runs together and alone, per device count and map
 class MixedProgramTest(parameterized.TestCase):
-  """Run r of a program of 2 seeds x PGD/UTA x 2 (eps_train, step size)
-  at K = 4 ends as the run trained alone: parameters and evaluation, for
-  four runs that cover each seed, objective and eps_train.
+  """Run r of a program of 4 runs mixing 2 seeds, PGD/UTA and 2
+  (eps_train, step size) at K = 4 (``mixed_runs.MIXED``: every pair of
+  values side by side) ends as the run trained alone: parameters and
+  evaluation, every run.
 
   unroll (the CPU default) writes each run's own step into the program:
   bitwise equal. vmap's batched kernels sum in another order; sign steps and
@@ -274,7 +275,7 @@ class MixedProgramTest(parameterized.TestCase):
       self.assertLen(compared, 4)
       for r in compared:
         i = f'{run_map} run {r["run"]}'
-        self.assertEqual(r['runs_in_program'], 8)
+        self.assertEqual(r['runs_in_program'], 4)
         if run_map == 'unroll':
           self.assertEqual(r['max_param_diff'], 0.0, i)
           self.assertEqual(r['together'], r['alone'], i)
