@@ -55,6 +55,16 @@ def pytest_configure(config):
                 'run on the CPU', returncode=4)
 
 
+def pytest_collection_modifyitems(config, items):
+  """The files holding slow tests (end-to-end runs, minutes) first, in
+  their collected order (a class's set-up runs once per worker): the
+  workers then end on short tests instead of one waiting on the other's
+  last long run."""
+  del config
+  slow = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow)
+
+
 def pytest_report_header(config):
   del config
   if PLATFORM_ERROR is not None:
