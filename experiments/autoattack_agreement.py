@@ -112,6 +112,23 @@ def reference_square(module, x, y, eps: float, seed: int, device,
   return np.concatenate(robust) if robust else np.zeros(0, bool)
 
 
+def reference_inputs(run, ensemble: bool, images: np.ndarray,
+                     labels: np.ndarray):
+  """(module, x, y, device): the run's model through the bridge, and
+  ``images`` [N, H, W, C] with ``labels`` [N] as the reference's NCHW
+  tensors on its device."""
+  module = torch_bridge.bridge_module(
+      lambda v, x: classifier.predict_logits(run.model, v, x,
+                                             ensemble=ensemble),
+      run.variables)
+  torch = torch_bridge.require_torch()
+  device = torch_bridge.torch_device()
+  x = torch.from_numpy(np.ascontiguousarray(
+      data.to_float(images).transpose(0, 3, 1, 2))).to(device)
+  y = torch.from_numpy(labels.astype(np.int64)).to(device)
+  return module, x, y, device
+
+
 def compare(name: str, workdir: str, eps: float) -> dict:
   """One (model, eps) row: both backends' standard version, then Square
   alone on the points robust after JAX's FAB-T."""
@@ -135,15 +152,8 @@ def compare(name: str, workdir: str, eps: float) -> dict:
   n = len(ds.test)
   attacked = np.flatnonzero(jax_r['robust_points_after']['fab-t'])
   jax_square = jax_r['robust_points_after']['square'][attacked]
-  module = torch_bridge.bridge_module(
-      lambda v, x: classifier.predict_logits(run.model, v, x,
-                                             ensemble=ensemble),
-      run.variables)
-  device = torch_bridge.torch_device()
-  torch = torch_bridge.require_torch()
-  x = torch.from_numpy(np.ascontiguousarray(data.to_float(
-      ds.test.images[attacked]).transpose(0, 3, 1, 2))).to(device)
-  y = torch.from_numpy(ds.test.labels[attacked].astype(np.int64)).to(device)
+  module, x, y, device = reference_inputs(
+      run, ensemble, ds.test.images[attacked], ds.test.labels[attacked])
   start = time.time()
   ref_square = np.stack([reference_square(module, x, y, eps, s, device)
                          for s in SQUARE_SEEDS])  # [seeds, attacked]
@@ -244,18 +254,11 @@ def apgd_replayed(workdir: str, eps: float) -> dict:
   split = data.load_dataset(run.config.dataset, data_dir=run.config.data_dir,
                             max_eval_examples=FLAGS.num_examples).test
   ensemble = classifier.is_ensemble(run.config)
-  module = torch_bridge.bridge_module(
-      lambda v, x: classifier.predict_logits(run.model, v, x,
-                                             ensemble=ensemble),
-      run.variables)
-  torch = torch_bridge.require_torch()
-  device = torch_bridge.torch_device()
+  module, x, y, device = reference_inputs(run, ensemble, split.images,
+                                          split.labels)
+  ref_robust, noise = auto_attack.reference_apgd_ce(module, x, y, eps=eps,
+                                                    device=device)
   images = data.to_float(split.images)  # [N, H, W, C]
-  ref_robust, noise = auto_attack.reference_apgd_ce(
-      module, torch.from_numpy(np.ascontiguousarray(
-          images.transpose(0, 3, 1, 2))).to(device),
-      torch.from_numpy(split.labels.astype(np.int64)).to(device), eps=eps,
-      device=device)
   logits_fn, _ = evaluation.logits_fns(run.model, run.variables, ensemble)
   attack = jax.jit(lambda x, y, t: apgd.apgd_ce(
       logits_fn, x, y, eps=eps, key=jax.random.key(0), noise=t)[0])

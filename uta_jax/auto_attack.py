@@ -250,8 +250,13 @@ def reference_apgd_ce(module, x, y, *, eps: float, seed: int = 0,
   bool, noise [N, C, H, W] float32: each attacked point's
   ``t = 2 * torch.rand - 1``, zeros elsewhere). JAX's ``apgd.apgd_ce`` given
   that noise (NHWC) replays the reference's iterates."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from pyautoattack.autopgd_base import APGDAttack  # pylint: disable=g-import-not-at-top
+  from uta_jax import torch_bridge  # pylint: disable=g-import-not-at-top
+  torch = torch_bridge.require_torch()
+  try:
+    from pyautoattack.autopgd_base import APGDAttack  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the reference APGD needs pyautoattack: pip install "
+                      "'uta-jax[torch]'") from e
   attack = APGDAttack(module, n_restarts=1, n_iter=100, eps=eps,
                       norm='Linf', eot_iter=1, rho=.75, seed=seed,
                       device=device)

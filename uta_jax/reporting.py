@@ -64,8 +64,10 @@ def _tensorboardx_writer_class():
   """tensorboardX's ``SummaryWriter`` (None without tensorboardX), imported
   without PyTorch: its writer module imports torch when installed only to
   recognise torch tensors (2.4 s of every run's start on a CPU); the
-  scalars written here are floats. A torch imported already is kept."""
-  blocked = 'torch' not in sys.modules
+  scalars written here are floats. A torch imported already is kept; once
+  tensorboardX is imported, nothing is blocked."""
+  blocked = ('torch' not in sys.modules and
+             'tensorboardX' not in sys.modules)
   if blocked:
     sys.modules['torch'] = None  # makes ``import torch`` raise ImportError
   try:
