@@ -21,8 +21,11 @@ test points, at each eps:
 final accuracy within 0.5 points of the reference's; Square's JAX accuracy
 within the reference seeds' range widened by 0.3 points, and the points
 robust for JAX but broken by every reference seed at most 0.3% of those
-attacked. Each (model, eps) row is stored in ``rows/`` as it finishes: a
-rerun reuses finished rows and models.
+attacked. Each (model, eps) row is stored in ``rows/`` as it finishes,
+with the checksum of the model it measured: a rerun reuses finished rows
+and models, and says when a row was measured on another model than its
+run folder now holds (retrained, e.g. on another code version: float
+rounding changes a training trajectory), adding no diagnostic to it.
 
 A row outside the bounds after APGD-CE or APGD-T also gets a diagnostic
 that changes no verdict: APGD's random start, drawn by different
@@ -38,6 +41,7 @@ the two differ only by their generators.
 import os
 import sys
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -52,6 +56,7 @@ import numpy as np
 
 from uta_jax import apgd
 from uta_jax import auto_attack
+from uta_jax import checkpointing
 from uta_jax import classifier
 from uta_jax import data
 from uta_jax import evaluation
@@ -159,7 +164,8 @@ def compare(name: str, workdir: str, eps: float) -> dict:
                          for s in SQUARE_SEEDS])  # [seeds, attacked]
   seconds['square_reference'] = time.time() - start
   row = {
-      'model': name, 'dataset': run.config.dataset,
+      'model': name, 'model_checksum': checkpointing.tree_checksum(
+          run.variables), 'dataset': run.config.dataset,
       'model_arch': run.config.model.name,
       'attack_train': run.config.attack.name,
       'eps_train': run.config.attack.eps_train, 'eps': eps,
@@ -289,6 +295,19 @@ def stored_row(path: str, num_examples: int):
   return row if row.get('num_examples') == num_examples else None
 
 
+def other_model(row: dict, checksum: str) -> Optional[str]:
+  """Why a stored row may not describe the model now in its run folder
+  (retrained since: float rounding of another code version changes the
+  trajectory), or None when its recorded checksum is this model's."""
+  recorded = row.get('model_checksum')
+  if recorded == checksum:
+    return None
+  if recorded is None:
+    return ('measured before rows recorded their model: it may be another '
+            'training of the run')
+  return 'measured on another model than the run now holds (retrained?)'
+
+
 def markdown(payload: dict) -> str:
   rows = payload['rows']
   acc = lambda r, a: (f"{r['jax_per_attack'][a]:.1f} / "
@@ -402,14 +421,21 @@ def main(argv):
           row = dict(compare(name, workdir, e), seed=seed)
           reporting.write_json(path, row)
         sweep.exit_if_stopped()
-        if apgd_failed(row) and 'apgd_seed_spread' not in row:
+        why = other_model(row, checkpointing.tree_checksum(
+            runs.load_run(workdir).variables))
+        if why is not None:
+          # Diagnostics added now would describe another model than the
+          # row's numbers; delete the row's file to measure this model.
+          print(f'{name} eps={e:g}: the stored row was {why}; reused as '
+                f'measured, no diagnostic added ({path})', flush=True)
+        elif apgd_failed(row) and 'apgd_seed_spread' not in row:
           print(f'{name} eps={e:g} is outside the bounds after APGD: its '
                 f'random start over seeds {APGD_SEEDS[0]}-{APGD_SEEDS[-1]}',
                 flush=True)
           row['apgd_seed_spread'] = apgd_seed_spread(workdir, e)
           reporting.write_json(path, row)
           sweep.exit_if_stopped()
-        if apgd_failed(row) and 'apgd_replayed' not in row:
+        if why is None and apgd_failed(row) and 'apgd_replayed' not in row:
           row['apgd_replayed'] = apgd_replayed(workdir, e)
           reporting.write_json(path, row)
         print(f"{name} eps={e:g}: final JAX {row['jax_robust_accuracy']:.1f}"

@@ -75,6 +75,17 @@ class SpreadSummaryTest(absltest.TestCase):
         self.spread(shift_t=-0.8))['explained'])
 
 
+class OtherModelTest(absltest.TestCase):
+  """A reused row must say when it was measured on another model than the
+  run folder now holds (its diagnostics would describe another model)."""
+
+  def test_the_recorded_checksum_decides(self):
+    other_model = autoattack_agreement.other_model
+    self.assertIsNone(other_model({'model_checksum': 'ab'}, 'ab'))
+    self.assertIn('another model', other_model({'model_checksum': 'ab'}, 'cd'))
+    self.assertIn('before rows recorded', other_model({}, 'ab'))
+
+
 RESULT = os.path.join(ROOT, 'results', 'autoattack_agreement_quick',
                       'autoattack_agreement.json')
 
