@@ -42,7 +42,9 @@ class CompilationCacheTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     before = {k: getattr(jax.config, k) for k in (
-        'jax_enable_compilation_cache', 'jax_compilation_cache_dir')}
+        'jax_enable_compilation_cache', 'jax_compilation_cache_dir',
+        'jax_persistent_cache_min_compile_time_secs',
+        'jax_compilation_cache_max_size')}
     self.addCleanup(lambda: [jax.config.update(k, v)
                              for k, v in before.items()])
 
@@ -56,6 +58,22 @@ class CompilationCacheTest(absltest.TestCase):
   def test_none_turns_it_off(self):
     self.assertIsNone(backend.enable_compilation_cache('none'))
     self.assertFalse(jax.config.jax_enable_compilation_cache)
+
+  def test_it_can_be_turned_on_and_off_after_compiling(self):
+    # JAX decides at its first compilation whether to use the cache; a
+    # benchmark times evaluations with and without it in one process.
+    self.addCleanup(backend.enable_compilation_cache, 'none')
+    backend.enable_compilation_cache('none')
+    jax.jit(lambda x: x + 1)(1.0).block_until_ready()
+    folder = self.create_tempdir().full_path
+    backend.enable_compilation_cache(folder)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.jit(lambda x: x * 3 - 2)(1.0).block_until_ready()
+    written = os.listdir(folder)
+    self.assertNotEmpty(written)
+    backend.enable_compilation_cache('none')
+    jax.jit(lambda x: x * 5 - 4)(1.0).block_until_ready()
+    self.assertCountEqual(os.listdir(folder), written)
 
   def test_the_default_folder_follows_the_environment(self):
     with mock.patch.dict(os.environ, {'JAX_COMPILATION_CACHE_DIR': '/c'}):

@@ -51,8 +51,12 @@ class BenchmarkTest(absltest.TestCase):
         self.assertGreater(row[impl], 0)
     aa = result['autoattack']
     (standard,) = aa['standard']
-    for key in ('jax_seconds', 'jax_warm_seconds', 'bridge_seconds'):
+    for key in ('jax_seconds', 'jax_warm_seconds', 'jax_cached_seconds',
+                'bridge_seconds'):
       self.assertGreater(standard[key], 0)
+    self.assertAlmostEqual(standard['speedup_cached_over_bridge'],
+                           standard['bridge_seconds'] /
+                           standard['jax_cached_seconds'])
     self.assertEqual(list(standard['per_attack']['jax']),
                      ['apgd-ce', 'apgd-t', 'fab-t', 'square'])
     # The bridge is the same network: AutoAttack finds nearly the same
@@ -61,6 +65,7 @@ class BenchmarkTest(absltest.TestCase):
     self.assertLessEqual(abs(robust['jax'] - robust['bridge']),
                          2 * 100 / 16 + 1e-6)
     self.assertEqual(robust['jax'], robust['jax_warm'])
+    self.assertEqual(robust['jax'], robust['jax_cached'])
     self.assertEqual(aa['runs']['models'], 2)
     self.assertTrue(aa['runs']['same_accuracies'])
     self.assertGreater(aa['runs']['speedup'], 0)

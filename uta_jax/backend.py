@@ -59,13 +59,18 @@ def default_compilation_cache_dir() -> str:
 def enable_compilation_cache(folder: Optional[str]) -> Optional[str]:
   """JAX's persistent compilation cache in ``folder`` (None: the default;
   'none' or '': off), shared by every run of the user: a rerun, a new seed
-  or a sweep's next run starts without compiling again. Returns the folder
-  used, or None; raises ``BackendError`` when it cannot be created."""
+  or a sweep's next run starts without compiling again. Takes effect at
+  the next compilation, also in a process that has compiled before (JAX
+  decides once whether to use the cache: that decision is reset). Returns
+  the folder used, or None; raises ``BackendError`` when it cannot be
+  created."""
   import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   if folder is None:
     folder = default_compilation_cache_dir()
   if folder.lower() in ('', 'none'):
     jax.config.update('jax_enable_compilation_cache', False)
+    compilation_cache.reset_cache()
     return None
   folder = os.path.abspath(os.path.expanduser(folder))
   try:
@@ -79,4 +84,5 @@ def enable_compilation_cache(folder: Optional[str]) -> Optional[str]:
   jax.config.update('jax_persistent_cache_min_compile_time_secs',
                     MIN_COMPILE_SECONDS)
   jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_BYTES)
+  compilation_cache.reset_cache()
   return folder
