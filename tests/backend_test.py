@@ -75,6 +75,12 @@ class CompilationCacheTest(absltest.TestCase):
     jax.jit(lambda x: x * 5 - 4)(1.0).block_until_ready()
     self.assertCountEqual(os.listdir(folder), written)
 
+  def test_switching_it_logs_nothing(self):
+    # A script's stderr carries its one-line errors only.
+    with self.assertNoLogs(backend.CACHE_LOGGER, level='INFO'):
+      backend.enable_compilation_cache(self.create_tempdir().full_path)
+      backend.enable_compilation_cache('none')
+
   def test_the_default_folder_follows_the_environment(self):
     with mock.patch.dict(os.environ, {'JAX_COMPILATION_CACHE_DIR': '/c'}):
       self.assertEqual(backend.default_compilation_cache_dir(), '/c')

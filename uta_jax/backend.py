@@ -8,6 +8,7 @@ own program may too.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -24,6 +25,8 @@ MAX_CPU_DEVICES = 8
 COMPILATION_CACHE_BYTES = 4 << 30
 # Programs that compile faster than this are not worth a file.
 MIN_COMPILE_SECONDS = 0.2
+# JAX's logger of its persistent cache (it logs each reset at INFO).
+CACHE_LOGGER = 'jax._src.compilation_cache'
 
 
 class BackendError(errors.NamesSettings, OSError):
@@ -65,12 +68,11 @@ def enable_compilation_cache(folder: Optional[str]) -> Optional[str]:
   the folder used, or None; raises ``BackendError`` when it cannot be
   created."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   if folder is None:
     folder = default_compilation_cache_dir()
   if folder.lower() in ('', 'none'):
     jax.config.update('jax_enable_compilation_cache', False)
-    compilation_cache.reset_cache()
+    _forget_cache_decision()
     return None
   folder = os.path.abspath(os.path.expanduser(folder))
   try:
@@ -84,5 +86,20 @@ def enable_compilation_cache(folder: Optional[str]) -> Optional[str]:
   jax.config.update('jax_persistent_cache_min_compile_time_secs',
                     MIN_COMPILE_SECONDS)
   jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_BYTES)
-  compilation_cache.reset_cache()
+  _forget_cache_decision()
   return folder
+
+
+def _forget_cache_decision() -> None:
+  """Makes JAX decide again, at its next compilation, whether to use the
+  cache (it decides once per process). Quietly: JAX logs the reset at INFO,
+  which absl would print in every script's output (and its one-line
+  errors)."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  log = logging.getLogger(CACHE_LOGGER)
+  level = log.level
+  log.setLevel(logging.WARNING)
+  try:
+    compilation_cache.reset_cache()
+  finally:
+    log.setLevel(level)
