@@ -80,6 +80,10 @@ def standard_row(name, model, variables, split, source, opts) -> dict:
   from its second model of an architecture on)."""
   reports = {}
   cache = tempfile.mkdtemp(prefix='aa_compilation_cache_')
+  # The process's own cache (benchmark.py turns the user's on, as the
+  # scripts do), restored after each call: the cold side must not read it.
+  previous = ((jax.config.jax_enable_compilation_cache and
+               jax.config.jax_compilation_cache_dir) or 'none')
 
   def evaluate(label, backend, cold=False, cache_dir='none'):
     if cold:  # nothing compiled in this process is reused
@@ -91,7 +95,7 @@ def standard_row(name, model, variables, split, source, opts) -> dict:
           model, variables, split, eps=opts.aa_eps, version='standard',
           backend=backend, batch_size=opts.aa_batch_size)
     finally:
-      uta_backend.enable_compilation_cache('none')
+      uta_backend.enable_compilation_cache(previous)
 
   try:
     evaluate('jax_cached', 'jax', cold=True, cache_dir=cache)  # fills it
