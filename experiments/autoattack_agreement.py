@@ -35,7 +35,7 @@ Welch's 95% interval "explains" the failed check when it lies within the
 0.5-point bound (the two implementations agree in distribution and seed 0
 fell apart by chance); and APGD-CE once more with the reference's own
 seed-0 starts recorded and replayed in JAX: the same points fooled when
-the two differ only by their generators.
+the two differ only by their generators (``agreement_diagnostics``).
 """
 
 import os
@@ -50,20 +50,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cli  # pylint: disable=g-import-not-at-top
 import config_flags  # pylint: disable=g-import-not-at-top
+import agreement_diagnostics  # pylint: disable=g-import-not-at-top
 import sweep  # pylint: disable=g-import-not-at-top
-import jax
 import numpy as np
 
-from uta_jax import apgd
 from uta_jax import auto_attack
 from uta_jax import checkpointing
 from uta_jax import classifier
 from uta_jax import data
-from uta_jax import evaluation
 from uta_jax import parallel
 from uta_jax import reporting
 from uta_jax import runs
-from uta_jax import stats
 from uta_jax import torch_bridge
 
 flags.DEFINE_integer('num_examples', 1000, 'first N test points')
@@ -89,9 +86,6 @@ MODELS = {
 }
 ATTACKS = auto_attack.JAX_ATTACKS['standard']
 SQUARE_SEEDS = (0, 1, 2, 3, 4)
-APGD_ATTACKS = auto_attack.JAX_ATTACKS['apgd']
-APGD_SEEDS = tuple(range(10))  # the random-start diagnostic's seeds
-REPLAY_BATCH = 250  # JAX's batch when replaying the reference's starts
 # Written before the run: what "agrees with the reference" means.
 BOUNDS = {'accuracy_points': 0.5,  # per attack and final, JAX - reference
           'square_range_points': 0.3,  # beyond the reference seeds' range
@@ -208,83 +202,10 @@ def checks(row: dict) -> dict:
   return out
 
 
-def spread_summary(accuracy: dict) -> dict:
-  """The random-start diagnostic from ``accuracy[side][attack]`` (per-seed
-  accuracies, side 'jax' or 'reference'): per attack the difference of the
-  seed means, JAX - reference, with Welch's 95% interval (the sides draw
-  independent starts: nothing is paired), and whether every interval lies
-  within the accuracy bound."""
-  bound = BOUNDS['accuracy_points'] + 1e-9
-  difference = {}
-  for attack in accuracy['jax']:
-    est = stats.unpaired_difference(accuracy['jax'][attack],
-                                    accuracy['reference'][attack])
-    difference[attack] = {'effect': est.effect, 'lo': est.lo, 'hi': est.hi}
-  return {'difference': difference,
-          'explained': all(-bound <= d['lo'] and d['hi'] <= bound
-                           for d in difference.values())}
-
-
-def apgd_seed_spread(workdir: str, eps: float) -> dict:
-  """APGD-CE then APGD-T (AutoAttack's 'apgd' version) on both sides with
-  each of ``APGD_SEEDS`` on the row's points: the accuracy (%) after each
-  attack per seed, and ``spread_summary`` of them."""
-  run = runs.load_run(workdir)
-  split = data.load_dataset(run.config.dataset, data_dir=run.config.data_dir,
-                            max_eval_examples=FLAGS.num_examples).test
-  accuracy = {side: {a: [] for a in APGD_ATTACKS}
-              for side in ('jax', 'reference')}
-  for seed in APGD_SEEDS:
-    for side, backend in (('jax', 'jax'), ('reference', 'torch')):
-      report = auto_attack.evaluate(
-          run.model, run.variables, split, eps=eps, version='apgd',
-          backend=backend, ensemble=classifier.is_ensemble(run.config),
-          seed=seed, stop_requested=sweep.stop_requested)
-      for a in APGD_ATTACKS:  # the reference stops logging at 0 points
-        accuracy[side][a].append(report['per_attack'].get(
-            a, report['robust_accuracy']))
-    print(f'  APGD seed {seed}: JAX {accuracy["jax"]["apgd-ce"][-1]:.1f}, '
-          f'reference {accuracy["reference"]["apgd-ce"][-1]:.1f} after '
-          'APGD-CE', flush=True)
-  return dict(spread_summary(accuracy), seeds=list(APGD_SEEDS),
-              accuracy=accuracy)
-
-
-def apgd_replayed(workdir: str, eps: float) -> dict:
-  """APGD-CE with the reference's own random starts (seed 0, AutoAttack's
-  batches), recorded by ``auto_attack.reference_apgd_ce`` and replayed by
-  JAX's ``apgd.apgd_ce``: the accuracy (%) after it on each side and the
-  share of points with the same verdict. Equal when the two differ only by
-  their generators."""
-  run = runs.load_run(workdir)
-  split = data.load_dataset(run.config.dataset, data_dir=run.config.data_dir,
-                            max_eval_examples=FLAGS.num_examples).test
-  ensemble = classifier.is_ensemble(run.config)
-  module, x, y, device = reference_inputs(run, ensemble, split.images,
-                                          split.labels)
-  ref_robust, noise = auto_attack.reference_apgd_ce(module, x, y, eps=eps,
-                                                    device=device)
-  images = data.to_float(split.images)  # [N, H, W, C]
-  logits_fn, _ = evaluation.logits_fns(run.model, run.variables, ensemble)
-  attack = jax.jit(lambda x, y, t: apgd.apgd_ce(
-      logits_fn, x, y, eps=eps, key=jax.random.key(0), noise=t)[0])
-  attacked = np.abs(noise).reshape(len(noise), -1).max(1) > 0
-  robust = np.zeros(len(split), bool)
-  noise = noise.transpose(0, 2, 3, 1)  # NHWC
-  for start in range(0, len(split), REPLAY_BATCH):
-    idx = np.arange(start, min(start + REPLAY_BATCH, len(split)))
-    robust[idx] = np.asarray(attack(images[idx], split.labels[idx],
-                                    noise[idx]))
-  robust &= attacked  # points wrong when clean are not attacked
-  return {'jax': 100.0 * float(robust.mean()),
-          'reference': 100.0 * float(ref_robust.mean()),
-          'same_verdict': float(np.mean(robust == ref_robust)),
-          'attacked': int(attacked.sum())}
-
-
 def apgd_failed(row: dict) -> bool:
   """Whether the row is outside the bounds after APGD-CE or APGD-T."""
-  return not all(row['checks'][f'{a}_within'] for a in APGD_ATTACKS)
+  return not all(row['checks'][f'{a}_within']
+                 for a in agreement_diagnostics.APGD_ATTACKS)
 
 
 def stored_row(path: str, num_examples: int):
@@ -306,6 +227,28 @@ def other_model(row: dict, checksum: str) -> Optional[str]:
     return ('measured before rows recorded their model: it may be another '
             'training of the run')
   return 'measured on another model than the run now holds (retrained?)'
+
+
+def add_diagnostics(name: str, run: runs.Run, eps: float, row: dict,
+                    path: str) -> None:
+  """``agreement_diagnostics``' random-start spread and replay, each stored
+  in the row (at ``path``) as it finishes."""
+  split = data.load_dataset(run.config.dataset, data_dir=run.config.data_dir,
+                            max_eval_examples=FLAGS.num_examples).test
+  seeds = agreement_diagnostics.APGD_SEEDS
+  if 'apgd_seed_spread' not in row:
+    print(f'{name} eps={eps:g} is outside the bounds after APGD: its '
+          f'random start over seeds {seeds[0]}-{seeds[-1]}', flush=True)
+    row['apgd_seed_spread'] = agreement_diagnostics.apgd_seed_spread(
+        run, split, eps, BOUNDS['accuracy_points'], sweep.stop_requested)
+    reporting.write_json(path, row)
+    sweep.exit_if_stopped()
+  if 'apgd_replayed' not in row:
+    reference = reference_inputs(run, classifier.is_ensemble(run.config),
+                                 split.images, split.labels)
+    row['apgd_replayed'] = agreement_diagnostics.apgd_replayed(
+        run, split, eps, reference)
+    reporting.write_json(path, row)
 
 
 def markdown(payload: dict) -> str:
@@ -350,47 +293,8 @@ def markdown(payload: dict) -> str:
       f"range +- {BOUNDS['square_range_points']} points.\n\n" +
       reporting.markdown_table(
           ['model', 'eps', 'attacked', 'JAX', 'reference seeds',
-           'JAX only', 'within bounds'], square) + spread_markdown(rows))
-
-
-def spread_markdown(rows) -> str:
-  """The random-start diagnostic of the rows that have one ('' if none)."""
-  def seeds(values):
-    return (f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} '
-            f'[{min(values):.1f}, {max(values):.1f}]')
-  table = []
-  for r in rows:
-    spread = r.get('apgd_seed_spread')
-    for a in APGD_ATTACKS if spread else ():
-      d = spread['difference'][a]
-      table.append([r['model'], f"{r['eps']:g}", a.upper(),
-                    seeds(spread['accuracy']['jax'][a]),
-                    seeds(spread['accuracy']['reference'][a]),
-                    f"{d['effect']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]",
-                    'yes' if spread['explained'] else 'no'])
-  replayed = [[r['model'], f"{r['eps']:g}", r['apgd_replayed']['attacked'],
-               f"{r['apgd_replayed']['jax']:.1f}",
-               f"{r['apgd_replayed']['reference']:.1f}",
-               f"{100 * r['apgd_replayed']['same_verdict']:.1f}%"]
-              for r in rows if 'apgd_replayed' in r]
-  if not table:
-    return ''
-  return (
-      "\nAPGD's random start, for the rows outside the bounds after APGD-CE "
-      'or APGD-T (a diagnostic: it changes no verdict above): the accuracy '
-      f'(%) after each attack over seeds {APGD_SEEDS[0]}-{APGD_SEEDS[-1]} '
-      'on each side, mean ± sd [min, max], and the difference of the means, '
-      "JAX - reference, with Welch's 95% interval; explained when every "
-      f"interval lies within ±{BOUNDS['accuracy_points']} points.\n\n" +
-      reporting.markdown_table(
-          ['model', 'eps', 'attack', 'JAX seeds', 'reference seeds',
-           'difference [95%]', 'explained'], table) +
-      ('' if not replayed else
-       "\nAPGD-CE with the reference's own random starts (seed 0, recorded "
-       'and replayed in JAX): the accuracy (%) after it on each side and '
-       'the points with the same verdict.\n\n' + reporting.markdown_table(
-           ['model', 'eps', 'attacked', 'JAX (replayed)', 'reference',
-            'same verdict'], replayed)))
+           'JAX only', 'within bounds'], square) +
+      agreement_diagnostics.spread_markdown(rows, BOUNDS['accuracy_points']))
 
 
 def main(argv):
@@ -414,6 +318,8 @@ def main(argv):
     sweep.train_all([(config, workdir) for _, _, config, workdir in cells])
     os.makedirs(os.path.join(out, 'rows'), exist_ok=True)
     for seed, name, _, workdir in cells:
+      run = runs.load_run(workdir)
+      checksum = checkpointing.tree_checksum(run.variables)
       for e in eps_values:
         path = os.path.join(out, 'rows', f'{name}_seed{seed}_eps{e:g}.json')
         row = stored_row(path, FLAGS.num_examples)
@@ -421,23 +327,14 @@ def main(argv):
           row = dict(compare(name, workdir, e), seed=seed)
           reporting.write_json(path, row)
         sweep.exit_if_stopped()
-        why = other_model(row, checkpointing.tree_checksum(
-            runs.load_run(workdir).variables))
+        why = other_model(row, checksum)
         if why is not None:
           # Diagnostics added now would describe another model than the
           # row's numbers; delete the row's file to measure this model.
           print(f'{name} eps={e:g}: the stored row was {why}; reused as '
                 f'measured, no diagnostic added ({path})', flush=True)
-        elif apgd_failed(row) and 'apgd_seed_spread' not in row:
-          print(f'{name} eps={e:g} is outside the bounds after APGD: its '
-                f'random start over seeds {APGD_SEEDS[0]}-{APGD_SEEDS[-1]}',
-                flush=True)
-          row['apgd_seed_spread'] = apgd_seed_spread(workdir, e)
-          reporting.write_json(path, row)
-          sweep.exit_if_stopped()
-        if why is None and apgd_failed(row) and 'apgd_replayed' not in row:
-          row['apgd_replayed'] = apgd_replayed(workdir, e)
-          reporting.write_json(path, row)
+        elif apgd_failed(row):
+          add_diagnostics(name, run, e, row, path)
         print(f"{name} eps={e:g}: final JAX {row['jax_robust_accuracy']:.1f}"
               f"% vs reference {row['reference_robust_accuracy']:.1f}%; "
               f"within bounds: {all(row['checks'].values())}", flush=True)

@@ -10,9 +10,11 @@ from absl.testing import absltest
 from testutil import ROOT  # pylint: disable=g-bad-import-order
 
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+import agreement_diagnostics  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import autoattack_agreement  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 ATTACKS = ('apgd-ce', 'apgd-t', 'fab-t', 'square')
+BOUND = autoattack_agreement.BOUNDS['accuracy_points']
 
 
 def row(jax=(60.0, 50.0, 49.0, 48.0), ref=(60.0, 50.0, 49.0, 48.0),
@@ -60,7 +62,7 @@ class SpreadSummaryTest(absltest.TestCase):
             'reference': {'apgd-ce': ref_ce, 'apgd-t': ref_t}}
 
   def test_the_same_distribution_is_explained(self):
-    summary = autoattack_agreement.spread_summary(self.spread())
+    summary = agreement_diagnostics.spread_summary(self.spread(), BOUND)
     self.assertTrue(summary['explained'])
     ce = summary['difference']['apgd-ce']
     self.assertAlmostEqual(ce['effect'], 0.2)
@@ -69,10 +71,10 @@ class SpreadSummaryTest(absltest.TestCase):
     self.assertAlmostEqual(summary['difference']['apgd-t']['effect'], 0.0)
 
   def test_a_shift_in_either_attack_is_not(self):
-    self.assertFalse(autoattack_agreement.spread_summary(
-        self.spread(shift_ce=0.6))['explained'])
-    self.assertFalse(autoattack_agreement.spread_summary(
-        self.spread(shift_t=-0.8))['explained'])
+    self.assertFalse(agreement_diagnostics.spread_summary(
+        self.spread(shift_ce=0.6), BOUND)['explained'])
+    self.assertFalse(agreement_diagnostics.spread_summary(
+        self.spread(shift_t=-0.8), BOUND)['explained'])
 
 
 class OtherModelTest(absltest.TestCase):
@@ -145,7 +147,7 @@ class CommittedResultTest(absltest.TestCase):
         for attack in ('apgd-ce', 'apgd-t'):
           self.assertLen(spread['accuracy'][side][attack], 10)
       # Its summary is recomputed from the stored per-seed accuracies.
-      summary = autoattack_agreement.spread_summary(spread['accuracy'])
+      summary = agreement_diagnostics.spread_summary(spread['accuracy'], BOUND)
       self.assertEqual(summary['explained'], spread['explained'])
       for attack, d in summary['difference'].items():
         for key in ('effect', 'lo', 'hi'):
